@@ -1,0 +1,70 @@
+"""Reading and writing official RWKV checkpoints (.pth / .safetensors) safely and atomically."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def read_state_dict(path: str | os.PathLike, mmap: bool = True) -> dict[str, torch.Tensor]:
+    """Load a checkpoint as a plain dict of tensors; never unpickles objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint file not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            sd = load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types
+            raise ValueError(f"{path}: not a readable .safetensors file ({e})") from None
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(
+                f"{path}: refused to load: the file holds Python objects, not only tensors "
+                f"(weights_only load failed: {first})"
+            ) from None
+        except RuntimeError as e:
+            if mmap and "mmap" in str(e):  # legacy (non-zip) format cannot be memory-mapped
+                return read_state_dict(path, mmap=False)
+            first = str(e).strip().splitlines()[0]
+            raise ValueError(
+                f"{path}: not a readable .pth checkpoint (truncated or corrupt: {first})"
+            ) from None
+        except (EOFError, OSError, ValueError) as e:
+            raise ValueError(
+                f"{path}: not a readable .pth checkpoint (truncated or corrupt: {e})"
+            ) from None
+    if not isinstance(sd, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()
+    ):
+        raise ValueError(f"{path}: expected a dict of name -> tensor, got {type(sd).__name__}")
+    return sd
+
+
+def write_state_dict(sd: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
+    """Write ``sd`` to ``path`` (.pth, or .safetensors by name) via a temp file and rename."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{path}: output directory {path.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in sd.items()}, tmp)
+        else:
+            torch.save(sd, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,47 @@
+"""Write a freshly initialised RWKV model in the official key layout.
+
+python -m rwkv_peft.tools.init_model --version x070 --n_layer L --n_embd C --vocab_size V --out BASE.pth
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from rwkv_peft.model import RWKV7Config, init_model, save_model
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--version", default="x070", choices=["x070"])
+    p.add_argument("--n_layer", type=int, required=True)
+    p.add_argument("--n_embd", type=int, required=True)
+    p.add_argument("--vocab_size", type=int, default=65536)
+    p.add_argument("--head_size", type=int, default=64)
+    p.add_argument("--dim_ffn", type=int, default=0, help="0: 4 * n_embd")
+    p.add_argument(
+        "--dtype", default="bf16", choices=list(DTYPES), help="stored dtype (official: bf16)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    if a.n_layer < 1 or a.vocab_size < 1:
+        p.error("--n_layer and --vocab_size must be positive")
+    try:
+        cfg = RWKV7Config(a.n_layer, a.n_embd, a.vocab_size, a.head_size, a.dim_ffn)
+    except ValueError as e:
+        p.error(f"--n_embd/--head_size: {e}")
+    model = init_model(cfg, seed=a.seed, op="torch")
+    save_model(model, a.out, dtype=DTYPES[a.dtype])
+    n = sum(p.numel() for p in model.parameters())
+    print(
+        f"wrote {a.out}: RWKV {a.version} L{a.n_layer} D{a.n_embd} vocab {a.vocab_size}, "
+        f"{n / 1e6:.2f}M params ({a.dtype})"
+    )
+
+
+if __name__ == "__main__":
+    main()

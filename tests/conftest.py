@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny RWKV-7 models, perturbed away from their init so every parameter matters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rwkv_peft.model import RWKV7, RWKV7Config, init_model
+
+
+def perturbed_model(
+    n_layer: int = 2,
+    n_embd: int = 128,
+    vocab: int = 300,
+    head_size: int = 64,
+    seed: int = 0,
+    op: str = "torch",
+) -> RWKV7:
+    """An fp32 x070 model with every parameter moved off its init (so zeros don't hide bugs)."""
+    model = init_model(RWKV7Config(n_layer, n_embd, vocab, head_size), seed=seed, op=op)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * (0.1 if p.dim() < 2 else 0.05))
+    return model
+
+
+@pytest.fixture
+def tiny_model() -> RWKV7:
+    return perturbed_model()
