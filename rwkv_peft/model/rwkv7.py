@@ -152,6 +152,11 @@ class Block(nn.Module):
 
 class RWKV7(nn.Module):
     version = "x070"
+    # Linear layers that PEFT methods adapt, by part (module names inside blocks.<i>.<part>).
+    peft_targets = {"att": ("receptance", "key", "value", "output"), "ffn": ("key", "value")}
+    # Small per-block tensors grouped as the "time" train part (token-shift mixes, decay, LoRAs).
+    time_params = ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "w1", "w2", "a0", "a1", "a2",
+                   "v0", "v1", "v2", "g1", "g2", "k_k", "k_a", "r_k")
 
     def __init__(self, cfg: RWKV7Config, op: str = "auto"):
         super().__init__()
@@ -161,6 +166,19 @@ class RWKV7(nn.Module):
         self.ln_out = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.grad_cp = False
+
+    def train_part(self, name: str) -> str | None:
+        """Which ``train_parts`` group (emb, head, ln, time) a parameter name belongs to, if any."""
+        leaf = name.rsplit(".", 1)[-1]
+        if name == "emb.weight":
+            return "emb"
+        if name == "head.weight":
+            return "head"
+        if any(f"{ln}." in name for ln in ("ln0", "ln1", "ln2", "ln_x", "ln_out")):
+            return "ln"
+        if name.startswith("blocks.") and leaf in self.time_params:
+            return "time"
+        return None
 
     def set_op(self, op: str) -> None:
         for block in self.blocks:
