@@ -1,0 +1,266 @@
+"""MiSS (Matrix Shard Sharing): config, the functional math (delta, merge, unmerge) and the layer.
+
+This module is the only place the MiSS formulas live (see DESIGN.md, "MiSS math"); the layer's
+forward, merging and unmerging all go through the functions below. W is an nn.Linear weight
+(out x in), y = x W^T, and every mode starts from a zero adapter so step 0 equals the base.
+
+- balance: M (r, out); dW[o, j] = M[j mod r, o] (a trailing partial shard uses the first in mod r rows).
+- mini:    m (r, mini_r); M = m.repeat(1, out // mini_r), then as balance.
+- bat_row: D (out/r, r, r); block (a, b) of W: dW_ab = W_ab @ D_a + D_a.
+- bat_col: D (in/r, r, r);  dW_ab = W_ab @ D_b + D_b.  (RWKV-PEFT's "bat")
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODES = ("balance", "mini", "bat_row", "bat_col")
+TRAIN_PARTS = ("emb", "head", "ln", "time")
+_ALIASES = {"bone": "balance", "bat": "bat_col"}  # RWKV-PEFT mode names
+_LEGACY_KEYS = {"bone_r": "r", "bone_load": "load", "bone_mode": "mode"}  # RWKV-PEFT's old bone_config
+
+
+@dataclass
+class MissConfig:
+    """MiSS settings, as given by ``--miss_config '{"r":64,"mode":"balance"}'``."""
+
+    r: int = 64
+    mode: str = "balance"
+    mini_r: int = 1
+    dropout: float = 0.0
+    parts: tuple[str, ...] = ("att", "ffn")
+    train_parts: tuple[str, ...] = ()
+    load: str = ""
+
+    def __post_init__(self) -> None:
+        self.parts, self.train_parts = tuple(self.parts), tuple(self.train_parts)
+        if self.mode not in MODES:
+            raise ValueError(f"--miss_config: mode must be one of {'|'.join(MODES)} (or bone|bat), got {self.mode!r}")
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"--miss_config: r must be a positive integer, got {self.r!r}")
+        if not isinstance(self.mini_r, int) or self.mini_r < 1:
+            raise ValueError(f"--miss_config: mini_r must be a positive integer, got {self.mini_r!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"--miss_config: dropout must be in [0, 1), got {self.dropout!r}")
+        bad = [p for p in self.train_parts if p not in TRAIN_PARTS]
+        if bad:
+            raise ValueError(f"--miss_config: train_parts must be among {'|'.join(TRAIN_PARTS)}, got {bad}")
+
+    @classmethod
+    def from_json(cls, text: str) -> MissConfig:
+        """Parse the JSON users write for RWKV-PEFT (``bone`` -> balance, ``bat`` -> bat_col, with a note)."""
+        try:
+            raw = json.loads(text) if text.strip() else {}
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--miss_config: not valid JSON ({e.msg}): {text!r}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"--miss_config: expected a JSON object, got {text!r}")
+        raw = {_LEGACY_KEYS.get(k, k): v for k, v in raw.items()}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"--miss_config: unknown key(s) {unknown}; expected some of {sorted(known)}")
+        mode = raw.get("mode", "balance")
+        if mode in _ALIASES:
+            print(f"note: --miss_config mode {mode!r} is RWKV-PEFT's name for {_ALIASES[mode]!r}")
+            raw["mode"] = _ALIASES[mode]
+        return cls(**raw)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def miss_shape(out_features: int, in_features: int, cfg: MissConfig) -> tuple[int, ...]:
+    """Shape of the adapter tensor for an out x in weight."""
+    r = cfg.r
+    return {
+        "balance": (r, out_features),
+        "mini": (r, cfg.mini_r),
+        "bat_row": (out_features // r, r, r),
+        "bat_col": (in_features // r, r, r),
+    }[cfg.mode]
+
+
+def miss_check(out_features: int, in_features: int, cfg: MissConfig, name: str) -> None:
+    """Raise a ValueError naming the module and its shape if ``cfg`` cannot adapt it."""
+    where = f"--miss_config: module {name} (weight {out_features}x{in_features}, mode {cfg.mode}, r={cfg.r})"
+    if cfg.r > in_features:
+        raise ValueError(f"{where}: r must be <= in_features {in_features}")
+    if cfg.mode == "mini" and out_features % cfg.mini_r:
+        raise ValueError(f"{where}: mini_r={cfg.mini_r} must divide out_features {out_features}")
+    if cfg.mode.startswith("bat") and (in_features % cfg.r or out_features % cfg.r):
+        raise ValueError(f"{where}: r must divide both in_features and out_features")
+
+
+def _expand_m(adapter: torch.Tensor, out_features: int, mode: str) -> torch.Tensor:
+    """The (r, out) shard matrix M of balance/mini."""
+    if mode == "mini":
+        return adapter.repeat(1, out_features // adapter.shape[1])
+    return adapter
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"MiSS mode must be one of {'|'.join(MODES)}, got {mode!r}")
+
+
+def _blocks(w: torch.Tensor, r: int) -> torch.Tensor:
+    """View an (out, in) matrix as blocks [a, i, b, j] = w[a*r + i, b*r + j]."""
+    out_features, in_features = w.shape
+    return w.view(out_features // r, r, in_features // r, r)
+
+
+def _bat_delta(w: torch.Tensor, d: torch.Tensor, mode: str, with_base: bool = False) -> torch.Tensor:
+    """Bat dW = blockwise W_ab @ D + D, with D = D_a (bat_row) or D_b (bat_col); W + dW if ``with_base``."""
+    r = d.shape[-1]
+    wb = _blocks(w, r)
+    mul = d + torch.eye(r, dtype=d.dtype, device=d.device) if with_base else d
+    if mode == "bat_row":
+        dw = torch.einsum("aibj,ajk->aibk", wb, mul) + d[:, :, None, :]
+    else:
+        dw = torch.einsum("aibj,bjk->aibk", wb, mul) + d.permute(1, 0, 2)[None]
+    return dw.reshape(w.shape)
+
+
+def miss_delta(weight: torch.Tensor, adapter: torch.Tensor, mode: str) -> torch.Tensor:
+    """dW (fp32, weight's shape) that the adapter adds to ``weight``."""
+    _check_mode(mode)
+    w, a = weight.float(), adapter.float()
+    out_features, in_features = w.shape
+    if mode in ("balance", "mini"):
+        m = _expand_m(a, out_features, mode)
+        rows = torch.arange(in_features, device=w.device) % m.shape[0]
+        return m[rows].t().contiguous()
+    return _bat_delta(w, a, mode)
+
+
+def miss_merge(weight: torch.Tensor, adapter: torch.Tensor, mode: str) -> torch.Tensor:
+    """W + dW, computed in fp32 and returned in ``weight``'s dtype."""
+    return (weight.float() + miss_delta(weight, adapter, mode)).to(weight.dtype)
+
+
+def miss_unmerge(merged: torch.Tensor, adapter: torch.Tensor, mode: str) -> torch.Tensor:
+    """Recover W from W + dW: subtract for balance/mini; Bat solves W_ab (I + D) = W'_ab - D (in fp64)."""
+    _check_mode(mode)
+    if mode in ("balance", "mini"):
+        return (merged.float() - miss_delta(merged, adapter, mode)).to(merged.dtype)
+    d = adapter.double()
+    r = d.shape[-1]
+    wb = _blocks(merged.double(), r)
+    eye = torch.eye(r, dtype=d.dtype, device=d.device)
+    if mode == "bat_row":  # rhs[a, b] = W'_ab - D_a; solve X (I + D_a) = rhs
+        rhs = wb.permute(0, 2, 1, 3) - d[:, None]
+        w = torch.linalg.solve((eye + d)[:, None], rhs, left=False).permute(0, 2, 1, 3)
+    else:  # rhs[b, a] = W'_ab - D_b
+        rhs = wb.permute(2, 0, 1, 3) - d[:, None]
+        w = torch.linalg.solve((eye + d)[:, None], rhs, left=False).permute(1, 2, 0, 3)
+    return w.reshape(merged.shape).to(merged.dtype)
+
+
+class ShardSum(torch.autograd.Function):
+    """s = pad(x).view(..., in/r, r).sum(-2); linear, so backward saves nothing (grad is s's tiled back)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, r: int) -> torch.Tensor:
+        n = x.shape[-1]
+        ctx.n = n
+        pad = (-n) % r
+        if pad:
+            x = F.pad(x, (0, pad))
+        return x.view(*x.shape[:-1], -1, r).sum(-2)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None]:
+        r = g.shape[-1]
+        shards = -(-ctx.n // r)
+        gx = g.unsqueeze(-2).expand(*g.shape[:-1], shards, r).reshape(*g.shape[:-1], shards * r)
+        return gx[..., : ctx.n], None
+
+
+class BatRowLinear(torch.autograd.Function):
+    """y = x (W + dW)^T (or x dW^T without ``with_base``) for bat_row, rebuilding the out x in
+    matrix in backward instead of keeping it alive."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, d: torch.Tensor, with_base: bool = True) -> torch.Tensor:
+        ctx.save_for_backward(x, weight, d)
+        ctx.with_base = with_base
+        return F.linear(x, _bat_delta(weight, d, "bat_row", with_base))
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, d = ctx.saved_tensors
+        gx = gw = gd = None
+        if ctx.needs_input_grad[0]:
+            gx = g @ _bat_delta(weight, d, "bat_row", ctx.with_base)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            gm = (g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1])).to(d.dtype)  # dL/d(matrix)
+            gb = _blocks(gm, d.shape[-1])
+            if ctx.needs_input_grad[2]:
+                gd = torch.einsum("aibj,aibk->ajk", _blocks(weight, d.shape[-1]), gb) + gb.sum(2)
+            if ctx.needs_input_grad[1]:
+                gw = torch.einsum("aibk,ajk->aibj", gb, d).reshape(gm.shape)
+                gw = gw + gm if ctx.with_base else gw
+        return gx, gw, gd, None
+
+
+def miss_linear(
+    x: torch.Tensor, weight: torch.Tensor, adapter: torch.Tensor, mode: str, dropout: nn.Module | None = None
+) -> torch.Tensor:
+    """y = x W^T + dropout(x) dW^T without forming dW (balance/mini/bat_col) or keeping it (bat_row).
+
+    balance/mini save only the r-wide shard sums for backward; bat_col transforms x blockwise
+    ((x + x_b D_b^T) W^T plus the shard-tiled sum of x_b D_b^T), so no out x in tensor exists at all;
+    bat_row builds W + dW in forward and again in backward (one matmul without dropout).
+    """
+    xa = dropout(x) if dropout is not None and dropout.training else x
+    adapter = adapter.to(x.dtype)
+    out_features = weight.shape[0]
+    if mode in ("balance", "mini"):
+        m = _expand_m(adapter, out_features, mode)
+        s = ShardSum.apply(xa, m.shape[0])
+        y = F.linear(x, weight)
+        return y + s @ m
+    if mode == "bat_col":
+        r = adapter.shape[-1]
+        xb = xa.view(*xa.shape[:-1], -1, r)
+        p = torch.einsum("...bj,bij->...bi", xb, adapter)  # p_b = x_b D_b^T
+        y = F.linear(x + p.reshape(x.shape), weight)
+        return (y.view(*y.shape[:-1], -1, r) + p.sum(-2, keepdim=True)).view(y.shape)
+    if mode == "bat_row":
+        if xa is x:
+            return BatRowLinear.apply(x, weight, adapter)
+        return F.linear(x, weight) + BatRowLinear.apply(xa, weight, adapter, False)
+    _check_mode(mode)
+    raise AssertionError
+
+
+class MissLinear(nn.Module):
+    """A frozen nn.Linear weight plus a MiSS adapter ``miss``; parameter names stay checkpoint keys."""
+
+    def __init__(self, base: nn.Linear, cfg: MissConfig, name: str = "linear"):
+        super().__init__()
+        if base.bias is not None:
+            raise ValueError(f"--miss_config: module {name} has a bias; MiSS targets bias-free linears")
+        self.out_features, self.in_features = base.weight.shape
+        miss_check(self.out_features, self.in_features, cfg, name)
+        self.mode, self.r = cfg.mode, cfg.r
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
+        shape = miss_shape(self.out_features, self.in_features, cfg)
+        self.miss = nn.Parameter(torch.zeros(shape, dtype=self.weight.dtype, device=self.weight.device))
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return miss_linear(x, self.weight, self.miss, self.mode, self.dropout)
+
+    def merged_weight(self) -> torch.Tensor:
+        return miss_merge(self.weight, self.miss.detach(), self.mode)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, mode={self.mode}, r={self.r}"
