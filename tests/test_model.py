@@ -142,8 +142,8 @@ def test_not_rwkv(tmp_path: Path) -> None:
 
 
 def test_older_versions_recognised_and_rejected() -> None:
-    with pytest.raises(ValueError, match="x060 checkpoints are not supported yet"):
-        load_model({"emb.weight": torch.zeros(4, 4), "blocks.0.att.time_maa_x": torch.zeros(1)})
+    with pytest.raises(ValueError, match="RWKV-4 / v5.0 / v5.1 checkpoint.*not supported"):
+        load_model({"emb.weight": torch.zeros(4, 4), "blocks.0.att.time_first": torch.zeros(4)})
 
 
 class _Payload:

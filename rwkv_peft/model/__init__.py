@@ -1,19 +1,34 @@
-"""RWKV models whose parameter names are the official checkpoint keys; architecture read from tensors."""
+"""RWKV models whose parameter names are the official checkpoint keys; architecture read from tensors.
+
+Each supported generation (x070, x060, x052) registers its config class, model class, config
+reader and initialiser in ``VERSIONS``; everything else here is version-agnostic.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
 
 import torch
 from torch import nn
 
+from rwkv_peft.model import rwkv5, rwkv6
 from rwkv_peft.model.checkpoint import read_state_dict, write_state_dict
+from rwkv_peft.model.rwkv5 import RWKV5, RWKV5Config, init_rwkv5_
+from rwkv_peft.model.rwkv6 import RWKV6, RWKV6Config, init_rwkv6_
 from rwkv_peft.model.rwkv7 import RWKV7, RWKV7Config, init_rwkv7_
 
 __all__ = [
     "RWKV7",
     "RWKV7Config",
+    "RWKV6",
+    "RWKV6Config",
+    "RWKV5",
+    "RWKV5Config",
+    "VERSIONS",
     "detect_version",
     "config_from_state_dict",
     "build_model",
@@ -24,17 +39,23 @@ __all__ = [
     "write_state_dict",
 ]
 
-SUPPORTED = ("x070",)
+RWKVModel = RWKV7 | RWKV6 | RWKV5
+RWKVConfig = RWKV7Config | RWKV6Config | RWKV5Config
 
 
 def detect_version(sd: Mapping[str, torch.Tensor], name: str = "checkpoint") -> str:
-    """RWKV generation from the key names: x070, x060 or x052."""
+    """RWKV generation from the key names: x070, x060 or x052 (older ones are refused)."""
     if "blocks.0.att.r_k" in sd or "blocks.0.att.x_r" in sd:
         return "x070"
     if "blocks.0.att.time_maa_x" in sd:
         return "x060"
-    if "blocks.0.att.time_faaaa" in sd or "blocks.0.att.time_mix_g" in sd:
+    if "blocks.0.att.time_faaaa" in sd and "blocks.0.att.time_mix_g" in sd:
         return "x052"
+    if "blocks.0.att.time_first" in sd or "blocks.0.att.time_mix_k" in sd:
+        raise ValueError(
+            f"{name}: an RWKV-4 / v5.0 / v5.1 checkpoint (time_first or time_mix_* without time_faaaa); "
+            f"not supported, only {', '.join(VERSIONS)}"
+        )
     raise ValueError(
         f"{name}: not an RWKV-7/6/5 checkpoint (no blocks.0.att.r_k, time_maa_x or time_faaaa key; "
         f"first keys: {', '.join(list(sd)[:5]) or 'none'})"
@@ -47,11 +68,8 @@ def _shape(sd: Mapping[str, torch.Tensor], key: str, name: str) -> tuple[int, ..
     return tuple(sd[key].shape)
 
 
-def config_from_state_dict(sd: Mapping[str, torch.Tensor], name: str = "checkpoint") -> RWKV7Config:
+def _config_x070(sd: Mapping[str, torch.Tensor], name: str) -> RWKV7Config:
     """Architecture of an x070 checkpoint, read from its tensor shapes."""
-    version = detect_version(sd, name)
-    if version not in SUPPORTED:
-        raise ValueError(f"{name}: RWKV {version} checkpoints are not supported yet (only x070)")
     vocab_size, n_embd = _shape(sd, "emb.weight", name)
     layers = {int(k.split(".")[1]) for k in sd if k.startswith("blocks.")}
     n_head, head_size = _shape(sd, "blocks.0.att.r_k", name)
@@ -72,16 +90,47 @@ def config_from_state_dict(sd: Mapping[str, torch.Tensor], name: str = "checkpoi
     )
 
 
-def build_model(cfg: RWKV7Config, op: str = "auto", device: str | torch.device = "cpu") -> RWKV7:
+@dataclass(frozen=True)
+class Version:
+    """What one RWKV generation provides: ``config(n_layer, n_embd, vocab_size, head_size, dim_ffn)``."""
+
+    config: type
+    model: type[nn.Module]
+    read_config: Callable[[Mapping[str, torch.Tensor], str], Any]
+    init: Callable[[nn.Module], nn.Module]
+
+
+VERSIONS: Mapping[str, Version] = MappingProxyType(
+    {
+        "x070": Version(RWKV7Config, RWKV7, _config_x070, init_rwkv7_),
+        "x060": Version(RWKV6Config, RWKV6, rwkv6.config_from_state_dict, init_rwkv6_),
+        "x052": Version(RWKV5Config, RWKV5, rwkv5.config_from_state_dict, init_rwkv5_),
+    }
+)
+
+
+def _version_of(cfg: RWKVConfig) -> Version:
+    for v in VERSIONS.values():
+        if type(cfg) is v.config:
+            return v
+    raise ValueError(f"unknown RWKV config type {type(cfg).__name__}")
+
+
+def config_from_state_dict(sd: Mapping[str, torch.Tensor], name: str = "checkpoint") -> RWKVConfig:
+    """Architecture of a checkpoint (any supported version), read from its tensor shapes."""
+    return VERSIONS[detect_version(sd, name)].read_config(sd, name)
+
+
+def build_model(cfg: RWKVConfig, op: str = "auto", device: str | torch.device = "cpu") -> RWKVModel:
     """An uninitialised model (on ``device``, which may be ``"meta"``)."""
     with torch.device(device):
-        return RWKV7(cfg, op)
+        return _version_of(cfg).model(cfg, op)
 
 
-def init_model(cfg: RWKV7Config, seed: int = 0, op: str = "auto") -> RWKV7:
+def init_model(cfg: RWKVConfig, seed: int = 0, op: str = "auto") -> RWKVModel:
     """A freshly initialised fp32 model with RWKV-LM's training initialisation."""
     torch.manual_seed(seed)
-    return init_rwkv7_(build_model(cfg, op))
+    return _version_of(cfg).init(build_model(cfg, op))
 
 
 def check_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], name: str) -> None:
@@ -112,7 +161,7 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = torch.float32,
     op: str = "auto",
-) -> RWKV7:
+) -> RWKVModel:
     """Model from an official checkpoint; ``dtype=None`` keeps each tensor's stored dtype."""
     if isinstance(path_or_state_dict, Mapping):
         sd, name = path_or_state_dict, "state dict"

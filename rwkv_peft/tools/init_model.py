@@ -1,6 +1,6 @@
 """Write a freshly initialised RWKV model in the official key layout.
 
-python -m rwkv_peft.tools.init_model --version x070 --n_layer L --n_embd C --vocab_size V --out BASE.pth
+python -m rwkv_peft.tools.init_model --version x070|x060|x052 --n_layer L --n_embd C --vocab_size V --out BASE.pth
 """
 
 from __future__ import annotations
@@ -9,19 +9,19 @@ import argparse
 
 import torch
 
-from rwkv_peft.model import RWKV7Config, init_model, save_model
+from rwkv_peft.model import VERSIONS, init_model, save_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--version", default="x070", choices=["x070"])
+    p.add_argument("--version", default="x070", choices=list(VERSIONS))
     p.add_argument("--n_layer", type=int, required=True)
     p.add_argument("--n_embd", type=int, required=True)
     p.add_argument("--vocab_size", type=int, default=65536)
     p.add_argument("--head_size", type=int, default=64)
-    p.add_argument("--dim_ffn", type=int, default=0, help="0: 4 * n_embd")
+    p.add_argument("--dim_ffn", type=int, default=0, help="0: the version's default (x070: 4x, x060/x052: 3.5x n_embd)")
     p.add_argument(
         "--dtype", default="bf16", choices=list(DTYPES), help="stored dtype (official: bf16)"
     )
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.n_layer < 1 or a.vocab_size < 1:
         p.error("--n_layer and --vocab_size must be positive")
     try:
-        cfg = RWKV7Config(a.n_layer, a.n_embd, a.vocab_size, a.head_size, a.dim_ffn)
+        cfg = VERSIONS[a.version].config(a.n_layer, a.n_embd, a.vocab_size, a.head_size, a.dim_ffn)
     except ValueError as e:
         p.error(f"--n_embd/--head_size: {e}")
     model = init_model(cfg, seed=a.seed, op="torch")

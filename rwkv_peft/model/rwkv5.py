@@ -1,0 +1,128 @@
+"""RWKV-5.2 "Eagle" (x052) for training; parameter names and shapes equal the official checkpoint keys.
+
+Same block and model skeleton as RWKV-6 (rwkv6.py); the differences are static token-shift mixes
+(``time_mix_*``) and a decay ``time_decay`` (heads, head_size) that does not depend on the data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rwkv_peft.model.rwkv6 import LN_X_EPS, RWKV6, ffn_width, init_linears_, ramps, read_common
+from rwkv_peft.model.rwkv7 import token_shift
+from rwkv_peft.ops import wkv5
+
+
+@dataclass
+class RWKV5Config:
+    n_layer: int
+    n_embd: int
+    vocab_size: int
+    head_size: int = 64
+    dim_ffn: int = 0  # 0: ffn_width(n_embd)
+    dim_att: int = 0  # 0: n_embd
+
+    def __post_init__(self) -> None:
+        self.dim_att = self.dim_att or self.n_embd
+        if self.dim_att % self.head_size:
+            raise ValueError(f"dim_att {self.dim_att} is not a multiple of head_size {self.head_size}")
+        self.dim_ffn = self.dim_ffn or ffn_width(self.n_embd)
+
+    @property
+    def n_head(self) -> int:
+        return self.dim_att // self.head_size
+
+
+def config_from_state_dict(sd: Mapping[str, torch.Tensor], name: str = "checkpoint") -> RWKV5Config:
+    """Architecture of an x052 checkpoint, read from its tensor shapes."""
+    return RWKV5Config(**read_common(sd, name))
+
+
+def mix(x: torch.Tensor, prev: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    """RWKV-5's static token shift: ``ratio`` of the current token, the rest from the previous one."""
+    return x * ratio + prev * (1 - ratio)
+
+
+class TimeMix(nn.Module):
+    def __init__(self, cfg: RWKV5Config, layer_id: int, op: str = "auto"):
+        super().__init__()
+        self.layer_id, self.op = layer_id, op
+        self.n_head, self.head_size = cfg.n_head, cfg.head_size
+        C, A = cfg.n_embd, cfg.dim_att
+        for name in ("time_mix_k", "time_mix_v", "time_mix_r", "time_mix_g"):
+            setattr(self, name, nn.Parameter(torch.zeros(1, 1, C)))
+        self.time_decay = nn.Parameter(torch.zeros(cfg.n_head, cfg.head_size))
+        self.time_faaaa = nn.Parameter(torch.zeros(cfg.n_head, cfg.head_size))
+        self.receptance = nn.Linear(C, A, bias=False)
+        self.key = nn.Linear(C, A, bias=False)
+        self.value = nn.Linear(C, A, bias=False)
+        self.gate = nn.Linear(C, A, bias=False)
+        self.output = nn.Linear(A, C, bias=False)
+        # RWKV-LM divides by head_size_divisor (8) before a GroupNorm with eps 1e-5: the same as this.
+        self.ln_x = nn.GroupNorm(cfg.n_head, A, eps=LN_X_EPS)
+
+    def forward(
+        self, x: torch.Tensor, shift: torch.Tensor | None = None, wkv_state: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (out, last x for the next token shift, final WKV state)."""
+        B, T, C = x.shape
+        H, N = self.n_head, self.head_size
+        prev = token_shift(x, shift)
+        r = self.receptance(mix(x, prev, self.time_mix_r))
+        k = self.key(mix(x, prev, self.time_mix_k))
+        v = self.value(mix(x, prev, self.time_mix_v))
+        g = F.silu(self.gate(mix(x, prev, self.time_mix_g)))
+
+        if wkv_state is None and hasattr(self, "time_state"):  # state tuning's learned start
+            wkv_state = self.time_state.float().expand(B, H, N, N)
+        heads = [t.reshape(B, T, H, N) for t in (r, k, v)]
+        y, wkv_state = wkv5(heads[0], self.time_decay, *heads[1:], self.time_faaaa, state=wkv_state, op=self.op)
+
+        y = self.ln_x(y.reshape(B * T, H * N)).view(B, T, H * N)
+        return self.output(y * g), x[:, -1], wkv_state
+
+
+class ChannelMix(nn.Module):
+    def __init__(self, cfg: RWKV5Config, layer_id: int):
+        super().__init__()
+        C = cfg.n_embd
+        self.time_mix_k = nn.Parameter(torch.zeros(1, 1, C))
+        self.time_mix_r = nn.Parameter(torch.zeros(1, 1, C))
+        self.key = nn.Linear(C, cfg.dim_ffn, bias=False)
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(cfg.dim_ffn, C, bias=False)
+
+    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        prev = token_shift(x, shift)
+        k = torch.relu(self.key(mix(x, prev, self.time_mix_k))) ** 2
+        return torch.sigmoid(self.receptance(mix(x, prev, self.time_mix_r))) * self.value(k), x[:, -1]
+
+
+class RWKV5(RWKV6):
+    version = "x052"
+    time_mix, channel_mix = TimeMix, ChannelMix
+    time_params = ("time_mix_k", "time_mix_v", "time_mix_r", "time_mix_g", "time_decay", "time_faaaa")
+
+
+@torch.no_grad()
+def init_rwkv5_(model: RWKV5) -> RWKV5:
+    """RWKV-LM's v5 initialisation: per-layer ramps for the mixes, decay and bonus; zero outputs."""
+    cfg = model.cfg
+    for i, block in enumerate(model.blocks):
+        att, ffn = block.att, block.ffn
+        r01, r10, ddd, decay, bonus = ramps(cfg, i)
+        att.time_mix_k.copy_(ddd.pow(r10))
+        att.time_mix_v.copy_(ddd.pow(r10) + 0.3 * r01)
+        att.time_mix_r.copy_(ddd.pow(0.5 * r10))
+        att.time_mix_g.copy_(ddd.pow(0.5 * r10))
+        att.time_decay.copy_(decay.view(cfg.n_head, cfg.head_size))
+        att.time_faaaa.copy_(bonus.view(cfg.n_head, cfg.head_size))
+        ffn.time_mix_k.copy_(ddd.pow(r10))
+        ffn.time_mix_r.copy_(ddd.pow(r10))
+    init_linears_(model, ln_x_ramp=False)
+    return model

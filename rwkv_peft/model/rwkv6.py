@@ -1,0 +1,276 @@
+"""RWKV-6 "Finch" (x060) for training; parameter names and shapes equal the official checkpoint keys.
+
+RWKV-5.2 (rwkv5.py) shares the block and model skeleton defined here and swaps in its own mixers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rwkv_peft.model.rwkv7 import RWKV7, token_shift
+from rwkv_peft.ops import wkv6
+
+LN_X_EPS = 1e-5 * 8**2  # RWKV-LM's GroupNorm eps, 1e-5 * head_size_divisor**2 (divisor 8)
+
+
+def ffn_width(n_embd: int) -> int:
+    """RWKV-LM's default channel-mix width for v5.2 and v6: 3.5 x n_embd, rounded down to 32."""
+    return int(n_embd * 3.5) // 32 * 32
+
+
+@dataclass
+class RWKV6Config:
+    n_layer: int
+    n_embd: int
+    vocab_size: int
+    head_size: int = 64
+    dim_ffn: int = 0  # 0: ffn_width(n_embd)
+    dim_att: int = 0  # 0: n_embd
+    d_mix: int = 0  # width of the token-shift LoRA (per w/k/v/r/g); 0: 32 (64 at n_embd 4096)
+    d_decay: int = 0  # width of the decay LoRA; 0: 64 (128 at n_embd 4096)
+
+    def __post_init__(self) -> None:
+        self.dim_att = self.dim_att or self.n_embd
+        if self.dim_att % self.head_size:
+            raise ValueError(f"dim_att {self.dim_att} is not a multiple of head_size {self.head_size}")
+        self.dim_ffn = self.dim_ffn or ffn_width(self.n_embd)
+        self.d_mix = self.d_mix or (64 if self.n_embd == 4096 else 32)
+        self.d_decay = self.d_decay or (128 if self.n_embd == 4096 else 64)
+
+    @property
+    def n_head(self) -> int:
+        return self.dim_att // self.head_size
+
+
+def _shape(sd: Mapping[str, torch.Tensor], key: str, name: str) -> tuple[int, ...]:
+    if key not in sd:
+        raise ValueError(f"{name}: missing key {key!r}, needed to read the architecture")
+    return tuple(sd[key].shape)
+
+
+def read_common(sd: Mapping[str, torch.Tensor], name: str) -> dict[str, int]:
+    """Architecture fields shared by x060 and x052, read from tensor shapes (heads from time_faaaa)."""
+    vocab_size, n_embd = _shape(sd, "emb.weight", name)
+    dim_att = _shape(sd, "blocks.0.att.key.weight", name)[0]
+    bonus = _shape(sd, "blocks.0.att.time_faaaa", name)
+    if len(bonus) != 2 or bonus[0] * bonus[1] != dim_att:
+        raise ValueError(
+            f"{name}: blocks.0.att.time_faaaa is {bonus}, expected (heads, head_size) with "
+            f"heads x head_size = dim_att {dim_att}"
+        )
+    return dict(
+        n_layer=max(int(k.split(".")[1]) for k in sd if k.startswith("blocks.")) + 1,
+        n_embd=n_embd,
+        vocab_size=vocab_size,
+        head_size=bonus[1],
+        dim_ffn=_shape(sd, "blocks.0.ffn.key.weight", name)[0],
+        dim_att=dim_att,
+    )
+
+
+def config_from_state_dict(sd: Mapping[str, torch.Tensor], name: str = "checkpoint") -> RWKV6Config:
+    """Architecture of an x060 checkpoint, read from its tensor shapes."""
+    return RWKV6Config(
+        **read_common(sd, name),
+        d_mix=_shape(sd, "blocks.0.att.time_maa_w2", name)[1],
+        d_decay=_shape(sd, "blocks.0.att.time_decay_w1", name)[1],
+    )
+
+
+class TimeMix(nn.Module):
+    def __init__(self, cfg: RWKV6Config, layer_id: int, op: str = "auto"):
+        super().__init__()
+        self.layer_id, self.op = layer_id, op
+        self.n_head, self.head_size = cfg.n_head, cfg.head_size
+        C, A = cfg.n_embd, cfg.dim_att
+        for name in ("time_maa_x", "time_maa_w", "time_maa_k", "time_maa_v", "time_maa_r", "time_maa_g"):
+            setattr(self, name, nn.Parameter(torch.zeros(1, 1, C)))
+        self.time_maa_w1 = nn.Parameter(torch.zeros(C, 5 * cfg.d_mix))  # data-dependent mixes of w k v r g
+        self.time_maa_w2 = nn.Parameter(torch.zeros(5, cfg.d_mix, C))
+        self.time_decay = nn.Parameter(torch.zeros(1, 1, A))
+        self.time_decay_w1 = nn.Parameter(torch.zeros(C, cfg.d_decay))
+        self.time_decay_w2 = nn.Parameter(torch.zeros(cfg.d_decay, A))
+        self.time_faaaa = nn.Parameter(torch.zeros(cfg.n_head, cfg.head_size))
+        self.receptance = nn.Linear(C, A, bias=False)
+        self.key = nn.Linear(C, A, bias=False)
+        self.value = nn.Linear(C, A, bias=False)
+        self.gate = nn.Linear(C, A, bias=False)
+        self.output = nn.Linear(A, C, bias=False)
+        self.ln_x = nn.GroupNorm(cfg.n_head, A, eps=LN_X_EPS)
+
+    def forward(
+        self, x: torch.Tensor, shift: torch.Tensor | None = None, wkv_state: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (out, last x for the next token shift, final WKV state)."""
+        B, T, C = x.shape
+        H, N = self.n_head, self.head_size
+        xx = token_shift(x, shift) - x
+        m = torch.tanh((x + xx * self.time_maa_x) @ self.time_maa_w1).view(B * T, 5, -1).transpose(0, 1)
+        mw, mk, mv, mr, mg = torch.bmm(m, self.time_maa_w2).view(5, B, T, C).unbind(0)
+        xw = x + xx * (self.time_maa_w + mw)
+        xk = x + xx * (self.time_maa_k + mk)
+        xv = x + xx * (self.time_maa_v + mv)
+        xr = x + xx * (self.time_maa_r + mr)
+        xg = x + xx * (self.time_maa_g + mg)
+
+        r = self.receptance(xr)
+        k = self.key(xk)
+        v = self.value(xv)
+        g = F.silu(self.gate(xg))
+        w = self.time_decay + torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2  # log-log decay
+
+        if wkv_state is None and hasattr(self, "time_state"):  # state tuning's learned start
+            wkv_state = self.time_state.float().expand(B, H, N, N)
+        heads = [t.reshape(B, T, H, N) for t in (r, w, k, v)]
+        y, wkv_state = wkv6(*heads, self.time_faaaa, state=wkv_state, op=self.op)
+
+        y = self.ln_x(y.reshape(B * T, H * N)).view(B, T, H * N)
+        return self.output(y * g), x[:, -1], wkv_state
+
+
+class ChannelMix(nn.Module):
+    def __init__(self, cfg: RWKV6Config, layer_id: int):
+        super().__init__()
+        C = cfg.n_embd
+        self.time_maa_k = nn.Parameter(torch.zeros(1, 1, C))
+        self.time_maa_r = nn.Parameter(torch.zeros(1, 1, C))
+        self.key = nn.Linear(C, cfg.dim_ffn, bias=False)
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(cfg.dim_ffn, C, bias=False)
+
+    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        xx = token_shift(x, shift) - x
+        k = torch.relu(self.key(x + xx * self.time_maa_k)) ** 2
+        return torch.sigmoid(self.receptance(x + xx * self.time_maa_r)) * self.value(k), x[:, -1]
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, layer_id: int, time_mix: type[nn.Module], channel_mix: type[nn.Module], op: str):
+        super().__init__()
+        self.layer_id = layer_id
+        if layer_id == 0:
+            self.ln0 = nn.LayerNorm(cfg.n_embd)
+        self.ln1 = nn.LayerNorm(cfg.n_embd)
+        self.ln2 = nn.LayerNorm(cfg.n_embd)
+        self.att = time_mix(cfg, layer_id, op)
+        self.ffn = channel_mix(cfg, layer_id)
+
+    def forward(self, x: torch.Tensor, state: list | None = None) -> tuple[torch.Tensor, list]:
+        """``state`` is [att shift (B, C), WKV (B, H, N, N), ffn shift (B, C)] or None (zeros)."""
+        att_shift, wkv_state, ffn_shift = state if state is not None else (None, None, None)
+        if self.layer_id == 0:
+            x = self.ln0(x)
+        dx, att_shift, wkv_state = self.att(self.ln1(x), att_shift, wkv_state)
+        x = x + dx
+        dx, ffn_shift = self.ffn(self.ln2(x), ffn_shift)
+        return x + dx, [att_shift, wkv_state, ffn_shift]
+
+
+class RWKV6(nn.Module):
+    version = "x060"
+    time_mix, channel_mix = TimeMix, ChannelMix
+    # Linear layers that PEFT methods adapt, by part (module names inside blocks.<i>.<part>).
+    peft_targets = {"att": ("receptance", "key", "value", "gate", "output"), "ffn": ("key", "receptance", "value")}
+    # Small per-block tensors grouped as the "time" train part (token-shift mixes, decay, bonus, LoRAs).
+    time_params = ("time_maa_x", "time_maa_w", "time_maa_k", "time_maa_v", "time_maa_r", "time_maa_g",
+                   "time_maa_w1", "time_maa_w2", "time_decay", "time_decay_w1", "time_decay_w2", "time_faaaa")
+    train_part = RWKV7.train_part  # same grouping rule, driven by this class's time_params
+
+    def __init__(self, cfg, op: str = "auto"):
+        super().__init__()
+        self.cfg = cfg
+        self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg, i, self.time_mix, self.channel_mix, op) for i in range(cfg.n_layer))
+        self.ln_out = nn.LayerNorm(cfg.n_embd)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.grad_cp = False
+
+    def set_op(self, op: str) -> None:
+        for block in self.blocks:
+            block.att.op = op
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, V) for token ids (B, T), starting from the zero state."""
+        return self.forward_state(idx, None)[0]
+
+    def forward_state(self, idx: torch.Tensor, state: list | None) -> tuple[torch.Tensor, list]:
+        """Logits and the state after the last token; ``state`` is one list per block or None."""
+        x = self.emb(idx)
+        new_state = []
+        for i, block in enumerate(self.blocks):
+            s = None if state is None else state[i]
+            if self.grad_cp and self.training and torch.is_grad_enabled():
+                x, s = torch.utils.checkpoint.checkpoint(block, x, s, use_reentrant=False)
+            else:
+                x, s = block(x, s)
+            new_state.append(s)
+        return self.head(self.ln_out(x)), new_state
+
+
+def ramps(cfg, layer_id: int) -> tuple[float, float, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RWKV-LM's per-layer init ramps: (0 -> 1, 1 -> ~0, channel position in [0, 1), decay speed, bonus).
+
+    The decay speed (dim_att,) runs from -6 to -1 along the channels, steeper in deeper layers;
+    the bonus (dim_att,) falls along the channels with a small period-3 zigzag.
+    """
+    L, A = cfg.n_layer, cfg.dim_att
+    r01 = layer_id / (L - 1) if L > 1 else 0.0
+    r10 = 1.0 - layer_id / L
+    ddd = (torch.arange(cfg.n_embd, dtype=torch.float32) / cfg.n_embd).view(1, 1, -1)
+    n = torch.arange(A, dtype=torch.float32)
+    decay = -6 + 5 * (n / (A - 1)) ** (0.7 + 1.3 * r01)
+    bonus = r01 * (1 - n / (A - 1)) + ((n + 1) % 3 - 1) * 0.1
+    return r01, r10, ddd, decay, bonus
+
+
+@torch.no_grad()
+def init_linears_(model: nn.Module, ln_x_ramp: bool) -> None:
+    """RWKV-LM's v5/v6 init of the matrices and norms (rwkv_v6_demo.py's init_params)."""
+    cfg = model.cfg
+    for i, block in enumerate(model.blocks):
+        att, ffn = block.att, block.ffn
+        for lin in (att.receptance, att.value, ffn.key):
+            nn.init.orthogonal_(lin.weight, gain=1.0)
+        for lin in (att.key, att.gate):
+            nn.init.orthogonal_(lin.weight, gain=0.1)
+        for lin in (att.output, ffn.value, ffn.receptance):
+            lin.weight.zero_()
+        att.ln_x.reset_parameters()
+        if ln_x_ramp:
+            att.ln_x.weight.fill_(((1 + i) / cfg.n_layer) ** 0.7)
+        for ln in (block.ln1, block.ln2) + ((block.ln0,) if i == 0 else ()):
+            ln.reset_parameters()
+    model.ln_out.reset_parameters()
+    model.emb.weight.uniform_(-1e-4, 1e-4)
+    V, C = cfg.vocab_size, cfg.n_embd
+    nn.init.orthogonal_(model.head.weight, gain=0.5 * math.sqrt(V / C) if V > C else 0.5)
+
+
+@torch.no_grad()
+def init_rwkv6_(model: RWKV6) -> RWKV6:
+    """RWKV-LM's initialisation for real training: per-layer ramps, small random LoRAs, zero outputs."""
+    cfg = model.cfg
+    for i, block in enumerate(model.blocks):
+        att, ffn = block.att, block.ffn
+        r01, r10, ddd, decay, bonus = ramps(cfg, i)
+        for name in ("time_maa_x", "time_maa_w", "time_maa_k"):
+            getattr(att, name).copy_(1.0 - ddd.pow(r10))
+        att.time_maa_v.copy_(1.0 - (ddd.pow(r10) + 0.3 * r01))
+        att.time_maa_r.copy_(1.0 - ddd.pow(0.5 * r10))
+        att.time_maa_g.copy_(1.0 - ddd.pow(0.5 * r10))
+        att.time_maa_w1.zero_()
+        att.time_maa_w2.uniform_(-0.01, 0.01)
+        att.time_decay.copy_(decay.view(1, 1, -1))
+        att.time_decay_w1.zero_()
+        att.time_decay_w2.uniform_(-0.01, 0.01)
+        att.time_faaaa.copy_(bonus.view(cfg.n_head, cfg.head_size))
+        ffn.time_maa_k.copy_(1.0 - ddd.pow(r10))
+        ffn.time_maa_r.copy_(1.0 - ddd.pow(r10))
+    init_linears_(model, ln_x_ramp=True)
+    return model
