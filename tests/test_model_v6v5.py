@@ -1,0 +1,204 @@
+"""RWKV-6 (x060) and RWKV-5.2 (x052): parity with the official `rwkv` runtime, state, checkpoints, init."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from rwkv_peft.model import (
+    VERSIONS,
+    build_model,
+    config_from_state_dict,
+    detect_version,
+    init_model,
+    load_model,
+    read_state_dict,
+    save_model,
+)
+from rwkv_peft.ops import wkv5, wkv6
+from rwkv_peft.runtime import load_runtime, runtime_logits
+from rwkv_peft.tools.init_model import main as init_model_main
+
+TOL = 1e-4  # fp32 on both sides; measured differences are ~1e-6 over 64 tokens and 2 layers
+VERSIONS_65 = ("x060", "x052")
+
+
+def perturbed(version: str, n_layer: int = 2, n_embd: int = 128, vocab: int = 300, head_size: int = 64,
+              seed: int = 0, **dims: int) -> nn.Module:
+    """An fp32 model of ``version`` with every parameter moved off its init (so zeros don't hide bugs)."""
+    cfg = VERSIONS[version].config(n_layer, n_embd, vocab, head_size, **dims)
+    model = init_model(cfg, seed=seed, op="torch")
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * (0.1 if p.dim() < 2 else 0.05))
+    return model
+
+
+def tokens(n: int = 64, vocab: int = 300, seed: int = 3) -> list[int]:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("version", VERSIONS_65)
+def test_parity_with_official_runtime(tmp_path: Path, version: str) -> None:
+    path = tmp_path / "base.pth"
+    save_model(perturbed(version), path)
+    toks = tokens()
+    model = load_model(path, op="torch")
+    assert model.version == version
+    ours = model(torch.tensor([toks]))[0].detach()
+    runtime = load_runtime(path, version=version)
+    seq, rnn = runtime_logits(runtime, toks, "seq"), runtime_logits(runtime, toks, "rnn")
+    print(f"{version} max-abs parity: seq {(ours - seq).abs().max():.3g}, rnn {(ours - rnn).abs().max():.3g}")
+    assert ours.abs().max() > 1.0  # a real signal, not near-zero logits
+    torch.testing.assert_close(ours, seq, atol=TOL, rtol=0)
+    torch.testing.assert_close(ours, rnn, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("version", VERSIONS_65)
+def test_state_tuning_hook_matches_runtime(tmp_path: Path, version: str) -> None:
+    """A learned ``att.time_state`` (H, N, N) [value, key] is the start state, as the runtime reads it."""
+    model = perturbed(version, n_embd=64, head_size=32)  # 2 layers: the runtime sees v5.2 only from block 1 on
+    g = torch.Generator().manual_seed(5)
+    for block in model.blocks:
+        block.att.time_state = nn.Parameter(torch.randn(2, 32, 32, generator=g) * 0.3)
+    path = tmp_path / "state.pth"
+    save_model(model, path)
+    toks = tokens(16)
+    ours = model(torch.tensor([toks]))[0].detach()
+    seq = runtime_logits(load_runtime(path, version=version), toks, "seq")
+    torch.testing.assert_close(ours, seq, atol=TOL, rtol=0)
+    del model.blocks[0].att.time_state
+    assert (model(torch.tensor([toks]))[0].detach() - seq).abs().max() > 1e-3  # the state mattered
+
+
+@pytest.mark.parametrize("version", VERSIONS_65)
+def test_state_carries_across_calls(version: str) -> None:
+    model = perturbed(version, n_embd=64, head_size=32)
+    idx = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))
+    full = model(idx)
+    first, state = model.forward_state(idx[:, :13], None)
+    assert [tuple(s.shape) for s in state[0]] == [(2, 64), (2, 2, 32, 32), (2, 64)]
+    assert state[0][1].dtype == torch.float32
+    second, _ = model.forward_state(idx[:, 13:], state)
+    torch.testing.assert_close(torch.cat([first, second], 1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("version", VERSIONS_65)
+def test_grad_checkpointing_gives_the_same_gradients(version: str) -> None:
+    model = perturbed(version, n_embd=64, head_size=32).train()
+    idx = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for cp in (False, True):
+        model.zero_grad()
+        model.grad_cp = cp
+        model(idx).logsumexp(-1).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("version", VERSIONS_65)
+def test_round_trip(tmp_path: Path, version: str) -> None:
+    path, again = tmp_path / "a.safetensors", tmp_path / "b.pth"
+    save_model(perturbed(version, n_embd=64, head_size=32), path, dtype=torch.bfloat16)
+    model = load_model(path, dtype=None)
+    save_model(model, again)
+    a, b = read_state_dict(path), read_state_dict(again)
+    assert sorted(a) == sorted(b)  # safetensors stores keys sorted
+    for k in a:
+        assert a[k].dtype == b[k].dtype == torch.bfloat16, k
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("version", VERSIONS_65)
+def test_architecture_read_from_tensors(version: str) -> None:
+    """Non-default widths (dim_att != n_embd, odd ffn and LoRA widths) come back from the shapes alone."""
+    extra = {"d_mix": 16, "d_decay": 48} if version == "x060" else {}
+    cfg = VERSIONS[version].config(3, 96, 50, 16, dim_ffn=160, dim_att=64, **extra)
+    sd = build_model(cfg, device="meta").state_dict()
+    assert detect_version(sd) == version
+    assert config_from_state_dict(sd) == cfg
+    assert tuple(sd["blocks.0.att.time_faaaa"].shape) == (4, 16)
+    assert tuple(sd["blocks.2.att.ln_x.weight"].shape) == (64,)
+
+
+@pytest.mark.parametrize("version", VERSIONS_65)
+def test_init_model_cli(tmp_path: Path, version: str, capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "m.pth"
+    init_model_main(["--version", version, "--n_layer", "3", "--n_embd", "64", "--head_size", "32",
+                     "--vocab_size", "77", "--out", str(path)])
+    assert f"RWKV {version} L3 D64" in capsys.readouterr().out
+    model = load_model(path, dtype=None)
+    cfg = model.cfg
+    assert model.version == version
+    assert (cfg.n_layer, cfg.n_embd, cfg.head_size, cfg.vocab_size, cfg.dim_ffn) == (3, 64, 32, 77, 224)
+    assert model.emb.weight.dtype == torch.bfloat16
+    # real init, not plain random: zero output projections and per-layer ramps
+    assert torch.count_nonzero(model.blocks[0].att.output.weight) == 0
+    assert torch.count_nonzero(model.blocks[1].ffn.value.weight) == 0
+    assert not torch.equal(model.blocks[0].att.time_decay, model.blocks[2].att.time_decay)
+    assert not torch.equal(model.blocks[0].att.time_faaaa, model.blocks[2].att.time_faaaa)
+    # and it trains from there: every weight matrix but the zero-initialised ones gets a gradient
+    fp32 = load_model(path)
+    fp32(torch.randint(0, 77, (1, 8))).logsumexp(-1).mean().backward()
+    assert fp32.blocks[2].att.output.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("version", VERSIONS_65)
+def test_peft_targets_and_train_parts(version: str) -> None:
+    model = build_model(VERSIONS[version].config(2, 64, 50, 32), device="meta")
+    for i, block in enumerate(model.blocks):
+        for part, names in model.peft_targets.items():
+            for name in names:
+                assert isinstance(getattr(block, part).get_submodule(name), nn.Linear), f"blocks.{i}.{part}.{name}"
+    parts = {n: model.train_part(n) for n, _ in model.named_parameters()}
+    assert parts["emb.weight"] == "emb" and parts["head.weight"] == "head"
+    assert parts["blocks.0.ln0.weight"] == parts["blocks.1.att.ln_x.bias"] == "ln"
+    assert parts["blocks.1.att.time_decay"] == parts["blocks.0.att.time_faaaa"] == "time"
+    assert parts["blocks.1.att.key.weight"] is None and parts["blocks.0.ffn.receptance.weight"] is None
+    small = [n for n, p in model.named_parameters() if p.dim() < 2 or "time_" in n]
+    assert all(parts[n] in ("ln", "time") for n in small), [n for n in small if parts[n] is None]
+
+
+def test_wkv5_is_wkv6_with_a_constant_decay() -> None:
+    g = torch.Generator().manual_seed(0)
+    B, T, H, N = 2, 7, 2, 8
+    r, k, v = (torch.randn(B, T, H, N, generator=g) for _ in range(3))
+    w, u = torch.randn(H, N, generator=g), torch.randn(H, N, generator=g)
+    s0 = torch.randn(B, H, N, N, generator=g)
+    y5, s5 = wkv5(r, w, k, v, u, state=s0, op="torch")
+    y6, s6 = wkv6(r, w.expand(B, T, H, N), k, v, u, state=s0, op="torch")
+    torch.testing.assert_close(y5, y6)
+    torch.testing.assert_close(s5, s6)
+    # one step by hand: y = (S + u k v^T)^T r per head, in the state's [value, key] layout
+    y1, s1 = wkv6(r[:, :1], w.expand(B, 1, H, N), k[:, :1], v[:, :1], u, state=s0, op="torch")
+    kv = v[:, 0, :, :, None] * k[:, 0, :, None, :]
+    torch.testing.assert_close(y1[:, 0], ((s0 + u[:, None, :] * kv) @ r[:, 0, :, :, None]).squeeze(-1))
+    torch.testing.assert_close(s1, s0 * torch.exp(-torch.exp(w))[:, None, :] + kv)
+
+
+def test_old_generations_refused() -> None:
+    rwkv4 = {"emb.weight": torch.zeros(4, 4), "blocks.0.att.time_first": torch.zeros(4),
+             "blocks.0.att.time_mix_k": torch.zeros(1, 1, 4)}
+    with pytest.raises(ValueError, match="RWKV-4 / v5.0 / v5.1 checkpoint.*not supported"):
+        load_model(rwkv4)
+
+
+def test_inconsistent_heads(tmp_path: Path) -> None:
+    sd = perturbed("x060", n_embd=64, head_size=32).state_dict()
+    sd["blocks.0.att.time_faaaa"] = torch.zeros(3, 32)
+    torch.save(sd, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match=r"bad\.pth: blocks\.0\.att\.time_faaaa is \(3, 32\)"):
+        load_model(tmp_path / "bad.pth")
+
+
+def test_wrong_shape_names_key(tmp_path: Path) -> None:
+    sd = perturbed("x052", n_embd=64, head_size=32).state_dict()
+    sd["blocks.1.att.gate.weight"] = torch.zeros(64, 10)
+    torch.save(sd, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match=r"RWKV x052 checkpoint.*wrong shape: blocks\.1\.att\.gate\.weight"):
+        load_model(tmp_path / "bad.pth")
