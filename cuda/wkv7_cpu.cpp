@@ -10,51 +10,35 @@
 // works) and walks it backwards. All inner loops run over the key index j on contiguous
 // rows, so they vectorise.
 
-#include <torch/extension.h>
-
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
+// Plain C entry points on raw contiguous fp32 buffers: the Python side validates shapes,
+// dtypes and devices and allocates every output, so this file needs no torch tensor
+// headers and builds in seconds. Called through ctypes, which releases the GIL.
+
 namespace {
-
 constexpr int64_t CHUNK = 16;
+}  // namespace
 
-void check_inputs(const std::vector<torch::Tensor>& xs, const torch::Tensor& s0) {
-  for (const auto& x : xs) {
-    TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
-                "wkv7_cpu: expected contiguous float32 CPU tensors");
-    TORCH_CHECK(x.sizes() == xs[0].sizes(), "wkv7_cpu: all inputs must share one (B,T,H,N) shape");
-  }
-  TORCH_CHECK(xs[0].dim() == 4, "wkv7_cpu: expected (B,T,H,N) inputs");
-  const auto B = xs[0].size(0), H = xs[0].size(2), N = xs[0].size(3);
-  TORCH_CHECK(s0.device().is_cpu() && s0.scalar_type() == torch::kFloat32 && s0.is_contiguous() &&
-                  s0.sizes() == torch::IntArrayRef({B, H, N, N}),
-              "wkv7_cpu: state must be a contiguous float32 (B,H,N,N) CPU tensor");
-}
+extern "C" {
 
-// Returns y, final state, chunk checkpoints (B,H,nchunk,N,N) and sa (B,H,T,N); the last two
-// are empty when save is false (inference).
-std::vector<torch::Tensor> forward(torch::Tensor r, torch::Tensor w, torch::Tensor k,
-                                   torch::Tensor v, torch::Tensor a, torch::Tensor b,
-                                   torch::Tensor s0, bool save) {
-  check_inputs({r, w, k, v, a, b}, s0);
-  const int64_t B = r.size(0), T = r.size(1), H = r.size(2), N = r.size(3);
+int64_t wkv7_cpu_chunk() { return CHUNK; }
+
+// y (B,T,H,N) and the final state sT (B,H,N,N) from the initial state s0. When ckpt is not
+// null, also the state at the start of every chunk, ckpt (B,H,ceil(T/CHUNK),N,N), and
+// sa (B,H,T,N) for the backward.
+void wkv7_cpu_forward(int64_t B, int64_t T, int64_t H, int64_t N, const float* rp,
+                      const float* wp, const float* kp, const float* vp, const float* ap,
+                      const float* bp, const float* s0p, float* yp, float* sTp, float* cp,
+                      float* sap) {
   const int64_t nchunk = (T + CHUNK - 1) / CHUNK;
-  auto y = torch::empty_like(r);
-  auto sT = torch::empty_like(s0);
-  auto ckpt = save ? torch::empty({B, H, nchunk, N, N}, s0.options()) : torch::empty({0}, s0.options());
-  auto sa_all = save ? torch::empty({B, H, T, N}, s0.options()) : torch::empty({0}, s0.options());
-
-  const float *rp = r.data_ptr<float>(), *wp = w.data_ptr<float>(), *kp = k.data_ptr<float>();
-  const float *vp = v.data_ptr<float>(), *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>();
-  const float* s0p = s0.data_ptr<float>();
-  float *yp = y.data_ptr<float>(), *sTp = sT.data_ptr<float>();
-  float *cp = ckpt.data_ptr<float>(), *sap = sa_all.data_ptr<float>();
-
+  const bool save = cp != nullptr;
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> d(N);
     for (int64_t bh = begin; bh < end; ++bh) {
@@ -88,33 +72,16 @@ std::vector<torch::Tensor> forward(torch::Tensor r, torch::Tensor w, torch::Tens
       }
     }
   });
-  return {y, sT, ckpt, sa_all};
 }
 
-// Gradients of r, w, k, v, a, b and of the initial state, given dy and the gradient of the
-// final state dsT.
-std::vector<torch::Tensor> backward(torch::Tensor r, torch::Tensor w, torch::Tensor k,
-                                    torch::Tensor v, torch::Tensor a, torch::Tensor b,
-                                    torch::Tensor dy, torch::Tensor dsT, torch::Tensor ckpt,
-                                    torch::Tensor sa_all) {
-  check_inputs({r, w, k, v, a, b, dy}, dsT);
-  const int64_t B = r.size(0), T = r.size(1), H = r.size(2), N = r.size(3);
+// Gradients of r, w, k, v, a, b and of the initial state (ds0), given dy and the gradient
+// of the final state dsT, from the ckpt and sa of a forward run.
+void wkv7_cpu_backward(int64_t B, int64_t T, int64_t H, int64_t N, const float* rp,
+                       const float* wp, const float* kp, const float* vp, const float* ap,
+                       const float* bp, const float* dyp, const float* dsTp, const float* cp,
+                       const float* sap, float* drp, float* dwp, float* dkp, float* dvp,
+                       float* dap, float* dbp, float* ds0p) {
   const int64_t nchunk = (T + CHUNK - 1) / CHUNK;
-  TORCH_CHECK(ckpt.is_contiguous() && ckpt.numel() == B * H * nchunk * N * N &&
-                  sa_all.is_contiguous() && sa_all.numel() == B * H * T * N,
-              "wkv7_cpu: backward needs the checkpoints of a forward run with save=True");
-  auto dr = torch::empty_like(r), dw = torch::empty_like(w), dk = torch::empty_like(k);
-  auto dv = torch::empty_like(v), da = torch::empty_like(a), db = torch::empty_like(b);
-  auto ds0 = torch::empty_like(dsT);
-
-  const float *rp = r.data_ptr<float>(), *wp = w.data_ptr<float>(), *kp = k.data_ptr<float>();
-  const float *vp = v.data_ptr<float>(), *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>();
-  const float *dyp = dy.data_ptr<float>(), *dsTp = dsT.data_ptr<float>();
-  const float *cp = ckpt.data_ptr<float>(), *sap = sa_all.data_ptr<float>();
-  float *drp = dr.data_ptr<float>(), *dwp = dw.data_ptr<float>(), *dkp = dk.data_ptr<float>();
-  float *dvp = dv.data_ptr<float>(), *dap = da.data_ptr<float>(), *dbp = db.data_ptr<float>();
-  float* ds0p = ds0.data_ptr<float>();
-
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> hist(CHUNK * N * N), d(N), gr(N), gk(N), gb(N), gd(N), ga(N);
     for (int64_t bh = begin; bh < end; ++bh) {
@@ -186,12 +153,6 @@ std::vector<torch::Tensor> backward(torch::Tensor r, torch::Tensor w, torch::Ten
       }
     }
   });
-  return {dr, dw, dk, dv, da, db, ds0};
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "WKV-7 forward (CPU, fp32)");
-  m.def("backward", &backward, "WKV-7 backward (CPU, fp32)");
-}
+}  // extern "C"

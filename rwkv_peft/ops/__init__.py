@@ -2,13 +2,52 @@
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 
+from rwkv_peft.ops.checks import check_wkv7_inputs
 from rwkv_peft.ops.wkv5_torch import wkv5_torch
 from rwkv_peft.ops.wkv6_torch import wkv6_torch
 from rwkv_peft.ops.wkv7_torch import wkv7_torch
 
-OPS = ("auto", "cuda", "cpu", "torch")
+OPS = ("auto", "cuda", "cpu", "torch", "fla")
+
+
+@functools.cache
+def _kernel_unavailable(kind: str, head_size: int) -> str | None:
+    """Why the ``kind`` kernel cannot be built/loaded here (None when it is ready); cached."""
+    try:
+        if kind == "cuda":
+            from rwkv_peft.ops.wkv7_cuda import cuda_lib
+
+            cuda_lib(head_size)
+        else:
+            from rwkv_peft.ops.wkv7_cpu import _lib
+
+            _lib()
+    except Exception as e:  # noqa: BLE001 - any build failure means: fall back, say why
+        lines = str(e).strip().splitlines() or [""]
+        return f"{type(e).__name__}: {lines[-1][:200]}"
+    return None
+
+
+def _resolve_op(op: str, x: torch.Tensor) -> str:
+    """``auto`` -> the kernel for x's device, or the reference with a one-line warning."""
+    if op not in OPS:
+        raise ValueError(f"--op: expected one of {'|'.join(OPS)}, got {op!r}")
+    if op != "auto":
+        return op
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        return "cpu"  # let the kernel's checks report the problem
+    kind = "cuda" if x.is_cuda else "cpu"
+    reason = _kernel_unavailable(kind, x.shape[-1])
+    if reason is None:
+        return kind
+    warnings.warn(f"wkv7: {kind} kernel unavailable ({reason}); using the slow torch reference",
+                  RuntimeWarning, stacklevel=3)
+    return "torch"
 
 
 def wkv7(
@@ -21,9 +60,32 @@ def wkv7(
     state: torch.Tensor | None = None,
     op: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """WKV-7 of (B, T, H, N) inputs; returns (y, final fp32 state). See ``wkv7_torch``."""
-    if op not in OPS:
-        raise ValueError(f"--op: expected one of {'|'.join(OPS)}, got {op!r}")
+    """WKV-7 of (B, T, H, N) inputs; returns (y, final fp32 state). See ``wkv7_torch``.
+
+    ``op``: ``cuda`` (GPU kernel, bf16/fp32), ``cpu`` (compiled CPU kernel, fp32 compute),
+    ``torch`` (reference), ``fla`` (flash-linear-attention's Triton kernel, if installed),
+    ``auto`` (the kernel for the inputs' device; the reference, with a warning, if it cannot
+    be built). Every op takes an initial ``state`` with gradients and returns the final state
+    with gradients. ``state`` may be a broadcast view (e.g. a learned state expanded over
+    the batch); r..b must be contiguous for the kernels.
+    """
+    op = _resolve_op(op, r)
+    if state is not None and isinstance(state, torch.Tensor):
+        state = state.contiguous()
+    if op == "cpu":
+        from rwkv_peft.ops.wkv7_cpu import wkv7_cpu
+
+        return wkv7_cpu(r, w, k, v, a, b, state)
+    if op == "cuda":
+        from rwkv_peft.ops.wkv7_cuda import wkv7_cuda
+
+        return wkv7_cuda(r, w, k, v, a, b, state)
+    if op == "fla":
+        from rwkv_peft.ops.wkv7_fla import wkv7_fla
+
+        return wkv7_fla(r, w, k, v, a, b, state)
+    check_wkv7_inputs((r, w, k, v, a, b), state, (torch.float32, torch.bfloat16, torch.float16),
+                      need_contiguous=False, op="torch")
     return wkv7_torch(r, w, k, v, a, b, state)
 
 
