@@ -1,0 +1,590 @@
+"""Fold adapters into a base checkpoint (and back out), streamed tensor by tensor.
+
+    python -m rwkv_peft.merge --base_model BASE.pth --peft_checkpoint OUT/rwkv-N.pth --output MERGED.pth
+    python -m rwkv_peft.merge --unmerge --base_model MERGED.pth --peft_checkpoint OUT/rwkv-N.pth --output BASE.pth
+
+The result is an ordinary RWKV checkpoint: the base's keys, shapes and dtypes, no adapter keys.
+Peak memory stays near one tensor: the base is memory-mapped, each adapted weight is merged in
+fp32 and cast back to the base's dtype, written straight into the output (torch's zip format for
+``.pth``, the safetensors layout for ``.safetensors``) and its mapped pages are released. The
+output goes to a temp file that is renamed only after every check passed.
+
+Adapter keys (rwkv_peft.peft and RWKV-PEFT): ``<linear>.miss`` (mode from adapter_config.json),
+``<linear>.disha`` / ``<linear>.bone`` (RWKV-PEFT: 2-D r x out is balance, 3-D (in/r) x r x r is
+bat_col), ``<linear>.lora_A`` / ``.lora_B`` (+ ``.pissa_A0`` / ``.pissa_B0`` for PiSSA), and plain
+base keys (train_parts), which replace the base tensor. The formulas live in rwkv_peft.peft.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import mmap
+import os
+import pickle
+import sys
+import tempfile
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rwkv_peft.model import config_from_state_dict, detect_version, read_state_dict
+from rwkv_peft.peft.miss import MODES, MissConfig, miss_check, miss_merge, miss_shape, miss_unmerge
+
+MISS_SUFFIXES = ("miss", "disha", "bone")  # ours, RWKV-PEFT's, RWKV-PEFT's older name
+LORA_SUFFIXES = ("lora_A", "lora_B", "pissa_A0", "pissa_B0")
+ARCH_FIELDS = ("n_layer", "n_embd", "vocab_size", "head_size", "dim_ffn")
+_MODE_ALIASES = {"bone": "balance", "bat": "bat_col"}  # RWKV-PEFT's mode names
+
+# legacy storage classes as torch.save pickles them (the weights_only loader allows exactly these)
+_STORAGE_TYPES = {
+    torch.float32: torch.FloatStorage,
+    torch.float64: torch.DoubleStorage,
+    torch.float16: torch.HalfStorage,
+    torch.bfloat16: torch.BFloat16Storage,
+    torch.int64: torch.LongStorage,
+    torch.int32: torch.IntStorage,
+    torch.int16: torch.ShortStorage,
+    torch.int8: torch.CharStorage,
+    torch.uint8: torch.ByteStorage,
+    torch.bool: torch.BoolStorage,
+}
+_SAFETENSORS_DTYPES = {
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class Edit:
+    """What happens to one base tensor: a MiSS / LoRA update or a replacement (train_parts)."""
+
+    kind: str  # "miss" | "lora" | "replace"
+    key: str  # the base key it changes
+    source: str  # adapter key(s), for messages
+    mode: str = ""
+    adapter: torch.Tensor | None = None  # MiSS shard tensor, or the replacement tensor
+    lora: tuple[torch.Tensor, ...] = ()  # (A, B) or (A, B, A0, B0)
+    scale: float = 1.0
+
+    def apply(self, weight: torch.Tensor, unmerge: bool) -> torch.Tensor:
+        """The new tensor in fp32 from the base (or merged) ``weight``."""
+        w = weight.float()
+        if self.kind == "replace":
+            return self.adapter.float()
+        if self.kind == "miss":
+            return (miss_unmerge if unmerge else miss_merge)(w, self.adapter, self.mode)
+        from rwkv_peft.peft.lora import lora_delta
+
+        delta = lora_delta(self.lora[0].float(), self.lora[1].float(), self.scale).float()
+        if len(self.lora) == 4:  # PiSSA: the trained base is W - s B0 A0
+            delta = delta - lora_delta(self.lora[2].float(), self.lora[3].float(), self.scale).float()
+        return w - delta if unmerge else w + delta
+
+
+def adapter_config_path(adapter_path: str | os.PathLike) -> Path:
+    """adapter_config.json beside the adapter checkpoint."""
+    return Path(adapter_path).with_name("adapter_config.json")
+
+
+def read_adapter_config(adapter_path: str | os.PathLike) -> dict:
+    """The adapter_config.json beside ``adapter_path``, or {} when there is none (foreign adapters)."""
+    path = adapter_config_path(adapter_path)
+    if not path.is_file():
+        return {}
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def _split(key: str) -> tuple[str, str]:
+    prefix, _, suffix = key.rpartition(".")
+    return prefix, suffix
+
+
+def _model_class(version: str) -> type[torch.nn.Module]:
+    """The rwkv_peft.model class that declares ``version`` (its ``peft_targets`` say what is adaptable)."""
+    import rwkv_peft.model as models
+
+    for c in vars(models).values():
+        if isinstance(c, type) and issubclass(c, torch.nn.Module) and getattr(c, "version", None) == version:
+            return c
+    raise ValueError(f"RWKV {version}: no model class in rwkv_peft.model declares this version")
+
+
+def _targets(keys: Iterator[str], model_cls: type) -> set[str]:
+    """Paths of the Linear layers (``<path>.weight`` keys) that the model class declares adaptable."""
+    out = set()
+    for k in keys:
+        path, _, leaf = k.rpartition(".")
+        parent, _, name = path.rpartition(".")
+        if leaf == "weight" and name in model_cls.peft_targets.get(parent.rpartition(".")[2], ()):
+            out.add(path)
+    return out
+
+
+def _check_arch(base: Mapping[str, torch.Tensor], cfg: dict, base_name: str, cfg_name: str) -> type:
+    """The base's model class; ValueError if adapter_config's "base" describes another architecture."""
+    version = detect_version(base, base_name)
+    model_cfg = config_from_state_dict(base, base_name)
+    have = {"version": version} | {f: getattr(model_cfg, f) for f in ARCH_FIELDS}
+    want = cfg.get("base") or {}
+    diff = [f"{k} {want[k]} (base has {have[k]})" for k in have if k in want and want[k] != have[k]]
+    if diff:
+        raise ValueError(
+            f"{cfg_name}: adapter was trained for another architecture than {base_name}: " + ", ".join(diff)
+        )
+    return _model_class(version)
+
+
+def _miss_edit(key: str, weight: torch.Tensor, adapter: torch.Tensor, mode: str, where: str) -> Edit:
+    """Validate one MiSS shard tensor against its weight (shape, r divides) and describe the merge."""
+    out_f, in_f = weight.shape
+    if mode not in MODES:
+        raise ValueError(f"{where}: MiSS mode must be one of {'|'.join(MODES)}, got {mode!r}")
+    want_dim = 3 if mode.startswith("bat") else 2
+    if adapter.dim() != want_dim:
+        raise ValueError(
+            f"{where}: mode {mode} needs a {want_dim}-D tensor, got shape {tuple(adapter.shape)} "
+            f"(for weight {out_f}x{in_f})"
+        )
+    r = adapter.shape[-1] if want_dim == 3 else adapter.shape[0]
+    mini_r = adapter.shape[1] if mode == "mini" else 1
+    cfg = MissConfig(r=r, mode=mode, mini_r=mini_r)
+    try:
+        miss_check(out_f, in_f, cfg, key)
+    except ValueError as e:
+        raise ValueError(f"{where}: {str(e).removeprefix('--miss_config: ')}") from None
+    expected = miss_shape(out_f, in_f, cfg)
+    if tuple(adapter.shape) != expected:
+        raise ValueError(
+            f"{where}: shape {tuple(adapter.shape)} does not fit weight {out_f}x{in_f} "
+            f"in mode {mode} (expected {expected})"
+        )
+    return Edit("miss", key, where.rpartition(": ")[2], mode=mode, adapter=adapter)
+
+
+def plan_edits(
+    base: Mapping[str, torch.Tensor],
+    adapter: Mapping[str, torch.Tensor],
+    config: dict | None = None,
+    base_name: str = "base",
+    adapter_name: str = "adapter",
+    unmerge: bool = False,
+) -> dict[str, Edit]:
+    """Check the adapter against the base (metadata only) and say what changes in each base tensor.
+
+    ``config`` is adapter_config.json's content plus overrides: "mode" for ``.miss`` keys (and to
+    force a mode for ``.disha``), "alpha" for LoRA/PiSSA, "base" for the architecture check.
+    """
+    config = dict(config or {})
+    cfg_name = config.pop("_source", "adapter_config.json")
+    if config.get("method") == "state" or any(k.endswith(".time_state") for k in adapter):
+        raise ValueError(
+            f"{adapter_name}: a state-tuning adapter (time_state) has no weights to fold into the base; "
+            "load it as the initial state instead"
+        )
+    model_cls = _check_arch(base, config, base_name, cfg_name)
+    targets = _targets(iter(base), model_cls)
+    if not adapter:
+        raise ValueError(f"{adapter_name}: the adapter holds no tensors")
+
+    edits: dict[str, Edit] = {}
+    lora: dict[str, dict[str, torch.Tensor]] = {}
+
+    def weight_of(linear: str, k: str) -> torch.Tensor:
+        wkey = f"{linear}.weight"
+        if wkey not in base:
+            raise ValueError(f"{adapter_name}: adapter key {k} has no base tensor {wkey} in {base_name}")
+        if linear not in targets:
+            raise ValueError(
+                f"{adapter_name}: adapter key {k}: {linear} is not a PEFT target of RWKV {model_cls.version} "
+                f"(targets: {model_cls.peft_targets})"
+            )
+        if wkey in edits:
+            raise ValueError(f"{adapter_name}: {wkey} is changed by both {edits[wkey].source} and {k}")
+        return base[wkey]
+
+    for k, t in adapter.items():
+        linear, suffix = _split(k)
+        if suffix in MISS_SUFFIXES:
+            w = weight_of(linear, k)
+            mode = config.get("mode")
+            if mode is None and suffix != "miss":  # RWKV-PEFT: the tensor's rank says the mode
+                mode = "balance" if t.dim() == 2 else "bat_col"
+            if mode is None:
+                raise ValueError(
+                    f"{adapter_name}: {k} is a MiSS adapter but no mode is known: no {cfg_name} with "
+                    f'"mode" beside it and no --mode flag'
+                )
+            mode = _MODE_ALIASES.get(mode, mode)
+            edits[f"{linear}.weight"] = _miss_edit(f"{linear}.weight", w, t, mode, f"{adapter_name}: {k}")
+        elif suffix in LORA_SUFFIXES:
+            lora.setdefault(linear, {})[suffix] = t
+        elif k in base:
+            if unmerge:
+                raise ValueError(
+                    f"{adapter_name}: {k} replaced the base tensor (train_parts); the original is not in the "
+                    "adapter, so the base cannot be recovered"
+                )
+            if tuple(t.shape) != tuple(base[k].shape):
+                raise ValueError(
+                    f"{adapter_name}: {k} has shape {tuple(t.shape)}, base {base_name} has {tuple(base[k].shape)}"
+                )
+            edits[k] = Edit("replace", k, k, adapter=t)
+        else:
+            raise ValueError(f"{adapter_name}: adapter key {k} has no base tensor in {base_name}")
+
+    for linear, parts in lora.items():
+        where = f"{adapter_name}: {linear}"
+        w = weight_of(linear, f"{linear}.lora_A")
+        if "lora_A" not in parts or "lora_B" not in parts:
+            raise ValueError(f"{where}: needs both .lora_A and .lora_B, found {sorted(parts)}")
+        if ("pissa_A0" in parts) != ("pissa_B0" in parts):
+            raise ValueError(f"{where}: needs both .pissa_A0 and .pissa_B0, found {sorted(parts)}")
+        if config.get("method") == "pissa" and "pissa_A0" not in parts:
+            raise ValueError(f"{where}: PiSSA adapter without .pissa_A0/.pissa_B0 (the initial factors)")
+        a, b = parts["lora_A"], parts["lora_B"]
+        out_f, in_f = w.shape
+        r = a.shape[0]
+        expect = {"lora_A": (r, in_f), "lora_B": (out_f, r), "pissa_A0": (r, in_f), "pissa_B0": (out_f, r)}
+        for s, t in parts.items():
+            if tuple(t.shape) != expect[s]:
+                raise ValueError(
+                    f"{where}.{s}: shape {tuple(t.shape)} does not fit weight {out_f}x{in_f} "
+                    f"(expected {expect[s]} for r={r})"
+                )
+        if config.get("r") not in (None, r):
+            raise ValueError(f"{where}: {cfg_name} says r={config['r']} but lora_A has r={r}")
+        if config.get("alpha") is None:
+            raise ValueError(f"{where}: LoRA needs alpha: no {cfg_name} with \"alpha\" and no --lora_alpha flag")
+        factors = (a, b, parts["pissa_A0"], parts["pissa_B0"]) if "pissa_A0" in parts else (a, b)
+        edits[f"{linear}.weight"] = Edit(
+            "lora", f"{linear}.weight", f"{linear}.lora_*", lora=factors, scale=float(config["alpha"]) / r
+        )
+    return edits
+
+
+# ----------------------------------------------------------------------------- streaming I/O
+
+
+class _SafetensorsReader(Mapping):
+    """Lazy name -> tensor view of a .safetensors file (each tensor read when asked for)."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        try:
+            self._f = safe_open(str(path), framework="pt")
+        except Exception as e:  # safetensors raises its own error types
+            raise ValueError(f"{path}: not a readable .safetensors file ({e})") from None
+        self._keys = list(self._f.keys())
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._f.get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def open_checkpoint(path: str | os.PathLike, safetensors: bool | None = None) -> Mapping[str, torch.Tensor]:
+    """A checkpoint whose tensors are read lazily: memory-mapped .pth, or per-tensor .safetensors."""
+    path = Path(path)
+    if safetensors if safetensors is not None else path.suffix == ".safetensors":
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: checkpoint file not found")
+        return _SafetensorsReader(path)
+    return read_state_dict(path, mmap=True)
+
+
+def _release(t: torch.Tensor) -> None:
+    """Drop a memory-mapped tensor's resident pages (re-read from disk if touched again).
+
+    Without this, every page of the base that was read stays in our RSS until exit, and peak
+    memory grows to the whole model even though each tensor is needed only once.
+    """
+    if sys.platform != "linux" or t.device.type != "cpu" or t.numel() == 0:
+        return
+    page = mmap.PAGESIZE
+    start = t.untyped_storage().data_ptr()
+    end = start + t.untyped_storage().nbytes()
+    lo, hi = start - start % page, end + (-end) % page
+    ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # MADV_DONTNEED
+
+
+class _Slot:
+    """Stands in for one tensor while pickling the .pth header (no data needed)."""
+
+    def __init__(self, index: int, dtype: torch.dtype, shape: tuple[int, ...]):
+        self.index, self.dtype, self.shape = index, dtype, shape
+
+    def __reduce__(self):
+        stride, acc = [], 1
+        for n in reversed(self.shape):
+            stride.insert(0, acc)
+            acc *= n
+        storage = _StorageRef(str(self.index), _STORAGE_TYPES[self.dtype], acc)
+        return torch._utils._rebuild_tensor_v2, (storage, 0, self.shape, tuple(stride), False, OrderedDict())
+
+
+@dataclass
+class _StorageRef:
+    key: str
+    storage_type: type
+    numel: int
+
+
+class _HeaderPickler(pickle.Pickler):
+    def persistent_id(self, obj: object) -> tuple | None:
+        if isinstance(obj, _StorageRef):
+            return ("storage", obj.storage_type, obj.key, "cpu", obj.numel)
+        return None
+
+
+def _pth_header(specs: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> bytes:
+    """data.pkl of torch.save({key: tensor}) for tensors with these dtypes/shapes, each its own storage."""
+    for key, dtype, _ in specs:
+        if dtype not in _STORAGE_TYPES:
+            raise ValueError(f"{key}: dtype {dtype} cannot be written by the streaming .pth writer")
+    buf = __import__("io").BytesIO()
+    _HeaderPickler(buf, protocol=2).dump({k: _Slot(i, d, tuple(s)) for i, (k, d, s) in enumerate(specs)})
+    return buf.getvalue()
+
+
+def _exact(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a contiguous tensor owning exactly its bytes (what torch.save would store)."""
+    t = t.contiguous()
+    if t.storage_offset() or t.untyped_storage().nbytes() != t.nbytes:
+        t = t.clone()
+    return t
+
+
+def _write_pth(f, specs, tensors: Iterator[torch.Tensor]) -> None:
+    """Stream tensors into torch's zip format, byte for byte what torch.save(dict, fileobj) writes."""
+    writer = torch._C.PyTorchFileWriter(f, torch.serialization.get_crc32_options(), _storage_alignment())
+    header = _pth_header(specs)
+    writer.write_record("data.pkl", header, len(header))
+    writer.write_record(".format_version", "1", 1)
+    align = str(_storage_alignment())
+    writer.write_record(".storage_alignment", align, len(align))
+    writer.write_record("byteorder", sys.byteorder, len(sys.byteorder))
+    for i, t in enumerate(tensors):
+        t = _exact(t)
+        writer.write_record(f"data/{i}", t.untyped_storage(), t.nbytes)
+    writer.write_end_of_file()
+
+
+def _storage_alignment() -> int:
+    from torch.utils.serialization import config
+
+    return int(config.save.storage_alignment)
+
+
+def _write_safetensors(f, specs, tensors: Iterator[torch.Tensor]) -> None:
+    """Stream tensors into the safetensors layout (8-byte length, JSON header, data in order)."""
+    header, offset = {}, 0
+    for key, dtype, shape in specs:
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{key}: dtype {dtype} cannot be written to .safetensors")
+        n = dtype.itemsize
+        for s in shape:
+            n *= s
+        header[key] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * ((-len(text)) % 8)
+    f.write(len(text).to_bytes(8, "little"))
+    f.write(text)
+    for t in tensors:
+        f.write(memoryview(_exact(t).view(torch.uint8).reshape(-1).numpy()))
+
+
+def _check_written(path: Path, safetensors: bool, specs, name: str) -> None:
+    """Re-open the written file (metadata only) and compare keys, shapes and dtypes with the base."""
+    got = open_checkpoint(path, safetensors)
+    want_keys, got_keys = [k for k, _, _ in specs], list(got)
+    if set(want_keys) != set(got_keys):
+        raise RuntimeError(
+            f"{name}: written file's keys differ from the base's (missing {sorted(set(want_keys) - set(got_keys))[:5]}, "
+            f"extra {sorted(set(got_keys) - set(want_keys))[:5]})"
+        )
+    if not safetensors:
+        for k, dtype, shape in specs:
+            if got[k].dtype != dtype or tuple(got[k].shape) != tuple(shape):
+                raise RuntimeError(f"{name}: written {k} is {got[k].dtype} {tuple(got[k].shape)}, expected {dtype} {shape}")
+
+
+def _prepare_output(output: Path, inputs: list[Path]) -> None:
+    if not output.parent.is_dir():
+        raise FileNotFoundError(f"{output}: output directory {output.parent} does not exist")
+    if output.suffix not in (".pth", ".safetensors"):
+        raise ValueError(f"{output}: --output must end in .pth or .safetensors")
+    for p in inputs:
+        if p.exists() and output.exists() and os.path.samefile(p, output):
+            raise ValueError(f"{output}: --output must differ from the input {p}")
+
+
+def write_edited(
+    base: Mapping[str, torch.Tensor],
+    edits: Mapping[str, Edit],
+    output: str | os.PathLike,
+    unmerge: bool = False,
+    name: str = "merge",
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """Write ``base`` with ``edits`` applied to ``output`` (temp file, checks, rename).
+
+    Each changed tensor is computed in fp32, checked for NaN/inf and stored in the base's dtype.
+    """
+    output = Path(output)
+    specs = [(k, v.dtype, tuple(v.shape)) for k, v in base.items()]
+
+    def tensors() -> Iterator[torch.Tensor]:
+        for k, _, _ in specs:
+            src = base[k]
+            if k in edits:
+                new = edits[k].apply(src, unmerge).to(src.dtype)
+                if not bool(torch.isfinite(new).all()):
+                    raise ValueError(
+                        f"{name}: {k} would contain NaN/inf after {'unmerging' if unmerge else 'merging'} "
+                        f"{edits[k].source} (check the adapter's values)"
+                    )
+                if log:
+                    log(f"{'unmerged' if unmerge else 'merged'} {edits[k].source} -> {k}")
+                yield new
+            else:
+                yield src
+            _release(src)
+
+    safetensors = output.suffix == ".safetensors"
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            (_write_safetensors if safetensors else _write_pth)(f, specs, tensors())
+        _check_written(Path(tmp), safetensors, specs, name)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would surprise users sharing models
+        os.replace(tmp, output)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return output
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _resolve_config(adapter_path: Path, config: dict | None) -> dict:
+    """adapter_config.json beside the adapter, with ``config`` overriding it key by key."""
+    cfg = read_adapter_config(adapter_path)
+    if cfg:
+        cfg["_source"] = str(adapter_config_path(adapter_path))
+    for k, v in (config or {}).items():
+        if v is not None:
+            cfg[k] = v
+    return cfg
+
+
+def merge_adapter(
+    base_path: str | os.PathLike,
+    adapter_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    config: dict | None = None,
+    quant: str | None = None,
+    unmerge: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """Fold the adapter at ``adapter_path`` into ``base_path`` and write ``output_path``.
+
+    ``config`` overrides adapter_config.json (e.g. {"mode": "bat_col"} or {"alpha": 32});
+    ``unmerge=True`` does the inverse, reading a merged file as ``base_path``.
+    """
+    if quant is not None:  # quantised output (int8 / nf4) is planned, not built yet
+        raise ValueError(f"--quant {quant}: quantised merging is not supported yet")
+    base_path, adapter_path, output = Path(base_path), Path(adapter_path), Path(output_path)
+    _prepare_output(output, [base_path, adapter_path])
+    cfg = _resolve_config(adapter_path, config)
+    base = open_checkpoint(base_path)
+    adapter = read_state_dict(adapter_path)
+    edits = plan_edits(base, adapter, cfg, str(base_path), str(adapter_path), unmerge=unmerge)
+    return write_edited(base, edits, output, unmerge=unmerge, name=str(output), log=log)
+
+
+def unmerge_adapter(
+    merged_path: str | os.PathLike,
+    adapter_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    config: dict | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """Recover the base from a merged checkpoint and its adapter (Bat via the inverse of I + D)."""
+    return merge_adapter(merged_path, adapter_path, output_path, config, unmerge=True, log=log)
+
+
+def merge_state_dict(
+    base: Mapping[str, torch.Tensor], adapter: Mapping[str, torch.Tensor], config: dict | None = None,
+    unmerge: bool = False,
+) -> dict[str, torch.Tensor]:
+    """In-memory merge (same checks and math as the file version) for models already loaded."""
+    edits = plan_edits(base, adapter, config, unmerge=unmerge)
+    return {k: edits[k].apply(v, unmerge).to(v.dtype) if k in edits else v for k, v in base.items()}
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--base_model", required=True, help="base checkpoint (.pth/.safetensors); the merged one with --unmerge")
+    p.add_argument("--peft_checkpoint", required=True, help="adapter checkpoint, e.g. OUT/rwkv-N.pth")
+    p.add_argument("--output", required=True, help="output checkpoint (.pth, or .safetensors by name)")
+    p.add_argument("--mode", choices=[*MODES, *_MODE_ALIASES], help="MiSS mode (overrides adapter_config.json)")
+    p.add_argument("--lora_alpha", type=float, help="LoRA/PiSSA alpha (overrides adapter_config.json)")
+    p.add_argument("--unmerge", action="store_true", help="recover the base from --base_model (a merged file)")
+    p.add_argument("--verify", action="store_true", help="after merging, compare in the rwkv runtime (see --prompt)")
+    p.add_argument("--prompt", default=None, help="question for --verify (SFT template); default: a demo question")
+    p.add_argument("--n_tokens", type=int, default=32, help="greedy tokens to print with --verify")
+    p.add_argument("--quiet", action="store_true", help="do not list each merged tensor")
+    return p
+
+
+def main(argv: list[str] | None = None, description: str = "Fold a PEFT adapter into an RWKV checkpoint") -> None:
+    a = _parser(description).parse_args(argv)
+    overrides = {"mode": a.mode, "alpha": a.lora_alpha}
+    log = None if a.quiet else print
+    try:
+        out = merge_adapter(a.base_model, a.peft_checkpoint, a.output, overrides, unmerge=a.unmerge, log=log)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {out}")
+    if a.verify:
+        verify_merged(out, a.base_model, a.peft_checkpoint, overrides, a.prompt, a.n_tokens)
+
+
+if __name__ == "__main__":
+    main()
