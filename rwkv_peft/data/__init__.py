@@ -36,7 +36,7 @@ def load_texts(path: str, vocab_size: int, tokenizer: str = "world", strict: boo
     """Tokenize a small `{"text": ...}` jsonl into memory; each document ends in token 0."""
     tok = get_tokenizer(tokenizer)
     stats, docs = JsonlStats(path), []
-    for lineno, (text,), _ in iter_jsonl(path, (field,), stats, strict):
+    for lineno, (text,) in iter_jsonl(path, (field,), stats, strict):
         ids = np.append(tok.encode_array(text), END_TOKEN).astype(np.int32)
         _check_range(ids, vocab_size, f"{path}:{lineno}")
         docs.append(ids)
@@ -80,7 +80,7 @@ def load_sft(path: str, vocab_size: int, ctx_len: int, tokenizer: str = "world",
     tok = get_tokenizer(tokenizer)
     template = template or DEFAULT_SFT_TEMPLATE
     stats, docs, starts = JsonlStats(path), [], []
-    for lineno, (prompt, response), _ in iter_jsonl(path, fields, stats, strict,
+    for lineno, (prompt, response) in iter_jsonl(path, fields, stats, strict,
                                                       allow_empty=(fields[0],)):
         head, full = render_sft(template, fields, prompt, response)
         ids = np.append(tok.encode_array(full), END_TOKEN).astype(np.int32)

@@ -172,13 +172,19 @@ class BinIdxWriter:
 
     def add_document(self, ids: np.ndarray | list[int]) -> None:
         ids = np.asarray(ids)
+        self.add_documents(ids, np.array([len(ids)]))
+
+    def add_documents(self, ids: np.ndarray, sizes: np.ndarray) -> None:
+        """Append documents stored back to back in ids, sizes[d] tokens each."""
         if len(ids) and (ids.min() < self._lo or ids.max() > self._hi):
-            raise ValueError(f"{self.prefix}.bin: token id {int(ids.max())} does not fit "
+            bad = int(ids.max()) if ids.max() > self._hi else int(ids.min())
+            raise ValueError(f"{self.prefix}.bin: token id {bad} does not fit "
                              f"{self.dtype.name}")
-        if len(ids) >= 2**31:
-            raise ValueError(f"{self.prefix}.bin: document of {len(ids)} tokens exceeds int32")
+        if len(sizes) and sizes.max() >= 2**31:
+            raise ValueError(f"{self.prefix}.bin: document of {sizes.max()} tokens exceeds "
+                             "int32")
         self._bin.write(ids.astype(self.dtype, copy=False).tobytes())
-        self.sizes.append(len(ids))
+        self.sizes.extend(sizes.astype(np.int32).tolist())
         self.num_tokens += len(ids)
 
     def close(self) -> None:

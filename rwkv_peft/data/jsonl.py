@@ -37,48 +37,89 @@ class JsonlStats:
         return s
 
 
-def iter_jsonl(path: str, fields: tuple[str, ...], stats: JsonlStats, strict: bool = False,
-               allow_empty: tuple[str, ...] = ()) -> Iterator[tuple[int, tuple[str, ...], int]]:
-    """Yield (line number, field values, bytes read so far) for each usable line.
+def _line_values(raw: bytes, fields: tuple[str, ...], allow_empty: tuple[str, ...]
+                 ) -> tuple[str | None, tuple[str, ...] | None]:
+    """(reason to skip or None, field values) of one line; reason '' for a blank line."""
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return "not UTF-8", None
+    except json.JSONDecodeError:
+        return ("" if raw.isspace() else "not JSON"), None
+    if not isinstance(obj, dict):
+        return "not a JSON object", None
+    for k in fields:
+        if k not in obj:
+            return f"missing field '{k}'", None
+        if not isinstance(obj[k], str):
+            return f"field '{k}' not a string", None
+    values = tuple(obj[k] for k in fields)
+    return _empty(values, fields, allow_empty), values
+
+
+def _empty(values: tuple[str, ...], fields: tuple[str, ...], allow_empty: tuple[str, ...]
+           ) -> str | None:
+    if any(values) and all(v or k in allow_empty for k, v in zip(fields, values, strict=True)):
+        return None
+    return "empty document"
+
+
+def _batch_values(lines: list[bytes], fields: tuple[str, ...]) -> list[tuple] | None:
+    """Field values of a batch of lines parsed as one JSON array (far fewer Python calls).
+
+    None unless every line is one JSON object whose fields are all strings; the caller
+    then takes the line-by-line path, which names the reason for each bad line.
+    """
+    try:
+        objs = json.loads(b"[" + b",".join(lines) + b"]")
+        if len(objs) != len(lines):  # e.g. a line holding '{...},{...}'
+            return None
+        values = [tuple(o[k] for k in fields) for o in objs]
+    except (UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError):
+        return None
+    if not all(type(v) is str for t in values for v in t):
+        return None
+    return values
+
+
+def iter_jsonl_batches(path: str, fields: tuple[str, ...], stats: JsonlStats,
+                       strict: bool = False, allow_empty: tuple[str, ...] = (),
+                       batch_bytes: int = 1 << 20
+                       ) -> Iterator[tuple[list[int], list[tuple[str, ...]], int]]:
+    """Yield (line numbers, field values, bytes read so far) for the usable lines of each
+    ~batch_bytes chunk of the file.
 
     A value may be empty only for fields named in allow_empty; a line whose values are all
     empty, or whose required ones are, counts as an empty document.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: jsonl file not found")
-    done = 0
+    done, first = 0, 1
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            done += len(raw)
-            if not raw.strip():
-                continue  # blank lines (e.g. a trailing newline) are not documents
-            reason = None
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                reason = "not UTF-8"
-            except json.JSONDecodeError:
-                reason = "not JSON"
-            if reason is None and not isinstance(obj, dict):
-                reason = "not a JSON object"
-            if reason is None:
-                for k in fields:
-                    if k not in obj:
-                        reason = f"missing field '{k}'"
-                    elif not isinstance(obj[k], str):
-                        reason = f"field '{k}' not a string"
-                    else:
-                        continue
-                    break
-            if reason is None:
-                values = tuple(obj[k] for k in fields)
-                if not all(v or k in allow_empty for k, v in zip(fields, values, strict=True)) \
-                        or not any(values):
-                    reason = "empty document"
-            if reason is not None:
-                if strict and reason != "empty document":
-                    raise ValueError(f"{path}:{lineno}: {reason} (expected a JSON object with "
-                                     f"string field(s) {', '.join(fields)})")
-                stats.skip(reason, lineno)
-                continue
-            yield lineno, values, done
+        while lines := f.readlines(batch_bytes):
+            done += sum(len(x) for x in lines)
+            linenos, values = [], []
+            fast = _batch_values(lines, fields)
+            for i, raw in enumerate(lines):
+                if fast is None:
+                    reason, vals = _line_values(raw, fields, allow_empty)
+                else:
+                    vals = fast[i]
+                    reason = _empty(vals, fields, allow_empty)
+                if reason is None:
+                    linenos.append(first + i)
+                    values.append(vals)
+                elif reason:
+                    if strict and reason != "empty document":
+                        raise ValueError(f"{path}:{first + i}: {reason} (expected a JSON object"
+                                         f" with string field(s) {', '.join(fields)})")
+                    stats.skip(reason, first + i)
+            first += len(lines)
+            yield linenos, values, done
+
+
+def iter_jsonl(path: str, fields: tuple[str, ...], stats: JsonlStats, strict: bool = False,
+               allow_empty: tuple[str, ...] = ()) -> Iterator[tuple[int, tuple[str, ...]]]:
+    """Yield (line number, field values) for each usable line (see iter_jsonl_batches)."""
+    for linenos, values, _ in iter_jsonl_batches(path, fields, stats, strict, allow_empty):
+        yield from zip(linenos, values, strict=True)

@@ -88,6 +88,10 @@ def _load_trie_lib() -> ctypes.CDLL | None:
     lib.trie_build.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     lib.trie_encode.restype = ctypes.c_int64
     lib.trie_encode.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int64, ctypes.c_void_p]
+    lib.trie_encode_docs.restype = ctypes.c_int64
+    lib.trie_encode_docs.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p,
+                                     ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p,
+                                     ctypes.c_void_p]
     lib.trie_free.restype = None
     lib.trie_free.argtypes = [ctypes.c_void_p]
     return lib
@@ -155,6 +159,27 @@ class WorldTokenizer:
             raise ValueError(f"no World token matches byte {-k - 1} of the input")
         return out[:k]
 
+    def encode_documents(self, texts: list[str], eod: int = END_TOKEN
+                         ) -> tuple[np.ndarray, np.ndarray]:
+        """All texts back to back, each followed by eod: (int32 ids, tokens per document).
+
+        One C call for the whole batch keeps per-document Python overhead small.
+        """
+        if self._trie is None:
+            docs = [self._encode_py(t.encode("utf-8")) + [eod] for t in texts]
+            sizes = np.array([len(d) for d in docs], dtype=np.int64)
+            return np.array([i for d in docs for i in d], dtype=np.int32), sizes
+        raw = [t.encode("utf-8") for t in texts]
+        offsets = np.zeros(len(raw) + 1, dtype=np.int64)
+        np.cumsum([len(r) for r in raw], out=offsets[1:])
+        out = np.empty(int(offsets[-1]) + len(raw), dtype=np.int32)
+        sizes = np.empty(len(raw), dtype=np.int64)
+        total = self._lib.trie_encode_docs(self._trie, b"".join(raw), offsets.ctypes.data,
+                                           len(raw), eod, out.ctypes.data, sizes.ctypes.data)
+        if total < 0:
+            raise ValueError(f"no World token matches byte {-total - 1} of the batch")
+        return out[:total], sizes
+
     def _encode_py(self, src: bytes) -> list[int]:
         prefixes, out, i, n = self._prefixes, [], 0, len(src)
         while i < n:
@@ -208,8 +233,12 @@ class HFTokenizer:
     def encode_array(self, text: str) -> np.ndarray:
         return np.asarray(self.encode(text), dtype=np.int64)
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+    def encode_documents(self, texts: list[str], eod: int = END_TOKEN
+                         ) -> tuple[np.ndarray, np.ndarray]:
+        """All texts back to back, each followed by eod: (int64 ids, tokens per document)."""
+        docs = [e.ids + [eod] for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+        sizes = np.array([len(d) for d in docs], dtype=np.int64)
+        return np.array([i for d in docs for i in d], dtype=np.int64), sizes
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids)
