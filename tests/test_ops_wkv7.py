@@ -213,3 +213,43 @@ def test_model_logits_and_grads_same_with_cpu_and_torch_op() -> None:
     assert len(out["cpu"]) == len(out["torch"]) > 20
     for got, want in zip(out["cpu"], out["torch"], strict=True):
         torch.testing.assert_close(got, want, rtol=RTOL, atol=RTOL * want.abs().max().item())
+
+
+def test_auto_falls_back_to_reference_with_one_line_warning(monkeypatch, tmp_path) -> None:
+    """A failed build makes ``auto`` warn once, in one line, and use the torch reference."""
+    import rwkv_peft.ops as ops
+    from rwkv_peft.ops import build, wkv7_cpu
+
+    caches = (build.load_cpu, wkv7_cpu._lib, ops._kernel_unavailable)
+    for c in caches:
+        c.cache_clear()
+    monkeypatch.setattr(build, "CPU_SOURCES", ("no_such_kernel.cpp",))
+    monkeypatch.setenv("RWKV_PEFT_CACHE", str(tmp_path))
+    try:
+        xs = make_inputs(1, 6, 1, 16, seed=0)
+        with pytest.warns(RuntimeWarning, match="cpu kernel unavailable") as rec:
+            y, s = wkv7(*xs, op="auto")
+        assert len(rec) == 1 and "\n" not in str(rec[0].message)
+        assert "no_such_kernel.cpp" in str(rec[0].message)
+        y_ref, s_ref = wkv7_torch(*xs)
+        assert torch.equal(y, y_ref) and torch.equal(s, s_ref)
+        with pytest.raises(FileNotFoundError, match="no_such_kernel.cpp"):
+            wkv7(*xs, op="cpu")  # an explicit op never falls back silently
+    finally:
+        for c in caches:
+            c.cache_clear()
+
+
+def test_second_process_reuses_the_build() -> None:
+    """A new process loads the cached library instead of rebuilding it."""
+    import sys
+
+    from rwkv_peft.ops.wkv7_cpu import _lib
+
+    so = Path(_lib()._name)
+    before = so.stat().st_mtime_ns
+    code = "from rwkv_peft.ops.wkv7_cpu import _lib; print(_lib()._name)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert Path(out.stdout.strip()) == so
+    assert so.stat().st_mtime_ns == before
