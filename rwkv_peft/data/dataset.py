@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .binidx import BinIdx
+
 _M64 = (1 << 64) - 1
 
 
@@ -87,12 +89,13 @@ class _Samples(Dataset):
 class GetDataset(_Samples):
     """Random ctx_len+1 windows over one token stream (RWKV-LM's `get` data loader)."""
 
-    def __init__(self, stream: np.ndarray, check: Callable[[int, np.ndarray], None],
+    def __init__(self, stream: np.ndarray | BinIdx, check: Callable[[int, np.ndarray], None],
                  name: str, ctx_len: int, samples_per_epoch: int, seed: int, rank: int = 0,
                  world_size: int = 1, magic_prime: int = 0, longest_doc: int | None = None):
+        """stream: the tokens, or a BinIdx (pickles by path for DataLoader workers)."""
         super().__init__(ctx_len, samples_per_epoch, seed, rank, world_size)
         self.stream, self.check, self.magic_prime = stream, check, magic_prime
-        n = len(stream)
+        self.n_tokens = n = stream.num_tokens if isinstance(stream, BinIdx) else len(stream)
         if n < ctx_len + 1:
             longest = "" if longest_doc is None else f", longest document {longest_doc}"
             raise ValueError(f"{name}: {n} tokens in all{longest}; dataload 'get' needs at "
@@ -115,11 +118,12 @@ class GetDataset(_Samples):
             ii = 1 + g  # RWKV-LM: 1 + epoch * samples * world + idx * world + rank
             return (self._factor * ii**3 % self.magic_prime) * self.ctx_len
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, i])
-        return int(rng.integers(0, len(self.stream) - self.ctx_len))
+        return int(rng.integers(0, self.n_tokens - self.ctx_len))
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         s = self.start_of(i)
-        win = np.asarray(self.stream[s : s + self.ctx_len + 1])
+        tokens = self.stream.tokens if isinstance(self.stream, BinIdx) else self.stream
+        win = np.asarray(tokens[s : s + self.ctx_len + 1])
         self.check(s, win)
         win = torch.from_numpy(win.astype(np.int64))
         return {"input_ids": win[:-1], "targets": win[1:],
