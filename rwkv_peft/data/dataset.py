@@ -66,6 +66,8 @@ class _Samples(Dataset):
             raise ValueError(f"ctx_len must be >= 1, got {ctx_len}")
         if samples_per_epoch < 1:
             raise ValueError(f"samples_per_epoch must be >= 1, got {samples_per_epoch}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0 for reproducible samples, got {seed}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.ctx_len, self.samples_per_epoch = ctx_len, samples_per_epoch

@@ -41,8 +41,10 @@ def world_vocab_path() -> str:
     return str(path)
 
 
+@functools.lru_cache(maxsize=2)
 def load_world_vocab(path: str) -> dict[int, bytes]:
-    """Parse the `idx repr(token) byte_length` lines of an rwkv vocab file."""
+    """Parse the `idx repr(token) byte_length` lines of an rwkv vocab file (cached: treat
+    the result as read-only)."""
     vocab: dict[int, bytes] = {}
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -83,7 +85,12 @@ def _load_trie_lib() -> ctypes.CDLL | None:
             warnings.warn(f"could not compile {_C_SOURCE} ({e}); using the slow Python "
                           "World tokenizer", stacklevel=3)
             return None
-    lib = ctypes.CDLL(str(lib_path))
+    try:
+        lib = ctypes.CDLL(str(lib_path))
+    except OSError as e:
+        warnings.warn(f"could not load {lib_path} ({e}); using the slow Python World "
+                      "tokenizer", stacklevel=3)
+        return None
     lib.trie_build.restype = ctypes.c_void_p
     lib.trie_build.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     lib.trie_encode.restype = ctypes.c_int64
