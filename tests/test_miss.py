@@ -31,6 +31,15 @@ SHAPES = {
 CASES = [(mode, *shape) for mode in MODES for shape in SHAPES[mode]]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny ops run far faster on one thread than two contended ones."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def loop_delta(w: torch.Tensor, a: torch.Tensor, mode: str, mini_r: int = 3) -> torch.Tensor:
     """dW element by element / block by block, straight from DESIGN.md's definitions."""
     out_features, in_features = w.shape

@@ -12,15 +12,15 @@ forward, merging and unmerging all go through the functions below. W is an nn.Li
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rwkv_peft.peft.config import as_tuple, check_train_parts, json_fields
+
 MODES = ("balance", "mini", "bat_row", "bat_col")
-TRAIN_PARTS = ("emb", "head", "ln", "time")
 _ALIASES = {"bone": "balance", "bat": "bat_col"}  # RWKV-PEFT mode names
 _LEGACY_KEYS = {"bone_r": "r", "bone_load": "load", "bone_mode": "mode"}  # RWKV-PEFT's old bone_config
 
@@ -38,7 +38,7 @@ class MissConfig:
     load: str = ""
 
     def __post_init__(self) -> None:
-        self.parts, self.train_parts = tuple(self.parts), tuple(self.train_parts)
+        self.parts, self.train_parts = as_tuple(self.parts), as_tuple(self.train_parts)
         if self.mode not in MODES:
             raise ValueError(f"--miss_config: mode must be one of {'|'.join(MODES)} (or bone|bat), got {self.mode!r}")
         if not isinstance(self.r, int) or self.r < 1:
@@ -47,24 +47,12 @@ class MissConfig:
             raise ValueError(f"--miss_config: mini_r must be a positive integer, got {self.mini_r!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"--miss_config: dropout must be in [0, 1), got {self.dropout!r}")
-        bad = [p for p in self.train_parts if p not in TRAIN_PARTS]
-        if bad:
-            raise ValueError(f"--miss_config: train_parts must be among {'|'.join(TRAIN_PARTS)}, got {bad}")
+        check_train_parts(self.train_parts, "--miss_config")
 
     @classmethod
     def from_json(cls, text: str) -> MissConfig:
         """Parse the JSON users write for RWKV-PEFT (``bone`` -> balance, ``bat`` -> bat_col, with a note)."""
-        try:
-            raw = json.loads(text) if text.strip() else {}
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--miss_config: not valid JSON ({e.msg}): {text!r}") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"--miss_config: expected a JSON object, got {text!r}")
-        raw = {_LEGACY_KEYS.get(k, k): v for k, v in raw.items()}
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError(f"--miss_config: unknown key(s) {unknown}; expected some of {sorted(known)}")
+        raw = json_fields(cls, text, "--miss_config", _LEGACY_KEYS)
         mode = raw.get("mode", "balance")
         if mode in _ALIASES:
             print(f"note: --miss_config mode {mode!r} is RWKV-PEFT's name for {_ALIASES[mode]!r}")

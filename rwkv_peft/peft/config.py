@@ -1,0 +1,37 @@
+"""Parsing the JSON of ``--miss_config`` / ``--lora_config`` into a config dataclass, strictly."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from typing import Any
+
+TRAIN_PARTS = ("emb", "head", "ln", "time")
+
+
+def json_fields(cls: type, text: str, flag: str, renames: dict[str, str] | None = None) -> dict[str, Any]:
+    """The JSON object in ``text`` as keyword arguments of ``cls``; unknown keys are an error naming ``flag``."""
+    try:
+        raw = json.loads(text) if text and text.strip() else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{flag}: not valid JSON ({e.msg}): {text!r}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{flag}: expected a JSON object, got {text!r}")
+    renames = renames or {}
+    raw = {renames.get(k, k): v for k, v in raw.items()}
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{flag}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+    return raw
+
+
+def check_train_parts(train_parts: tuple[str, ...], flag: str) -> None:
+    bad = [p for p in train_parts if p not in TRAIN_PARTS]
+    if bad:
+        raise ValueError(f"{flag}: train_parts must be among {'|'.join(TRAIN_PARTS)}, got {bad}")
+
+
+def as_tuple(value: str | list | tuple) -> tuple[str, ...]:
+    """JSON lists (or a single name) as a tuple of names."""
+    return (value,) if isinstance(value, str) else tuple(value)

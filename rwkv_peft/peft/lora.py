@@ -1,0 +1,135 @@
+"""LoRA and PiSSA baselines: y = x W^T + s * (x A^T) B^T with s = alpha / r.
+
+PiSSA starts A, B from a randomised low-rank SVD of W and keeps the residual W - s * B0 A0 frozen
+in ``weight``; B0, A0 stay as buffers (saved with the adapter) so a merge from the original base
+is W - s * B0 A0 + s * B A with no SVD at merge time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rwkv_peft.peft.config import as_tuple, check_train_parts, json_fields
+
+# RWKV-PEFT's lora_config / pissa_config key names
+_LEGACY_KEYS = {
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "lora_load": "load",
+    "pissa_r": "r",
+    "pissa_load": "load",
+    "svd_niter": "pissa_niter",
+}
+
+
+@dataclass
+class LoraConfig:
+    """LoRA / PiSSA settings, as given by ``--lora_config '{"r":32,"alpha":32}'``."""
+
+    r: int = 32
+    alpha: float = 32.0
+    dropout: float = 0.0
+    parts: tuple[str, ...] = ("att", "ffn")
+    train_parts: tuple[str, ...] = ()
+    load: str = ""
+    pissa: bool = False
+    pissa_niter: int = 4
+
+    def __post_init__(self) -> None:
+        self.parts, self.train_parts = as_tuple(self.parts), as_tuple(self.train_parts)
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"--lora_config: r must be a positive integer, got {self.r!r}")
+        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            raise ValueError(f"--lora_config: alpha must be a positive number, got {self.alpha!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"--lora_config: dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.pissa_niter, int) or self.pissa_niter < 0:
+            raise ValueError(f"--lora_config: pissa_niter must be an integer >= 0, got {self.pissa_niter!r}")
+        check_train_parts(self.train_parts, "--lora_config")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+    @classmethod
+    def from_json(cls, text: str, pissa: bool = False) -> LoraConfig:
+        """Parse ``--lora_config`` JSON (RWKV-PEFT's ``lora_r``/``pissa_r``/``svd_niter`` keys accepted)."""
+        raw = json_fields(cls, text, "--lora_config", _LEGACY_KEYS)
+        raw.setdefault("pissa", pissa)
+        return cls(**raw)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """dW = s * B A in fp32; used by the layer's merge and by rwkv_peft.merge alike."""
+    return scale * (lora_b.float() @ lora_a.float())
+
+
+def pissa_factors(weight: torch.Tensor, r: int, scale: float, niter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A0, B0) with s * B0 A0 = the rank-r part of W from a randomised SVD (fixed seed, so reproducible)."""
+    w = weight.float()
+    q = min(r + 8, *w.shape)  # a little oversampling makes the leading r directions accurate
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        u, s, v = torch.svd_lowrank(w, q=q, niter=niter)
+    root = (s[:r] / scale).sqrt()
+    return root[:, None] * v[:, :r].t(), u[:, :r] * root[None, :]
+
+
+class LoraLinear(nn.Module):
+    """A frozen nn.Linear weight plus ``lora_A`` (r, in) and ``lora_B`` (out, r)."""
+
+    def __init__(self, base: nn.Linear, cfg: LoraConfig, name: str = "linear", pissa: bool = False):
+        super().__init__()
+        if base.bias is not None:
+            raise ValueError(f"--lora_config: module {name} has a bias; LoRA here targets bias-free linears")
+        out_features, in_features = base.weight.shape
+        if cfg.r > min(out_features, in_features):
+            raise ValueError(
+                f"--lora_config: module {name} (weight {out_features}x{in_features}): r={cfg.r} must be "
+                f"<= min(out, in) = {min(out_features, in_features)}"
+            )
+        self.r, self.scale, self.pissa = cfg.r, cfg.scale, pissa
+        w = base.weight
+        kw = {"dtype": w.dtype, "device": w.device}
+        if pissa:
+            a0, b0 = pissa_factors(w.detach(), cfg.r, cfg.scale, cfg.pissa_niter)
+            self.weight = nn.Parameter((w.detach().float() - lora_delta(a0, b0, cfg.scale)).to(w.dtype))
+            self.register_buffer("pissa_A0", a0.to(**kw, copy=True))  # not aliased with lora_A
+            self.register_buffer("pissa_B0", b0.to(**kw, copy=True))
+            self.lora_A = nn.Parameter(a0.to(**kw))
+            self.lora_B = nn.Parameter(b0.to(**kw))
+        else:
+            self.weight = w
+            self.lora_A = nn.Parameter(torch.empty(cfg.r, in_features, **kw))
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear / peft
+            self.lora_B = nn.Parameter(torch.zeros(out_features, cfg.r, **kw))
+        self.weight.requires_grad_(False)
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight) + self.scale * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
+
+    @torch.no_grad()
+    def set_pissa_init(self, a0: torch.Tensor, b0: torch.Tensor) -> None:
+        """Adopt saved PiSSA factors: the residual becomes W - s * B0 A0 for the loaded B0, A0."""
+        w = self.weight.float() + lora_delta(self.pissa_A0, self.pissa_B0, self.scale)
+        self.weight.copy_(w - lora_delta(a0, b0, self.scale))
+        self.pissa_A0.copy_(a0)
+        self.pissa_B0.copy_(b0)
+
+    def merged_weight(self) -> torch.Tensor:
+        return (self.weight.float() + lora_delta(self.lora_A.detach(), self.lora_B.detach(), self.scale)).to(
+            self.weight.dtype
+        )
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, scale={self.scale:g}, pissa={self.pissa}"
