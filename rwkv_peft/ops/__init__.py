@@ -9,6 +9,7 @@ import torch
 
 from rwkv_peft.ops.checks import check_wkv7_inputs
 from rwkv_peft.ops.wkv5_torch import wkv5_torch
+from rwkv_peft.ops.wkv6_cpu import check_wkv6_inputs
 from rwkv_peft.ops.wkv6_torch import wkv6_torch
 from rwkv_peft.ops.wkv7_torch import wkv7_torch
 
@@ -16,10 +17,19 @@ OPS = ("auto", "cuda", "cpu", "torch", "fla")
 
 
 @functools.cache
-def _kernel_unavailable(kind: str, head_size: int) -> str | None:
+def _kernel_unavailable(kind: str, head_size: int, family: str = "wkv7") -> str | None:
     """Why the ``kind`` kernel cannot be built/loaded here (None when it is ready); cached."""
     try:
-        if kind == "cuda":
+        if family == "wkv6":  # WKV-6 and WKV-5 share one kernel
+            if kind == "cuda":
+                from rwkv_peft.ops.wkv6_cuda import cuda_lib
+
+                cuda_lib(head_size)
+            else:
+                from rwkv_peft.ops.wkv6_cpu import _lib
+
+                _lib()
+        elif kind == "cuda":
             from rwkv_peft.ops.wkv7_cuda import cuda_lib
 
             cuda_lib(head_size)
@@ -33,7 +43,7 @@ def _kernel_unavailable(kind: str, head_size: int) -> str | None:
     return None
 
 
-def _resolve_op(op: str, x: torch.Tensor) -> str:
+def _resolve_op(op: str, x: torch.Tensor, family: str = "wkv7") -> str:
     """``auto`` -> the kernel for x's device, or the reference with a one-line warning."""
     if op not in OPS:
         raise ValueError(f"--op: expected one of {'|'.join(OPS)}, got {op!r}")
@@ -42,10 +52,10 @@ def _resolve_op(op: str, x: torch.Tensor) -> str:
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         return "cpu"  # let the kernel's checks report the problem
     kind = "cuda" if x.is_cuda else "cpu"
-    reason = _kernel_unavailable(kind, x.shape[-1])
+    reason = _kernel_unavailable(kind, x.shape[-1], family)
     if reason is None:
         return kind
-    warnings.warn(f"wkv7: {kind} kernel unavailable ({reason}); using the slow torch reference",
+    warnings.warn(f"{family}: {kind} kernel unavailable ({reason}); using the slow torch reference",
                   RuntimeWarning, stacklevel=3)
     return "torch"
 
@@ -98,9 +108,22 @@ def wkv6(
     state: torch.Tensor | None = None,
     op: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """WKV-6 of (B, T, H, N) inputs and bonus u (H, N); returns (y, final fp32 state). See ``wkv6_torch``."""
-    if op not in OPS:
-        raise ValueError(f"--op: expected one of {'|'.join(OPS)}, got {op!r}")
+    """WKV-6 of (B, T, H, N) inputs and bonus u (H, N); returns (y, final fp32 state). See ``wkv6_torch``.
+
+    ``op`` as for ``wkv7`` (cuda | cpu kernels from cuda/wkv6_*, torch reference, auto); no fla.
+    """
+    op = _resolve_op(op, r, "wkv6")
+    if op == "cpu":
+        from rwkv_peft.ops.wkv6_cpu import wkv6_cpu
+
+        return wkv6_cpu(r, w, k, v, u, state)
+    if op == "cuda":
+        from rwkv_peft.ops.wkv6_cuda import wkv6_cuda
+
+        return wkv6_cuda(r, w, k, v, u, state)
+    if op == "fla":
+        raise ValueError("--op fla: flash-linear-attention is wired for WKV-7 only; use cuda, cpu or torch")
+    check_wkv6_inputs((r, w, k, v), u, state, "torch")
     return wkv6_torch(r, w, k, v, u, state)
 
 
@@ -114,6 +137,16 @@ def wkv5(
     op: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """WKV-5: (B, T, H, N) r, k, v with a constant decay w and bonus u (H, N). See ``wkv5_torch``."""
-    if op not in OPS:
-        raise ValueError(f"--op: expected one of {'|'.join(OPS)}, got {op!r}")
+    op = _resolve_op(op, r, "wkv6")
+    if op == "cpu":
+        from rwkv_peft.ops.wkv6_cpu import wkv5_cpu
+
+        return wkv5_cpu(r, w, k, v, u, state)
+    if op == "cuda":
+        from rwkv_peft.ops.wkv6_cuda import wkv5_cuda
+
+        return wkv5_cuda(r, w, k, v, u, state)
+    if op == "fla":
+        raise ValueError("--op fla: flash-linear-attention is wired for WKV-7 only; use cuda, cpu or torch")
+    check_wkv6_inputs((r, w.expand_as(r), k, v), u, state, "torch")
     return wkv5_torch(r, w, k, v, u, state)

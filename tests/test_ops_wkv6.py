@@ -1,0 +1,128 @@
+"""WKV-6 / WKV-5 kernels vs the pure-PyTorch reference: values, every gradient, bad input.
+
+The CUDA source is compiled by tests/test_ops_wkv7.py's nvcc check (it builds every cuda/*.cu);
+running it on a GPU is scripts/gpu_check.sh's job, and the test below when CUDA is present.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rwkv_peft.ops import wkv5, wkv6
+from rwkv_peft.ops.wkv5_torch import wkv5_torch
+from rwkv_peft.ops.wkv6_torch import wkv6_torch
+
+RTOL = 1e-4  # fp32 on both sides; measured ~3e-7 relative to each tensor's max
+
+
+def make_inputs(B: int, T: int, H: int, N: int, seed: int, dtype: torch.dtype = torch.float32,
+                const_decay: bool = False) -> list[torch.Tensor]:
+    """r, w, k, v, u, s0 with decays spread over (0, 1) and a non-zero start state."""
+    g = torch.Generator().manual_seed(seed)
+    r, k, v = (torch.randn(B, T, H, N, generator=g).to(dtype) for _ in range(3))
+    w = (torch.randn(*((H, N) if const_decay else (B, T, H, N)), generator=g) - 1).to(dtype)
+    u = torch.randn(H, N, generator=g) * 0.5
+    s0 = torch.randn(B, H, N, N, generator=g) * 0.3
+    return [r, w, k, v, u, s0]
+
+
+def run(fn, xs: list[torch.Tensor], seed: int = 9) -> list[torch.Tensor]:
+    """y, final state and the gradients of every input under a random loss on both outputs."""
+    xs = [x.detach().clone().requires_grad_() for x in xs]
+    y, sT = fn(*xs[:5], state=xs[5])
+    g = torch.Generator().manual_seed(seed)
+    loss = (y.float() * torch.randn(y.shape, generator=g)).sum() + (sT * torch.randn(sT.shape, generator=g)).sum()
+    return [y.detach(), sT.detach(), *torch.autograd.grad(loss, xs)]
+
+
+def assert_close_all(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
+    for name, a, b in zip(("y", "sT", "dr", "dw", "dk", "dv", "du", "ds0"), got, want, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        torch.testing.assert_close(a.float(), b.float(), rtol=RTOL, atol=RTOL * b.float().abs().max().item(),
+                                   msg=name)
+
+
+@pytest.mark.parametrize(("B", "T", "H", "N"), [(2, 37, 2, 16), (1, 16, 1, 64), (1, 1, 3, 32)])
+def test_cpu_kernel_matches_reference(B: int, T: int, H: int, N: int) -> None:
+    """T around the kernel's 16-step chunks (ragged, exact, single step)."""
+    xs = make_inputs(B, T, H, N, seed=T)
+    assert_close_all(run(lambda *a, state: wkv6(*a, state=state, op="cpu"), xs),
+                     run(lambda *a, state: wkv6_torch(*a, state), xs))
+
+
+def test_cpu_kernel_wkv5_constant_decay() -> None:
+    xs = make_inputs(2, 21, 2, 16, seed=1, const_decay=True)
+    assert_close_all(run(lambda *a, state: wkv5(*a, state=state, op="cpu"), xs),
+                     run(lambda *a, state: wkv5_torch(*a, state), xs))
+
+
+def test_cpu_kernel_bf16_inputs_computed_in_fp32() -> None:
+    """bf16 in, bf16 out (and bf16 grads), fp32 state; the reference sees the same bf16 values."""
+    xs = make_inputs(1, 19, 2, 16, seed=2, dtype=torch.bfloat16)
+    got = run(lambda *a, state: wkv6(*a, state=state, op="cpu"), xs)
+    want = run(lambda *a, state: wkv6_torch(*a, state), xs)
+    assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
+    for a, b in zip(got, want, strict=True):  # both round once to bf16 at the end
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2 * b.float().abs().max().item())
+
+
+def test_extreme_decays_stay_finite() -> None:
+    """w = +-20: decay underflows to 0 or rounds to 1; values and dw must stay finite and match."""
+    xs = make_inputs(1, 20, 1, 16, seed=3)
+    xs[1] = torch.where(torch.rand(xs[1].shape, generator=torch.Generator().manual_seed(4)) < 0.5, -20.0, 20.0)
+    got = run(lambda *a, state: wkv6(*a, state=state, op="cpu"), xs)
+    assert all(torch.isfinite(t).all() for t in got)
+    assert_close_all(got, run(lambda *a, state: wkv6_torch(*a, state), xs))
+
+
+def test_no_state_and_no_grad() -> None:
+    r, w, k, v, u, _ = make_inputs(2, 5, 1, 16, seed=5)
+    with torch.no_grad():
+        y, sT = wkv6(r, w, k, v, u, op="cpu")
+    y_ref, s_ref = wkv6_torch(r, w, k, v, u)
+    torch.testing.assert_close(y, y_ref, rtol=RTOL, atol=1e-5)
+    torch.testing.assert_close(sT, s_ref, rtol=RTOL, atol=1e-5)
+
+
+@pytest.mark.parametrize("op", ["cpu", "torch"])
+def test_bad_input_is_one_clear_error(op: str) -> None:
+    r, w, k, v, u, s0 = make_inputs(1, 4, 2, 16, seed=6)
+    with pytest.raises(ValueError, match=r"u must be \(H,N\) = \(2, 16\)"):
+        wkv6(r, w, k, v, u[:1], op=op)
+    with pytest.raises(ValueError, match=r"state must be float32 \(B,H,N,N\)"):
+        wkv6(r, w, k, v, u, state=s0[..., :8], op=op)
+    with pytest.raises(ValueError, match="k must be a non-empty 4-D"):
+        wkv6(r, w, k[0], v, u, op=op)
+
+
+def test_model_logits_and_grads_same_with_cpu_and_torch_op() -> None:
+    """x060 and x052 models: same logits and weight gradients with the compiled op and the reference."""
+    from rwkv_peft.model import RWKV5Config, RWKV6Config, init_model
+
+    for cfg in (RWKV6Config(2, 32, 50, 16), RWKV5Config(2, 32, 50, 16)):
+        model = init_model(cfg, seed=0)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * (0.1 if p.dim() < 2 else 0.05))
+        idx = torch.randint(0, 50, (2, 21), generator=g)
+        out = {}
+        for op in ("torch", "cpu"):
+            model.set_op(op)
+            model.zero_grad()
+            logits = model(idx)
+            logits.logsumexp(-1).sum().backward()
+            out[op] = [logits.detach()] + [p.grad.clone() for p in model.parameters()]
+        for got, want in zip(out["cpu"], out["torch"], strict=True):
+            torch.testing.assert_close(got, want, rtol=RTOL, atol=RTOL * want.abs().max().item())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("version", ["wkv6", "wkv5"])
+def test_cuda_kernel_matches_reference(version: str) -> None:
+    xs = make_inputs(2, 37, 2, 64, seed=7, const_decay=version == "wkv5")
+    fn = wkv6 if version == "wkv6" else wkv5
+    ref = wkv6_torch if version == "wkv6" else wkv5_torch
+    got = run(lambda *a, state: fn(*(x.cuda() for x in a), state=state.cuda(), op="cuda"), xs)
+    assert_close_all([t.cpu() for t in got], run(lambda *a, state: ref(*a, state), xs))
