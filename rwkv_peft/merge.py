@@ -385,17 +385,19 @@ def _exact(t: torch.Tensor) -> torch.Tensor:
 
 def _write_pth(f, specs, tensors: Iterator[torch.Tensor]) -> None:
     """Stream tensors into torch's zip format, byte for byte what torch.save(dict, fileobj) writes."""
-    writer = torch._C.PyTorchFileWriter(f, torch.serialization.get_crc32_options(), _storage_alignment())
     header = _pth_header(specs)
-    writer.write_record("data.pkl", header, len(header))
-    writer.write_record(".format_version", "1", 1)
-    align = str(_storage_alignment())
-    writer.write_record(".storage_alignment", align, len(align))
-    writer.write_record("byteorder", sys.byteorder, len(sys.byteorder))
-    for i, t in enumerate(tensors):
-        t = _exact(t)
-        writer.write_record(f"data/{i}", t.untyped_storage(), t.nbytes)
-    writer.write_end_of_file()
+    writer = torch._C.PyTorchFileWriter(f, torch.serialization.get_crc32_options(), _storage_alignment())
+    try:
+        writer.write_record("data.pkl", header, len(header))
+        writer.write_record(".format_version", "1", 1)
+        align = str(_storage_alignment())
+        writer.write_record(".storage_alignment", align, len(align))
+        writer.write_record("byteorder", sys.byteorder, len(sys.byteorder))
+        for i, t in enumerate(tensors):
+            t = _exact(t)
+            writer.write_record(f"data/{i}", t.untyped_storage(), t.nbytes)
+    finally:  # also on error: an unfinished writer would write to the closed file when collected
+        writer.write_end_of_file()
 
 
 def _storage_alignment() -> int:
@@ -553,6 +555,92 @@ def merge_state_dict(
     """In-memory merge (same checks and math as the file version) for models already loaded."""
     edits = plan_edits(base, adapter, config, unmerge=unmerge)
     return {k: edits[k].apply(v, unmerge).to(v.dtype) if k in edits else v for k, v in base.items()}
+
+
+# ----------------------------------------------------------------------------- verification
+
+DEMO_QUESTION = "Tom has 3 apples. He gets 5 more. How many apples does Tom have now?"
+
+
+def peft_config_from_edits(edits: Mapping[str, Edit], config: dict, model: torch.nn.Module) -> tuple[str, object]:
+    """(method, PeftConfig) that rebuilds the adapted model the edits came from (works for foreign files too)."""
+    from rwkv_peft.peft.inject import parse_peft_config
+
+    kinds = {e.kind for e in edits.values()}
+    paths = [k.rpartition(".")[0] for k, e in edits.items() if e.kind != "replace"]
+    parts = sorted({p.rpartition(".")[0].rpartition(".")[2] for p in paths})
+    train_parts = sorted({model.train_part(k) for k, e in edits.items() if e.kind == "replace"} - {None})
+    spec: dict = {"parts": parts, "train_parts": train_parts}
+    if "miss" in kinds:
+        e = next(e for e in edits.values() if e.kind == "miss")
+        bat = e.mode.startswith("bat")
+        spec |= {"mode": e.mode, "r": e.adapter.shape[-1] if bat else e.adapter.shape[0]}
+        if e.mode == "mini":
+            spec["mini_r"] = e.adapter.shape[1]
+        method = "miss"
+    elif "lora" in kinds:
+        e = next(e for e in edits.values() if e.kind == "lora")
+        spec |= {"r": e.lora[0].shape[0], "alpha": config["alpha"]}
+        method = "pissa" if len(e.lora) == 4 else "lora"
+    else:
+        method, spec = "full", {}
+    return method, parse_peft_config(method, json.dumps(spec))
+
+
+def adapted_model(
+    base_path: str | os.PathLike, adapter_path: str | os.PathLike, config: dict | None = None, op: str = "torch"
+) -> torch.nn.Module:
+    """The base in fp32 with the adapter applied the training way (apply_peft + load_adapter), in eval mode."""
+    from rwkv_peft.model import load_model
+    from rwkv_peft.peft.inject import apply_peft, load_adapter
+
+    cfg = _resolve_config(Path(adapter_path), config)
+    model = load_model(base_path, dtype=torch.float32, op=op)
+    adapter = read_state_dict(adapter_path)
+    edits = plan_edits(model.state_dict(), adapter, cfg, str(base_path), str(adapter_path))
+    method, peft_cfg = peft_config_from_edits(edits, cfg, model)
+    if method == "full":
+        model.load_state_dict(adapter, strict=False)
+    else:
+        apply_peft(model, method, peft_cfg)
+        load_adapter(model, adapter)
+    return model.eval()
+
+
+@torch.no_grad()
+def verify_merged(
+    merged_path: str | os.PathLike,
+    base_path: str | os.PathLike,
+    adapter_path: str | os.PathLike,
+    config: dict | None = None,
+    question: str | None = None,
+    n_tokens: int = 32,
+) -> float:
+    """Load the merged file in the `rwkv` runtime (cpu fp32) and compare it with the adapted model.
+
+    Prints the max logit difference on the SFT-formatted demo prompt and the runtime's greedy
+    continuation (World tokenizer); returns the difference.
+    """
+    from rwkv_peft.data import DEFAULT_SFT_TEMPLATE, get_tokenizer, render_sft
+    from rwkv_peft.runtime import load_runtime, runtime_generate, runtime_logits
+
+    prompt = render_sft(DEFAULT_SFT_TEMPLATE, ("question", "answer"), question or DEMO_QUESTION, "")[0]
+    tok = get_tokenizer("world")
+    tokens = tok.encode(prompt)
+    model = adapted_model(base_path, adapter_path, config)
+    if max(tokens) >= model.cfg.vocab_size:
+        raise ValueError(f"{base_path}: vocab_size {model.cfg.vocab_size} is too small for the World tokenizer")
+    ours = model(torch.tensor([tokens]))[0]
+    runtime = load_runtime(merged_path, model.version)
+    theirs = runtime_logits(runtime, tokens, "seq")
+    diff = float((ours - theirs).abs().max())
+    print(f"max |logit diff|, rwkv runtime (merged) vs adapted model: {diff:.3g} over {len(tokens)} tokens")
+    new = runtime_generate(runtime, tokens, n_tokens)
+    if 0 in new:
+        new = new[: new.index(0)]
+    print(f"prompt: {prompt!r}")
+    print(f"rwkv runtime, greedy: {tok.decode(new)!r}")
+    return diff
 
 
 # ----------------------------------------------------------------------------- CLI
