@@ -12,7 +12,7 @@ import torch
 
 from rwkv_peft.data import build_dataset, get_tokenizer
 from rwkv_peft.data.binidx import BinIdx, BinIdxWriter
-from rwkv_peft.data.dataset import is_magic_prime, permute
+from rwkv_peft.data.dataset import is_magic_prime, largest_magic_prime, permute
 from rwkv_peft.data.demo import generate, write_demo
 from rwkv_peft.data.make_binidx import main as make_binidx_main
 
@@ -84,10 +84,12 @@ def test_get_magic_prime_covers_every_window(stream_prefix):
         starts += [ds.start_of(i) for i in range(12)]
     # 24 global samples: ii = 1..24 covers every residue mod 23 once, plus ii = 23 -> 0
     assert sorted(set(starts)) == [k * 10 for k in range(p)]
-    with pytest.raises(ValueError, match="--magic_prime 19: expected a prime p with p % 3 == 2"):
+    assert largest_magic_prime(n_tok, 10) == p
+    with pytest.raises(ValueError, match=r"--magic_prime 19: expected a prime p with p % 3 == 2 "
+                                         r"\(for .*s\.bin: 23\)"):
         build_dataset(stream_prefix, "binidx", "get", ctx_len=10, vocab_size=V,
                       samples_per_epoch=4, seed=0, magic_prime=19)
-    with pytest.raises(ValueError, match=r"--magic_prime 29: too large .* <= 25"):
+    with pytest.raises(ValueError, match=r"--magic_prime 29: too large .* <= 260; use 23"):
         build_dataset(stream_prefix, "binidx", "get", ctx_len=10, vocab_size=V,
                       samples_per_epoch=4, seed=0, magic_prime=29)
     assert n_tok == 260

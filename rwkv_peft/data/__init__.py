@@ -11,12 +11,13 @@ from functools import partial
 import numpy as np
 
 from .binidx import BinIdx, BinIdxWriter
-from .dataset import DocDataset, GetDataset, permute
+from .dataset import DocDataset, GetDataset, largest_magic_prime, permute
 from .jsonl import JsonlStats, iter_jsonl
 from .tokenizer import END_TOKEN, get_tokenizer
 
 __all__ = ["BinIdx", "BinIdxWriter", "DocDataset", "GetDataset", "build_dataset",
-           "get_tokenizer", "load_sft", "load_texts", "permute", "render_sft"]
+           "get_tokenizer", "largest_magic_prime", "load_sft", "load_texts", "permute",
+           "render_sft"]
 
 DEFAULT_SFT_TEMPLATE = "User: {prompt}\n\nAssistant: {response}"
 

@@ -57,6 +57,15 @@ def is_magic_prime(p: int) -> bool:
     return all(p % d for d in range(2, math.isqrt(p) + 1))
 
 
+def largest_magic_prime(n_tokens: int, ctx_len: int) -> int:
+    """The magic_prime RWKV-LM would pick for n_tokens: the largest one with
+    p * ctx_len + 1 <= n_tokens (0 if there is none)."""
+    p = (n_tokens - 1) // ctx_len
+    while p >= 5 and not is_magic_prime(p):
+        p -= 1
+    return p if p >= 5 else 0
+
+
 class _Samples(Dataset):
     """Shared epoch / length / rank bookkeeping."""
 
@@ -106,11 +115,12 @@ class GetDataset(_Samples):
         if magic_prime:
             if not is_magic_prime(magic_prime):
                 raise ValueError(f"--magic_prime {magic_prime}: expected a prime p with "
-                                 "p % 3 == 2")
+                                 f"p % 3 == 2 (for {name}: "
+                                 f"{largest_magic_prime(n, ctx_len)})")
             if magic_prime * ctx_len + 1 > n:
                 raise ValueError(f"--magic_prime {magic_prime}: too large for {name} "
-                                 f"({n} tokens): need magic_prime * ctx_len + 1 <= {n}, i.e. "
-                                 f"the largest p % 3 == 2 prime <= {(n - 1) // ctx_len}")
+                                 f"({n} tokens): need magic_prime * ctx_len + 1 <= {n}; "
+                                 f"use {largest_magic_prime(n, ctx_len)}")
             self._factor = int(magic_prime * (math.sqrt(5) - 1) / 2)
 
     def start_of(self, i: int) -> int:
