@@ -45,7 +45,7 @@ def load_texts(path: str, vocab_size: int, tokenizer: str = "world", strict: boo
         stats.tokens += len(ids)
     if not docs:
         raise ValueError(f"{path}: no usable documents with a string field '{field}' "
-                         f"({stats.summary()})")
+                         f"({stats.summary(with_path=False)})")
     return docs, stats
 
 
@@ -99,7 +99,7 @@ def load_sft(path: str, vocab_size: int, ctx_len: int, tokenizer: str = "world",
         stats.tokens += len(ids)
     if not docs:
         raise ValueError(f"{path}: no usable prompt/response records with string fields "
-                         f"'{fields[0]}', '{fields[1]}' ({stats.summary()})")
+                         f"'{fields[0]}', '{fields[1]}' ({stats.summary(with_path=False)})")
     return docs, np.asarray(starts, dtype=np.int64), stats
 
 

@@ -28,8 +28,9 @@ class JsonlStats:
         self.skipped[reason] += 1
         self.first_line.setdefault(reason, lineno)
 
-    def summary(self) -> str:
-        s = f"{self.path}: {self.documents} documents, {self.tokens} tokens"
+    def summary(self, with_path: bool = True) -> str:
+        s = f"{self.documents} documents, {self.tokens} tokens"
+        s = f"{self.path}: {s}" if with_path else s
         if self.skipped:
             parts = [f"{n} {r} (first at line {self.first_line[r]})"
                      for r, n in self.skipped.most_common()]

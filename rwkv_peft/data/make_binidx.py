@@ -41,7 +41,7 @@ def make_binidx(input_path: str, output_prefix: str, tokenizer: str = "world",
         bar.close()
         if stats.documents == 0:
             raise ValueError(f"{input_path}: no usable documents with a string field "
-                             f"'{field}' ({stats.summary()}); nothing written")
+                             f"'{field}' ({stats.summary(with_path=False)}); nothing written")
     return stats
 
 
