@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rwkv_peft.model import (
@@ -24,6 +25,15 @@ from rwkv_peft.tools.init_model import main as init_model_main
 
 TOL = 1e-4  # fp32 on both sides; measured differences are ~1e-6 over 64 tokens and 2 layers
 VERSIONS_65 = ("x060", "x052")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny shapes gain nothing from threads, and on a shared 2-core box they lose a lot to contention."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def perturbed(version: str, n_layer: int = 2, n_embd: int = 128, vocab: int = 300, head_size: int = 64,
@@ -202,3 +212,77 @@ def test_wrong_shape_names_key(tmp_path: Path) -> None:
     torch.save(sd, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match=r"RWKV x052 checkpoint.*wrong shape: blocks\.1\.att\.gate\.weight"):
         load_model(tmp_path / "bad.pth")
+
+
+@pytest.mark.parametrize("version", VERSIONS_65)
+def test_miss_run_lowers_loss_and_merged_file_matches_in_runtime(tmp_path: Path, version: str) -> None:
+    """MiSS on every x060/x052 target (gate and ffn.receptance included), trained, saved, merged, run."""
+    import json
+
+    from rwkv_peft.merge import merge_adapter
+    from rwkv_peft.peft.inject import adapter_config, apply_peft, parse_peft_config, trainable_state_dict
+
+    base = tmp_path / "base.pth"
+    save_model(perturbed(version, n_embd=64, head_size=32), base)
+    model = load_model(base, op="torch")
+    cfg = parse_peft_config("miss", '{"r": 16, "mode": "balance", "parts": ["att", "ffn"]}')
+    print(apply_peft(model, "miss", cfg))
+    adapted = {n.rsplit(".", 1)[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert {"blocks.1.att.gate", "blocks.0.ffn.receptance"} <= adapted and len(adapted) == 2 * 8
+
+    idx = torch.randint(0, 300, (2, 25), generator=torch.Generator().manual_seed(7))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(12):
+        loss = F.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    print(f"{version} MiSS loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    assert losses[-1] < losses[0] - 0.1
+
+    out = tmp_path / "out"
+    out.mkdir()
+    torch.save(trainable_state_dict(model), out / "rwkv-final.pth")
+    (out / "adapter_config.json").write_text(json.dumps(adapter_config(model, "miss", cfg)))
+    merged = merge_adapter(base, out / "rwkv-final.pth", tmp_path / "merged.pth")
+    toks = tokens(24)
+    with torch.no_grad():
+        ours = model.eval()(torch.tensor([toks]))[0]
+    theirs = runtime_logits(load_runtime(merged, version=version), toks, "seq")
+    print(f"{version} merged (runtime) vs adapted max-abs: {(ours - theirs).abs().max():.3g}")
+    torch.testing.assert_close(theirs, ours, atol=TOL, rtol=0)
+    with torch.no_grad():
+        base_logits = load_model(base, op="torch")(torch.tensor([toks]))[0]
+    assert (base_logits - ours).abs().max() > 1e-2  # the adapter changed the model
+
+
+@pytest.mark.parametrize(("method", "spec"), [("miss", '{"r": 16, "mode": "bat_col"}'),
+                                              ("lora", '{"r": 4, "alpha": 8}'),
+                                              ("pissa", '{"r": 4, "alpha": 4}')])
+def test_other_methods_merge_exactly_on_x060(tmp_path: Path, method: str, spec: str) -> None:
+    """Bat, LoRA and PiSSA through the same version-agnostic code: merged checkpoint == adapted model."""
+    import json
+
+    from rwkv_peft.merge import merge_adapter
+    from rwkv_peft.peft.inject import adapter_config, apply_peft, parse_peft_config, trainable_state_dict
+
+    base = tmp_path / "base.pth"
+    save_model(perturbed("x060", n_embd=64, head_size=32), base)
+    model = load_model(base, op="torch")
+    cfg = parse_peft_config(method, spec)
+    apply_peft(model, method, cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    out = tmp_path / "out"
+    out.mkdir()
+    torch.save(trainable_state_dict(model), out / "rwkv-final.pth")
+    (out / "adapter_config.json").write_text(json.dumps(adapter_config(model, method, cfg)))
+    merged = load_model(merge_adapter(base, out / "rwkv-final.pth", tmp_path / "merged.pth"), op="torch")
+    idx = torch.tensor([tokens(16)])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(idx), model.eval()(idx), atol=1e-5, rtol=0)

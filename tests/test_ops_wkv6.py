@@ -16,6 +16,15 @@ from rwkv_peft.ops.wkv6_torch import wkv6_torch
 RTOL = 1e-4  # fp32 on both sides; measured ~3e-7 relative to each tensor's max
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny shapes gain nothing from threads, and on a shared 2-core box they lose a lot to contention."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make_inputs(B: int, T: int, H: int, N: int, seed: int, dtype: torch.dtype = torch.float32,
                 const_decay: bool = False) -> list[torch.Tensor]:
     """r, w, k, v, u, s0 with decays spread over (0, 1) and a non-zero start state."""
