@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from array import array
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ WORLD_VOCAB_SIZE = 65536  # embedding rows of every World model; ids used are 0.
 END_TOKEN = 0  # RWKV's end-of-document token (also the padding id; padding is masked)
 
 _C_SOURCE = Path(__file__).with_name("trie.c")
+_INT32_ZERO = array("i", [0])  # C int: int32 on every platform torch supports
 
 
 def world_vocab_path() -> str:
@@ -154,17 +156,22 @@ class WorldTokenizer:
         src = text.encode("utf-8")
         if self._trie is None:
             return np.asarray(self._encode_py(src), dtype=np.int32)
-        return self._encode_c(src)
+        out, k = self._encode_c(src)
+        return np.frombuffer(out, dtype=np.int32, count=k)
 
     def encode_bytes(self, src: bytes) -> list[int]:
-        return self._encode_py(src) if self._trie is None else self._encode_c(src).tolist()
+        if self._trie is None:
+            return self._encode_py(src)
+        out, k = self._encode_c(src)
+        return out[:k].tolist()
 
-    def _encode_c(self, src: bytes) -> np.ndarray:
-        out = np.empty(max(len(src), 1), dtype=np.int32)
-        k = self._lib.trie_encode(self._trie, src, len(src), out.ctypes.data)
+    def _encode_c(self, src: bytes) -> tuple[array, int]:
+        # array.array: cheaper to allocate and address than numpy for short texts
+        out = _INT32_ZERO * max(len(src), 1)
+        k = self._lib.trie_encode(self._trie, src, len(src), out.buffer_info()[0])
         if k < 0:
             raise ValueError(f"no World token matches byte {-k - 1} of the input")
-        return out[:k]
+        return out, k
 
     def encode_documents(self, texts: list[str], eod: int = END_TOKEN
                          ) -> tuple[np.ndarray, np.ndarray]:
