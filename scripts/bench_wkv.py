@@ -3,7 +3,7 @@
 Both run in this one process on the same inputs (default B=2, T=512, H=4, N=64, fp32);
 prints the median times, the speed-up (goal: >= 30x) and the kernel's GFLOP/s.
 
-    python scripts/bench_wkv.py [--B 2 --T 512 --H 4 --N 64 --repeat 5]
+    python scripts/bench_wkv.py [--B 2 --T 512 --H 4 --N 64 --repeat 5 --threads 0]
 """
 
 from __future__ import annotations
@@ -52,7 +52,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for name, default in (("B", 2), ("T", 512), ("H", 4), ("N", 64), ("repeat", 5)):
         p.add_argument(f"--{name}", type=int, default=default)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     xs = make_inputs(args.B, args.T, args.H, args.N)
     t_ref = time_fwd_bwd(wkv7_torch, xs, max(1, args.repeat // 2))
     t_cpu = time_fwd_bwd(wkv7_cpu, xs, args.repeat)

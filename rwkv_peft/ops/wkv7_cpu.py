@@ -44,27 +44,30 @@ class WKV7CPU(torch.autograd.Function):
         lib = _lib()
         B, T, H, N = r.shape
         y, sT = torch.empty_like(r), torch.empty_like(s0)
+        decay = torch.exp(-torch.exp(w))  # vectorised here, once, instead of per kernel step
         ckpt = sa = None
         if save:
             nchunk = -(-T // lib.wkv7_cpu_chunk())
             ckpt = r.new_empty(B, H, nchunk, N, N)
             sa = r.new_empty(B, H, T, N)
-        lib.wkv7_cpu_forward(B, T, H, N, *map(_ptr, (r, w, k, v, a, b, s0, y, sT, ckpt, sa)))
+        lib.wkv7_cpu_forward(B, T, H, N, *map(_ptr, (r, decay, k, v, a, b, s0, y, sT, ckpt, sa)))
         if save:
-            ctx.save_for_backward(r, w, k, v, a, b, ckpt, sa)
+            ctx.save_for_backward(r, w, decay, k, v, a, b, ckpt, sa)
         return y, sT
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, dsT):  # noqa: D102
-        r, w, k, v, a, b, ckpt, sa = ctx.saved_tensors
+        r, w, decay, k, v, a, b, ckpt, sa = ctx.saved_tensors
         B, T, H, N = r.shape
         dy, dsT = dy.float().contiguous(), dsT.float().contiguous()
         grads = [torch.empty_like(x) for x in (r, w, k, v, a, b)]
         ds0 = torch.empty_like(dsT)
         _lib().wkv7_cpu_backward(
-            B, T, H, N, *map(_ptr, (r, w, k, v, a, b, dy, dsT, ckpt, sa, *grads, ds0))
+            B, T, H, N, *map(_ptr, (r, decay, k, v, a, b, dy, dsT, ckpt, sa, *grads, ds0))
         )
+        # grads[1] holds dL/d(decay); d(decay)/dw = -exp(w - exp(w)), finite for any w
+        grads[1] = grads[1].mul_(torch.exp(w - torch.exp(w))).neg_()
         return (*grads, ds0, None)
 
 
@@ -83,6 +86,8 @@ def wkv7_cpu(
     if r.device.type != "cpu":
         raise ValueError(f"wkv7 (cpu): inputs must be CPU tensors, got {r.device}")
     B, _, H, N = r.shape
+    if N % 2:
+        raise ValueError(f"wkv7 (cpu): head size N must be even (rows go in pairs), got {N}")
     s0 = r.new_zeros(B, H, N, N, dtype=torch.float32) if state is None else state
     save = torch.is_grad_enabled() and any(x.requires_grad for x in (*xs, s0))
     y, sT = WKV7CPU.apply(*(x.float() for x in xs), s0, save)
