@@ -73,7 +73,7 @@ def _load_trie_lib() -> ctypes.CDLL | None:
     tag = hashlib.sha1(src + sys.platform.encode()).hexdigest()[:12]
     lib_path = _cache_dir() / f"trie_{tag}.so"
     if not lib_path.exists():
-        cc = os.environ.get("CC", "cc")
+        cc, tmp = os.environ.get("CC", "cc"), None
         try:
             lib_path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib_path.parent)
@@ -82,7 +82,7 @@ def _load_trie_lib() -> ctypes.CDLL | None:
                            check=True, capture_output=True)
             os.replace(tmp, lib_path)
         except (OSError, subprocess.CalledProcessError) as e:
-            if "tmp" in locals() and os.path.exists(tmp):
+            if tmp and os.path.exists(tmp):
                 os.unlink(tmp)
             warnings.warn(f"could not compile {_C_SOURCE} ({e}); using the slow Python "
                           "World tokenizer", stacklevel=3)
