@@ -150,24 +150,69 @@ def miss_unmerge(merged: torch.Tensor, adapter: torch.Tensor, mode: str) -> torc
     return w.reshape(merged.shape).to(merged.dtype)
 
 
+def _shard_sum(x: torch.Tensor, r: int) -> torch.Tensor:
+    """s = pad(x).view(..., in/r, r).sum(-2): the r-wide shards of x summed."""
+    pad = (-x.shape[-1]) % r
+    if pad:
+        x = F.pad(x, (0, pad))
+    return x.unflatten(-1, (-1, r)).sum(-2)
+
+
+def _add_tiled_(t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """t[..., j] += u[..., j mod w] in place (w = u's width; a trailing partial group uses u's first columns)."""
+    n, w = t.shape[-1], u.shape[-1]
+    full = n - n % w
+    t[..., :full].unflatten(-1, (-1, w)).add_(u.unsqueeze(-2))
+    if full < n:
+        t[..., full:].add_(u[..., : n - full])
+    return t
+
+
 class ShardSum(torch.autograd.Function):
-    """s = pad(x).view(..., in/r, r).sum(-2); linear, so backward saves nothing (grad is s's tiled back)."""
+    """The shard sums of x; linear, so backward saves nothing (the gradient is tiled back)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, r: int) -> torch.Tensor:
-        n = x.shape[-1]
-        ctx.n = n
-        pad = (-n) % r
-        if pad:
-            x = F.pad(x, (0, pad))
-        return x.view(*x.shape[:-1], -1, r).sum(-2)
+        ctx.n = x.shape[-1]
+        return _shard_sum(x, r)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None]:
-        r = g.shape[-1]
-        shards = -(-ctx.n // r)
-        gx = g.unsqueeze(-2).expand(*g.shape[:-1], shards, r).reshape(*g.shape[:-1], shards * r)
-        return gx[..., : ctx.n], None
+        return _add_tiled_(g.new_zeros(*g.shape[:-1], ctx.n), g), None
+
+
+class ShardLinear(torch.autograd.Function):
+    """balance/mini: y = x W^T + tile(s @ m) with s the r-wide shard sums of x (m: (r, out) or mini's (r, mini_r)).
+
+    Backward needs only s (tokens x r), W and m: dL/dx = g W + tile(g_m m^T), dL/dm = s^T g_m, where
+    g_m is g summed over mini's repeats (g itself for balance). x is not saved.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        r, width = m.shape
+        x2 = x.reshape(-1, x.shape[-1])
+        s = _shard_sum(x2, r)
+        y = x2 @ weight.t()
+        if width == weight.shape[0]:
+            y.addmm_(s, m)  # y + s m in one pass; a zero m adds exact zeros, so step 0 is bit-identical
+        else:
+            _add_tiled_(y, s @ m)
+        ctx.save_for_backward(s, weight, m)
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None]:
+        s, weight, m = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])
+        width = m.shape[1]
+        gz = g2 if width == g2.shape[1] else g2.unflatten(-1, (-1, width)).sum(-2)
+        gx = gm = None
+        if ctx.needs_input_grad[0]:
+            gx = _add_tiled_(g2 @ weight, gz @ m.t()).view(*g.shape[:-1], weight.shape[1])
+        if ctx.needs_input_grad[2]:
+            gm = s.t() @ gz
+        return gx, None, gm
 
 
 class BatRowLinear(torch.autograd.Function):
@@ -210,13 +255,13 @@ def miss_linear(
     adapter = adapter.to(x.dtype)
     out_features = weight.shape[0]
     if mode in ("balance", "mini"):
+        if xa is x and not weight.requires_grad:
+            return ShardLinear.apply(x, weight, adapter)
         m = _expand_m(adapter, out_features, mode)
-        s = ShardSum.apply(xa, m.shape[0])
-        y = F.linear(x, weight)
-        return y + s @ m
+        return F.linear(x, weight) + ShardSum.apply(xa, m.shape[0]) @ m
     if mode == "bat_col":
         r = adapter.shape[-1]
-        xb = xa.view(*xa.shape[:-1], -1, r)
+        xb = xa.unflatten(-1, (-1, r))
         p = torch.einsum("...bj,bij->...bi", xb, adapter)  # p_b = x_b D_b^T
         y = F.linear(x + p.reshape(x.shape), weight)
         return (y.view(*y.shape[:-1], -1, r) + p.sum(-2, keepdim=True)).view(y.shape)
