@@ -101,6 +101,11 @@ def iter_jsonl_batches(path: str, fields: tuple[str, ...], stats: JsonlStats,
             done += sum(len(x) for x in lines)
             linenos, values = [], []
             fast = _batch_values(lines, fields)
+            if fast is not None and not allow_empty and all(all(v) for v in fast):
+                # the common case: every line good, nothing to count
+                yield list(range(first, first + len(lines))), fast, done
+                first += len(lines)
+                continue
             for i, raw in enumerate(lines):
                 if fast is None:
                     reason, vals = _line_values(raw, fields, allow_empty)
