@@ -255,7 +255,7 @@ def miss_linear(
     adapter = adapter.to(x.dtype)
     out_features = weight.shape[0]
     if mode in ("balance", "mini"):
-        if xa is x and not weight.requires_grad:
+        if xa is x and isinstance(weight, torch.Tensor) and not weight.requires_grad:  # quant.QuantWeight: F.linear
             return ShardLinear.apply(x, weight, adapter)
         m = _expand_m(adapter, out_features, mode)
         return F.linear(x, weight) + ShardSum.apply(xa, m.shape[0]) @ m
