@@ -232,6 +232,8 @@ def test_make_binidx_cli(tmp_path, capsys):
     tok = get_tokenizer("world")
     texts = ["Hello world.", "中文 and emoji 🤗", "def f():\n    return 1\n"]
     src = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in texts] + ["bad", {"x": 1}])
+    raw = (tmp_path / "in.jsonl").read_bytes()
+    (tmp_path / "in.jsonl").write_bytes(b"\xef\xbb\xbf" + raw)  # a UTF-8 BOM is tolerated
     make_binidx_main(["--input", src, "--output", str(tmp_path / "out"), "--quiet"])
     out = capsys.readouterr().out
     assert "3 documents" in out and "1 not JSON (first at line 4)" in out

@@ -7,6 +7,7 @@ instead. Empty documents are always skipped and counted: they are harmless.
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 from collections import Counter
@@ -99,6 +100,8 @@ def iter_jsonl_batches(path: str, fields: tuple[str, ...], stats: JsonlStats,
     with open(path, "rb") as f:
         while lines := f.readlines(batch_bytes):
             done += sum(len(x) for x in lines)
+            if first == 1 and lines[0].startswith(codecs.BOM_UTF8):
+                lines[0] = lines[0][len(codecs.BOM_UTF8):]  # files saved by some editors
             linenos, values = [], []
             fast = _batch_values(lines, fields)
             if fast is not None and not allow_empty and all(all(v) for v in fast):
