@@ -286,3 +286,20 @@ def test_other_methods_merge_exactly_on_x060(tmp_path: Path, method: str, spec: 
     idx = torch.tensor([tokens(16)])
     with torch.no_grad():
         torch.testing.assert_close(merged(idx), model.eval()(idx), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("version", VERSIONS_65)
+@pytest.mark.parametrize("op", ["torch", "cpu"])
+def test_gradients_flow_through_carried_state(version: str, op: str) -> None:
+    """Two chunks with the state carried (not detached) give the full sequence's gradients (infctx)."""
+    model = perturbed(version, n_embd=64, head_size=32)
+    model.set_op(op)
+    idx = torch.randint(0, 300, (2, 21), generator=torch.Generator().manual_seed(2))
+    model(idx).logsumexp(-1).sum().backward()
+    full = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    first, state = model.forward_state(idx[:, :8], None)
+    second, _ = model.forward_state(idx[:, 8:], state)
+    (first.logsumexp(-1).sum() + second.logsumexp(-1).sum()).backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, full[n], atol=1e-5, rtol=1e-4, msg=n)
