@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from rwkv_peft.data import build_dataset, get_tokenizer
+from rwkv_peft.data import DEFAULT_SFT_TEMPLATE, build_dataset, get_tokenizer, render_sft
 from rwkv_peft.data.binidx import BinIdx, BinIdxWriter
 from rwkv_peft.data.dataset import is_magic_prime, largest_magic_prime, permute
 from rwkv_peft.data.demo import generate, write_demo
@@ -196,6 +196,9 @@ def test_sft_loss_only_on_response_and_end_token(tmp_path):
                       seed=0)[0]
     first = int(s["mask"].nonzero()[0])
     assert tok.decode(s["input_ids"][: first + 1].tolist()) == "User: Hi?\n\nAssistant:"
+    # the inference prompt render_sft gives tokenizes exactly like the unmasked prefix
+    prompt = render_sft(DEFAULT_SFT_TEMPLATE, ("question", "answer"), "Hi?", "")[0]
+    assert tok.encode(prompt) == s["input_ids"][: first + 1].tolist()
     assert tok.decode(s["targets"][s["mask"].bool()].tolist()) == " Hello."
     with pytest.raises(ValueError, match="needs exactly one"):
         build_dataset(path, "sft", "sft", **{**kw, "sft_template": "Q: {q}"})

@@ -15,9 +15,9 @@ from .dataset import DocDataset, GetDataset, largest_magic_prime, permute
 from .jsonl import JsonlStats, iter_jsonl
 from .tokenizer import END_TOKEN, get_tokenizer
 
-__all__ = ["BinIdx", "BinIdxWriter", "DocDataset", "GetDataset", "build_dataset",
-           "get_tokenizer", "largest_magic_prime", "load_sft", "load_texts", "permute",
-           "render_sft"]
+__all__ = ["DEFAULT_SFT_TEMPLATE", "BinIdx", "BinIdxWriter", "DocDataset", "GetDataset",
+           "build_dataset", "get_tokenizer", "largest_magic_prime", "load_sft", "load_texts",
+           "permute", "render_sft"]
 
 DEFAULT_SFT_TEMPLATE = "User: {prompt}\n\nAssistant: {response}"
 
@@ -51,11 +51,14 @@ def load_texts(path: str, vocab_size: int, tokenizer: str = "world", strict: boo
 
 def render_sft(template: str, fields: tuple[str, str], prompt: str,
                response: str) -> tuple[str, str]:
-    """(text before the response, full text) of one record under the template.
+    """(prompt text, full text) of one record under the template.
 
-    The template names the fields with `{prompt}` / `{response}` or with the field names
-    themselves (e.g. `{question}` / `{answer}`); placeholders are replaced literally, so
-    braces in the data are safe.
+    The prompt text is what precedes the response, minus trailing spaces: RWKV chat
+    prompts end in "Assistant:" and the space goes with the first response token, so
+    this is also the string to feed the model at inference. The template names the
+    fields with `{prompt}` / `{response}` or with the field names themselves (e.g.
+    `{question}` / `{answer}`); placeholders are replaced literally, so braces in the
+    data are safe.
     """
     p_keys = ("{prompt}", "{" + fields[0] + "}")
     r_keys = ("{response}", "{" + fields[1] + "}")
@@ -66,7 +69,7 @@ def render_sft(template: str, fields: tuple[str, str], prompt: str,
     head, tail = template.split(r_key)
     for k in p_keys:
         head, tail = head.replace(k, prompt), tail.replace(k, prompt)
-    return head, head + response + tail
+    return head.rstrip(" "), head + response + tail
 
 
 def load_sft(path: str, vocab_size: int, ctx_len: int, tokenizer: str = "world",
