@@ -131,8 +131,9 @@ def build_dataset(data_file: str, data_type: str, dataload: str, ctx_len: int,
         if data.num_tokens * data.dtype.itemsize <= 1 << 30:
             data.check_ids(vocab_size)
         if dataload == "get":
-            ds = GetDataset(data, partial(data.check_ids, vocab_size), data.bin_path, magic_prime=magic_prime,
-                            longest_doc=int(data.sizes.max()), **common)
+            ds = GetDataset(data, partial(data.check_ids, vocab_size), data.bin_path,
+                            magic_prime=magic_prime, longest_doc=int(data.sizes.max()),
+                            **common)
         else:
             order = None
             usable = data.sizes >= 2

@@ -141,9 +141,9 @@ class BinIdx:
         if len(bad):
             pos = start + int(bad[0])
             doc = self.doc_of(pos)
-            raise ValueError(f"{self.bin_path}: document {doc} (token {pos - int(self._starts[doc])})"
-                             f" has id {int(ids[bad[0]])}, outside the model vocab "
-                             f"[0, {vocab_size})")
+            at = pos - int(self._starts[doc])
+            raise ValueError(f"{self.bin_path}: document {doc} (token {at}) has id "
+                             f"{int(ids[bad[0]])}, outside the model vocab [0, {vocab_size})")
 
 
     def check_doc(self, vocab_size: int, d: int, ids: np.ndarray) -> None:
