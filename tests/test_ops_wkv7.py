@@ -163,6 +163,15 @@ def test_bad_input_is_a_clear_error(mutate, match) -> None:
         wkv7(*xs, state=s, op="cpu")
 
 
+def test_odd_head_size_is_a_clear_error_on_cpu_and_auto_float64_uses_reference() -> None:
+    with pytest.raises(ValueError, match="head size N must be even"):
+        wkv7(*make_inputs(1, 3, 1, 15, seed=0), op="cpu")
+    xs = [x.double() for x in make_inputs(1, 3, 1, 16, seed=0)]
+    y, s = wkv7(*xs, op="auto")
+    y_ref, s_ref = wkv7_torch(*xs)
+    assert y.dtype == torch.float64 and torch.equal(y, y_ref) and torch.equal(s, s_ref)
+
+
 def test_bad_op_and_wrong_device() -> None:
     xs = make_inputs(1, 4, 1, 16, seed=0)
     with pytest.raises(ValueError, match="--op: expected one of"):

@@ -14,6 +14,7 @@ from rwkv_peft.ops.wkv6_torch import wkv6_torch
 from rwkv_peft.ops.wkv7_torch import wkv7_torch
 
 OPS = ("auto", "cuda", "cpu", "torch", "fla")
+TORCH_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 @functools.cache
@@ -51,6 +52,8 @@ def _resolve_op(op: str, x: torch.Tensor, family: str = "wkv7") -> str:
         return op
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         return "cpu"  # let the kernel's checks report the problem
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        return "torch"  # e.g. float64 for gradcheck: only the reference computes in it
     kind = "cuda" if x.is_cuda else "cpu"
     reason = _kernel_unavailable(kind, x.shape[-1], family)
     if reason is None:
@@ -75,9 +78,10 @@ def wkv7(
     ``op``: ``cuda`` (GPU kernel, bf16/fp32), ``cpu`` (compiled CPU kernel, fp32 compute),
     ``torch`` (reference), ``fla`` (flash-linear-attention's Triton kernel, if installed),
     ``auto`` (the kernel for the inputs' device; the reference, with a warning, if it cannot
-    be built). Every op takes an initial ``state`` with gradients and returns the final state
-    with gradients. ``state`` may be a broadcast view (e.g. a learned state expanded over
-    the batch); r..b must be contiguous for the kernels.
+    be built; the reference for dtypes other than fp32/bf16). Every op takes an initial
+    ``state`` with gradients and returns the final state with gradients. ``state`` may be a
+    broadcast view (e.g. a learned state expanded over the batch); r..b must be contiguous
+    for the kernels.
     """
     op = _resolve_op(op, r)
     if state is not None and isinstance(state, torch.Tensor):
@@ -94,7 +98,7 @@ def wkv7(
         from rwkv_peft.ops.wkv7_fla import wkv7_fla
 
         return wkv7_fla(r, w, k, v, a, b, state)
-    check_wkv7_inputs((r, w, k, v, a, b), state, (torch.float32, torch.bfloat16, torch.float16),
+    check_wkv7_inputs((r, w, k, v, a, b), state, TORCH_DTYPES,
                       need_contiguous=False, op="torch")
     return wkv7_torch(r, w, k, v, a, b, state)
 
