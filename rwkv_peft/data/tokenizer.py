@@ -69,7 +69,12 @@ def _cache_dir() -> Path:
 @functools.lru_cache(maxsize=1)
 def _load_trie_lib() -> ctypes.CDLL | None:
     """Compile trie.c once per source version (atomic rename) and load it; None if no cc."""
-    src = _C_SOURCE.read_bytes()
+    try:
+        src = _C_SOURCE.read_bytes()
+    except OSError as e:  # e.g. an install that left out package data
+        warnings.warn(f"{_C_SOURCE} missing ({e}); using the slow Python World tokenizer",
+                      stacklevel=3)
+        return None
     tag = hashlib.sha1(src + sys.platform.encode()).hexdigest()[:12]
     lib_path = _cache_dir() / f"trie_{tag}.so"
     if not lib_path.exists():
