@@ -15,6 +15,8 @@ same dequantized weights: ``quant_roundtrip`` gives them, bit for bit.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -177,6 +179,28 @@ def quant_roundtrip(weight: torch.Tensor, fmt: str) -> torch.Tensor:
     """What training on a ``--quant fmt`` base computes with instead of ``weight`` (fp32): for merging."""
     qweight, scale = quantize(weight, fmt)
     return dequantize(qweight, scale, fmt, weight.shape, torch.float32)
+
+
+class RoundtripView(Mapping):
+    """A state dict whose ``keys`` read as ``quant_roundtrip`` (in their stored dtype), computed on access.
+
+    Merging an adapter trained with ``--quant fmt`` starts from this view of the original base, so the
+    merged checkpoint holds exactly the weights the adapter was trained against.
+    """
+
+    def __init__(self, sd: Mapping[str, torch.Tensor], keys: set[str], fmt: str):
+        _check_format(fmt)
+        self.sd, self.keys_, self.fmt = sd, set(keys), fmt
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        t = self.sd[key]
+        return quant_roundtrip(t, self.fmt).to(t.dtype) if key in self.keys_ else t
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.sd)
+
+    def __len__(self) -> int:
+        return len(self.sd)
 
 
 def target_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:

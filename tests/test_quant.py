@@ -10,7 +10,7 @@ from conftest import perturbed_model
 pytest.importorskip("bitsandbytes.functional", reason="--quant needs bitsandbytes (pip install 'bitsandbytes>=0.48')")
 
 from rwkv_peft.peft.inject import apply_peft, parse_peft_config, trainable_state_dict  # noqa: E402
-from rwkv_peft.quant import QuantWeight, quant_roundtrip, quantize_base  # noqa: E402
+from rwkv_peft.quant import QuantWeight, RoundtripView, quant_roundtrip, quantize_base  # noqa: E402
 from rwkv_peft.train.infctx import infctx_loss, masked_ce_sum  # noqa: E402
 
 FORMATS = ["int8", "nf4"]
@@ -167,7 +167,8 @@ def test_merge_on_quantized_base_matches_adapted_model(fmt: str) -> None:
     adapter = trainable_state_dict(model)
 
     targets = {f"{path}.weight" for path, _ in _targets(model)}
-    base_q = {k: quant_roundtrip(v, fmt) if k in targets else v for k, v in base.items()}
+    base_q = RoundtripView(base, targets, fmt)
+    assert torch.equal(base_q["blocks.1.att.key.weight"], model.blocks[1].att.key.weight.dequantize())
     merged = merge_state_dict(base_q, adapter, {"method": "miss", "mode": "bat_col", "r": 16})
     plain = RWKV7(model.cfg, op="torch")
     plain.load_state_dict(merged)

@@ -49,6 +49,7 @@ def infctx_loss(
     ``model`` needs ``forward_state(idx, state) -> (logits, state)``; ``loss_fn(logits, targets, mask)``
     must return a chunk's *sum* of per-token losses (sums add up across chunks; the result is divided
     by ``mask.sum()``). ``L`` need not be a multiple of ``chunk_ctx``: the last chunk is shorter.
+    ``state`` is the state before the first token (None: zeros, or the blocks' learned ``time_state``).
     Chunks are recomputed in backward only when gradients are being recorded.
     """
     if chunk_ctx < 1:
