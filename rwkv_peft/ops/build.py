@@ -21,6 +21,7 @@ import torch
 CUDA_DIR = Path(__file__).resolve().parents[2] / "cuda"
 CPU_SOURCES = ("wkv7_cpu.cpp",)
 CUDA_SOURCES = ("wkv7_cuda.cu",)
+CUDA_HEADERS = ("wkv7_cuda_kernels.cuh",)  # hashed too: a changed kernel must rebuild
 CPU_FLAGS = ("-O3", "-fopenmp", "-march=native", "-ffp-contract=fast")
 CUDA_FLAGS = ("-O3", "--use_fast_math", "-Xptxas=-O3", "--extra-device-vectorization")
 
@@ -56,11 +57,11 @@ def _build_dir(name: str, sources: tuple[str, ...], flags: tuple[str, ...]) -> P
 
 
 def _load(name: str, sources: tuple[str, ...], cflags: tuple[str, ...],
-          cuda_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
+          cuda_flags: tuple[str, ...] = (), headers: tuple[str, ...] = ()) -> ctypes.CDLL:
     """Build a plain shared library (no Python module: faster to compile) and open it."""
     from torch.utils.cpp_extension import load
 
-    missing = [s for s in sources if not (CUDA_DIR / s).is_file()]
+    missing = [s for s in sources + headers if not (CUDA_DIR / s).is_file()]
     if missing:
         raise FileNotFoundError(f"kernel sources missing in {CUDA_DIR}: {', '.join(missing)}")
     path = load(
@@ -69,7 +70,7 @@ def _load(name: str, sources: tuple[str, ...], cflags: tuple[str, ...],
         extra_cflags=list(cflags),
         extra_cuda_cflags=list(cuda_flags),
         extra_ldflags=["-fopenmp"] if "-fopenmp" in cflags else [],
-        build_directory=str(_build_dir(name, sources, cflags + cuda_flags)),
+        build_directory=str(_build_dir(name, sources + headers, cflags + cuda_flags)),
         is_python_module=False,
         verbose=os.environ.get("RWKV_PEFT_VERBOSE_BUILD") == "1",
     )
@@ -88,4 +89,5 @@ def load_cuda(head_size: int = 64) -> ctypes.CDLL:
     if head_size % 16 or not 16 <= head_size <= 256:
         raise ValueError(f"wkv7 cuda: head size must be a multiple of 16 in [16, 256], got {head_size}")
     define = f"-DWKV_N={head_size}"
-    return _load(f"rwkv_peft_wkv7_cuda_n{head_size}", CUDA_SOURCES, (), CUDA_FLAGS + (define,))
+    return _load(f"rwkv_peft_wkv7_cuda_n{head_size}", CUDA_SOURCES, (), CUDA_FLAGS + (define,),
+                 headers=CUDA_HEADERS)
