@@ -2,9 +2,10 @@
 
 One fp32 CPU linear per shape, forward + backward with the weight frozen and the input requiring
 grad (as inside a network). All variants run round-robin in the same process, so machine load
-hits them alike; times are medians over repetitions, printed as ratios.
+hits them alike; ratios use medians over repetitions of wall time and of process CPU time (less
+disturbed by other processes on a shared machine), and the minimum CPU time (the least disturbed).
 
-    python scripts/bench_miss.py [--tokens 4096] [--r 64] [--reps 7]
+    python scripts/bench_miss.py [--tokens 4096] [--r 64] [--reps 7] [--threads N]
 """
 
 from __future__ import annotations
@@ -61,37 +62,42 @@ def step(layer: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> None:
     layer(x).backward(gy)
 
 
-def saved_bytes(layer: nn.Module, x: torch.Tensor) -> tuple[int, int]:
-    """(bytes kept for backward beyond the layer's parameters, largest such tensor's numel)."""
+def saved_bytes(layer: nn.Module, x: torch.Tensor) -> tuple[int, bool]:
+    """(bytes kept for backward beyond the layer's parameters, whether one of them is an out x in matrix)."""
     params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
     storages: dict[int, int] = {}
-    largest = 0
+    full = False
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal largest
+        nonlocal full
         ptr = t.untyped_storage().data_ptr()
         if ptr not in params:
             storages[ptr] = t.untyped_storage().nbytes()
-            largest = max(largest, t.numel())
+            full = full or sorted(t.shape[-2:]) == sorted(layer.weight.shape)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = layer(x)
     del y
-    return sum(storages.values()), largest
+    return sum(storages.values()), full
 
 
-def bench(layers: dict[str, nn.Module], x: torch.Tensor, gy: torch.Tensor, reps: int) -> dict[str, float]:
+def bench(
+    layers: dict[str, nn.Module], x: torch.Tensor, gy: torch.Tensor, reps: int
+) -> dict[str, tuple[float, float, float]]:
+    """(median wall s, median CPU s, min CPU s) per variant, the order rotated each round."""
     names = list(layers)
     for name in names:  # warm-up
         step(layers[name], x, gy)
-    times: dict[str, list[float]] = {n: [] for n in names}
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
     for rep in range(reps):
-        for name in names[rep % len(names) :] + names[: rep % len(names)]:  # rotate the order each round
-            t0 = time.perf_counter()
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
+            w0, c0 = time.perf_counter(), time.process_time()
             step(layers[name], x, gy)
-            times[name].append(time.perf_counter() - t0)
-    return {n: statistics.median(ts) for n, ts in times.items()}
+            cpu[name].append(time.process_time() - c0)
+            wall[name].append(time.perf_counter() - w0)
+    return {n: (statistics.median(wall[n]), statistics.median(cpu[n]), min(cpu[n])) for n in names}
 
 
 def main() -> None:
@@ -99,30 +105,34 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--r", type=int, default=64)
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU, tokens={args.tokens}, r={args.r}")
     for title, (out_features, in_features) in SHAPES.items():
         layers = variants(out_features, in_features, args.r)
         x = torch.randn(args.tokens, in_features, requires_grad=True)
         gy = torch.randn(args.tokens, out_features)
-        med = bench(layers, x, gy, args.reps)
-        t_base, t_bal = med["frozen base"], med["balance"]
+        res = bench(layers, x, gy, args.reps)
+        base, bal = res["frozen base"], res["balance"]
         lora = next(n for n in layers if n.startswith("lora"))
-        print(f"\n{title} (weight {out_features}x{in_features}), fwd+bwd median of {args.reps}")
-        print(f"{'variant':26s} {'ms':>8s} {'x base':>7s} {'x balance':>9s} {'params':>9s} "
-              f"{'saved MiB':>9s} {'out x in saved':>14s}")
+        print(f"\n{title} (weight {out_features}x{in_features}), fwd+bwd, {args.reps} rounds")
+        print(f"{'variant':26s} {'wall ms':>8s} {'x base':>7s} {'x base':>7s} {'x base':>7s} {'x balance':>9s} "
+              f"{'params':>9s} {'saved MiB':>9s} {'out x in saved':>14s}")
+        print(f"{'':26s} {'median':>8s} {'wall':>7s} {'cpu':>7s} {'cpu min':>7s} {'cpu':>9s}")
         for name, layer in layers.items():
-            extra, largest = saved_bytes(layer, x)
+            (wall, cpu, cpu_min), (extra, has_full) = res[name], saved_bytes(layer, x)
             n_params = sum(p.numel() for p in layer.parameters() if p.requires_grad)
-            full = "yes" if largest >= out_features * in_features else "no"
-            print(f"{name:26s} {1e3 * med[name]:8.1f} {med[name] / t_base:7.3f} {med[name] / t_bal:9.3f} "
-                  f"{n_params:9d} {extra / 2**20:9.2f} {full:>14s}")
-        over = (t_bal - t_base) / max(med[lora] - t_base, 1e-9)
+            full = "yes" if has_full else "no"
+            print(f"{name:26s} {1e3 * wall:8.1f} {wall / base[0]:7.3f} {cpu / base[1]:7.3f} {cpu_min / base[2]:7.3f} "
+                  f"{cpu / bal[1]:9.3f} {n_params:9d} {extra / 2**20:9.2f} {full:>14s}")
+        over = (bal[1] - base[1]) / max(res[lora][1] - base[1], 1e-9)
         bal_saved = saved_bytes(layers["balance"], x)[0]
-        print(f"goals: balance/base {t_bal / t_base:.3f} (<= 1.05); "
-              f"bat_row/balance {med['bat_row'] / t_bal:.3f}, bat_col/balance {med['bat_col'] / t_bal:.3f} (<= 1.15); "
-              f"balance saved {bal_saved} B vs tokens*r*4 = {args.tokens * args.r * 4} B; "
+        print(f"goals (cpu medians): balance/base {bal[1] / base[1]:.3f} (<= 1.05); bat_row/balance "
+              f"{res['bat_row'][1] / bal[1]:.3f}, bat_col/balance {res['bat_col'][1] / bal[1]:.3f} (<= 1.15); "
+              f"balance saved {bal_saved} B (<= tokens*r*4 = {args.tokens * args.r * 4} B); "
               f"MiSS/LoRA overhead {over:.2f} (<= 0.7)")
 
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from rwkv_peft.peft.miss import (
     MODES,
+    BatColLinear,
     BatRowLinear,
     MissConfig,
     MissLinear,
@@ -116,6 +117,7 @@ def test_gradcheck_custom_functions():
     x = torch.randn(2, 3, 8, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(12, 8, generator=g, dtype=torch.float64, requires_grad=True)
     d = torch.randn(3, 4, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, d: BatColLinear.apply(x, w.detach(), d), (x, d[:2]))
     assert torch.autograd.gradcheck(BatRowLinear.apply, (x, w, d, True))
     assert torch.autograd.gradcheck(BatRowLinear.apply, (x, w, d, False))
 

@@ -242,6 +242,36 @@ class BatRowLinear(torch.autograd.Function):
         return gx, gw, gd, None
 
 
+class BatColLinear(torch.autograd.Function):
+    """bat_col without any out x in tensor: with p_b = x_b D_b^T, y = (x + p) W^T + tile(sum_b p_b).
+
+    Backward needs x (for dL/dD), W and D: g_p = (g W)_b + sum over row blocks of g, dL/dx = g W + g_p D,
+    dL/dD_b = g_p,b^T x_b.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        nb, r, _ = d.shape
+        x2 = x.reshape(-1, x.shape[-1])
+        p = torch.bmm(x2.view(-1, nb, r).transpose(0, 1), d.transpose(1, 2))  # (nb, tokens, r)
+        z = x2.clone()
+        z.view(-1, nb, r).add_(p.transpose(0, 1))
+        y = _add_tiled_(z @ weight.t(), p.sum(0))
+        ctx.save_for_backward(x2, weight, d)
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None]:
+        x2, weight, d = ctx.saved_tensors
+        nb, r, _ = d.shape
+        g2 = g.reshape(-1, g.shape[-1])
+        gx = g2 @ weight
+        gp = (gx.view(-1, nb, r) + g2.unflatten(-1, (-1, r)).sum(-2).unsqueeze(1)).transpose(0, 1)  # (nb, tokens, r)
+        gd = torch.bmm(gp.transpose(1, 2), x2.view(-1, nb, r).transpose(0, 1)) if ctx.needs_input_grad[2] else None
+        gx.view(-1, nb, r).add_(torch.bmm(gp, d).transpose(0, 1))
+        return gx.view(*g.shape[:-1], weight.shape[1]), None, gd
+
+
 def miss_linear(
     x: torch.Tensor, weight: torch.Tensor, adapter: torch.Tensor, mode: str, dropout: nn.Module | None = None
 ) -> torch.Tensor:
@@ -260,6 +290,8 @@ def miss_linear(
         m = _expand_m(adapter, out_features, mode)
         return F.linear(x, weight) + ShardSum.apply(xa, m.shape[0]) @ m
     if mode == "bat_col":
+        if xa is x and isinstance(weight, torch.Tensor) and not weight.requires_grad:
+            return BatColLinear.apply(x, weight, adapter)
         r = adapter.shape[-1]
         xb = xa.unflatten(-1, (-1, r))
         p = torch.einsum("...bj,bij->...bi", xb, adapter)  # p_b = x_b D_b^T
