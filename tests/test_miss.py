@@ -104,6 +104,8 @@ def test_gradcheck_layer(mode):
     _, w, a, x = make(mode, out_features, in_features, r, dtype=torch.float64)
     x, a = x[:1, :3].clone().requires_grad_(), a.clone().requires_grad_()
     assert torch.autograd.gradcheck(lambda x, a: miss_linear(x, w, a, mode), (x, a))
+    # a trainable weight takes the composed (plain autograd / BatRowLinear weight-gradient) path
+    assert torch.autograd.gradcheck(lambda x, a, w: miss_linear(x, w, a, mode), (x, a, w.requires_grad_()))
 
 
 def test_gradcheck_custom_functions():
