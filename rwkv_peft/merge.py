@@ -498,10 +498,10 @@ def write_edited(
                 if log:
                     log(f"{'unmerged' if unmerge else 'merged'} {edits[k].source} -> {k}")
                 yield new
+                _trim_heap()  # the fp32 temporaries of this merge
             else:
                 yield src
             _release(src)
-            _trim_heap()
 
     safetensors = output.suffix == ".safetensors"
     fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
@@ -655,7 +655,9 @@ def verify_merged(
     runtime = load_runtime(merged_path, model.version)
     theirs = runtime_logits(runtime, tokens, "seq")
     diff = float((ours - theirs).abs().max())
-    print(f"max |logit diff|, rwkv runtime (merged) vs adapted model: {diff:.3g} over {len(tokens)} tokens")
+    dtype = next(iter(read_state_dict(merged_path).values())).dtype
+    note = "" if dtype == torch.float32 else f" (merged weights stored in {dtype}, adapted model in fp32)"
+    print(f"max |logit diff|, rwkv runtime (merged) vs adapted model: {diff:.3g} over {len(tokens)} tokens{note}")
     new = runtime_generate(runtime, tokens, n_tokens)
     if 0 in new:
         new = new[: new.index(0)]

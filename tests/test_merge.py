@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import perturbed_model
 
-from rwkv_peft.merge import main, merge_adapter, unmerge_adapter
+from rwkv_peft.merge import main, merge_adapter, merge_state_dict, unmerge_adapter
 from rwkv_peft.model import load_model, save_model
 from rwkv_peft.peft.inject import adapter_config, apply_peft, parse_peft_config, trainable_state_dict
 from rwkv_peft.peft.miss import miss_delta
@@ -181,3 +181,13 @@ def test_bad_input_is_a_clear_error_and_leaves_no_file(
     assert list(output.parent.iterdir()) == [] if output.parent.exists() else True
     with pytest.raises(SystemExit, match=match):  # the CLI says the same in one line
         main(["--base_model", str(base_file), "--peft_checkpoint", str(adapter), "--output", str(output), "--quiet"])
+
+
+def test_streamed_file_is_what_torch_save_writes(base_file: Path, trained: dict, tmp_path: Path) -> None:
+    adapter, _ = trained["bat_row"]
+    ours = merge_adapter(base_file, adapter, tmp_path / "merged.pth")
+    in_memory = merge_state_dict(torch.load(base_file, weights_only=True), torch.load(adapter, weights_only=True),
+                                 json.loads((adapter.parent / "adapter_config.json").read_text()))
+    with open(tmp_path / "saved.pth", "wb") as f:  # a file object: torch names the archive "archive" too
+        torch.save(in_memory, f)
+    assert ours.read_bytes() == (tmp_path / "saved.pth").read_bytes()
