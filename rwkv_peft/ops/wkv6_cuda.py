@@ -22,7 +22,8 @@ def cuda_lib(head_size: int) -> ctypes.CDLL:
     if head_size % 16 or not 16 <= head_size <= 256:
         raise ValueError(f"wkv6 cuda: head size must be a multiple of 16 in [16, 256], got {head_size}")
     define = f"-DWKV_N={head_size}"
-    lib = _load(f"rwkv_peft_wkv6_cuda_n{head_size}", ("wkv6_cuda.cu",), (), CUDA_FLAGS + (define,))
+    lib = _load(f"rwkv_peft_wkv6_cuda_n{head_size}", ("wkv6_cuda.cu",), (), CUDA_FLAGS + (define,),
+                headers=("wkv6_cuda_kernels.cuh",))
     i32, p = ctypes.c_int, ctypes.c_void_p
     lib.wkv6_cuda_head_size.restype = i32
     lib.wkv6_cuda_chunk.restype = i32
