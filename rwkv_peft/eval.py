@@ -1,0 +1,112 @@
+"""Evaluation helpers: held-out loss on SFT samples and exact match of greedy `#### N` answers.
+
+Both work on any model with the package's interface (``model(idx) -> logits`` and
+``model.forward_state(idx, state) -> (logits, state)``), adapted or not, so a benchmark can score
+a base model and every PEFT method the same way.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_ANSWER = re.compile(r"####\s*([-+]?[\d,]*\.?\d+)")
+
+
+@torch.no_grad()
+def heldout_loss(model: nn.Module, samples: Sequence[dict[str, torch.Tensor]], batch_size: int = 8) -> float:
+    """Token-level mean cross-entropy over the masked (answer) tokens of ``samples``.
+
+    Samples are the trainer's dicts (input_ids, targets, mask), so the loss is the training loss
+    of unseen data; tokens are pooled over all samples (not a mean of per-sample means) so long
+    answers weigh as much as they do in training.
+    """
+    if not samples:
+        raise ValueError("heldout_loss: no samples")
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0.0
+    for i in range(0, len(samples), batch_size):
+        batch = samples[i : i + batch_size]
+        idx = torch.stack([s["input_ids"] for s in batch])
+        targets = torch.stack([s["targets"] for s in batch])
+        mask = torch.stack([s["mask"] for s in batch])
+        keep = int(mask.nonzero()[:, 1].max()) + 1 if mask.any() else 1  # skip the all-padding tail
+        logits = model(idx[:, :keep]).float()
+        ce = F.cross_entropy(logits.flatten(0, 1), targets[:, :keep].flatten(), reduction="none")
+        total += float((ce * mask[:, :keep].flatten()).sum())
+        count += float(mask.sum())
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("heldout_loss: every sample's loss mask is empty")
+    return total / count
+
+
+def _cat_states(states: list[list]) -> list:
+    """One batched recurrent state from per-sequence states (batch dim 0 of every tensor)."""
+    return [[torch.cat([s[b][j] for s in states]) for j in range(len(states[0][b]))] for b in range(len(states[0]))]
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_token: int = 0
+) -> list[list[int]]:
+    """Greedy continuations of token-id prompts (batched, recurrent), each cut at ``stop_token``.
+
+    Each prompt is read on its own (no padding enters the state), then all continue in one batch
+    one token at a time from their stacked recurrent states.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("greedy_generate: every prompt needs at least one token")
+    was_training = model.training
+    model.eval()
+    last, states = [], []
+    for p in prompts:
+        logits, state = model.forward_state(torch.tensor([list(p)], dtype=torch.long), None)
+        last.append(logits[:, -1])
+        states.append(state)
+    logits, state = torch.cat(last), _cat_states(states)
+    out: list[list[int]] = [[] for _ in prompts]
+    done = torch.zeros(len(prompts), dtype=torch.bool)
+    for _ in range(max_new_tokens):
+        tok = logits.float().argmax(-1)
+        for i in range(len(prompts)):
+            if not done[i]:
+                if int(tok[i]) == stop_token:
+                    done[i] = True
+                else:
+                    out[i].append(int(tok[i]))
+        if done.all():
+            break
+        logits, state = model.forward_state(tok[:, None], state)
+        logits = logits[:, -1]
+    model.train(was_training)
+    return out
+
+
+def extract_answer(text: str) -> str | None:
+    """The number after the first ``####`` (GSM8K's final-answer marker), normalised; None if absent."""
+    m = _ANSWER.search(text)
+    if m is None:
+        return None
+    num = m.group(1).replace(",", "").lstrip("+")
+    if "." in num:
+        num = num.rstrip("0").rstrip(".")
+    return num or "0"
+
+
+def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Fraction of predictions whose ``#### N`` equals the reference's (a missing answer is wrong)."""
+    if len(predictions) != len(references) or not references:
+        raise ValueError(f"exact_match: {len(predictions)} predictions for {len(references)} references")
+    hits = 0
+    for p, r in zip(predictions, references, strict=True):
+        gold = extract_answer(r)
+        if gold is None:
+            raise ValueError(f"exact_match: reference without a '#### N' answer: {r[-80:]!r}")
+        hits += extract_answer(p) == gold
+    return hits / len(references)
