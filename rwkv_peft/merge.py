@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from rwkv_peft.model import config_from_state_dict, detect_version, read_state_dict
+from rwkv_peft.peft.lora import lora_delta
 from rwkv_peft.peft.miss import MODES, MissConfig, miss_check, miss_merge, miss_shape, miss_unmerge
 
 MISS_SUFFIXES = ("miss", "disha", "bone")  # ours, RWKV-PEFT's, RWKV-PEFT's older name
@@ -85,13 +86,11 @@ class Edit:
 
     def apply(self, weight: torch.Tensor, unmerge: bool) -> torch.Tensor:
         """The new tensor in fp32 from the base (or merged) ``weight``."""
-        w = weight.float()
         if self.kind == "replace":
             return self.adapter.float()
+        w = weight.float()
         if self.kind == "miss":
             return (miss_unmerge if unmerge else miss_merge)(w, self.adapter, self.mode)
-        from rwkv_peft.peft.lora import lora_delta
-
         delta = lora_delta(self.lora[0].float(), self.lora[1].float(), self.scale).float()
         if len(self.lora) == 4:  # PiSSA: the trained base is W - s B0 A0
             delta = delta - lora_delta(self.lora[2].float(), self.lora[3].float(), self.scale).float()
@@ -327,19 +326,35 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None)
 
 
-def _release(t: torch.Tensor) -> None:
-    """Drop a memory-mapped tensor's resident pages (re-read from disk if touched again).
+def mapped_ranges(path: str | os.PathLike) -> list[tuple[int, int]]:
+    """Address ranges where this process has ``path`` memory-mapped (Linux; [] elsewhere)."""
+    maps = Path("/proc/self/maps")
+    if sys.platform != "linux" or not maps.is_file():
+        return []
+    target, out = os.path.realpath(path), []
+    for line in maps.read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == target:
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            out.append((lo, hi))
+    return out
+
+
+def _release(t: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
+    """Drop the resident pages of a tensor read from a memory-mapped file (re-read from disk if touched again).
 
     Without this, every page of the base that was read stays in our RSS until exit, and peak
-    memory grows to the whole model even though each tensor is needed only once.
+    memory grows to the whole model even though each tensor is needed only once. Only pages
+    inside ``mapped`` (the base file's read-only private mapping) are touched, never heap memory.
     """
-    if sys.platform != "linux" or t.device.type != "cpu" or t.numel() == 0:
+    if not mapped or t.device.type != "cpu" or t.numel() == 0:
         return
     page = mmap.PAGESIZE
     start = t.untyped_storage().data_ptr()
     end = start + t.untyped_storage().nbytes()
     lo, hi = start - start % page, end + (-end) % page
-    _libc().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # MADV_DONTNEED
+    if any(m_lo <= lo and hi <= m_hi for m_lo, m_hi in mapped):
+        _libc().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # MADV_DONTNEED
 
 
 def _trim_heap() -> None:
@@ -477,10 +492,13 @@ def write_edited(
     unmerge: bool = False,
     name: str = "merge",
     log: Callable[[str], None] | None = None,
+    mapped: list[tuple[int, int]] = (),
 ) -> Path:
     """Write ``base`` with ``edits`` applied to ``output`` (temp file, checks, rename).
 
     Each changed tensor is computed in fp32, checked for NaN/inf and stored in the base's dtype.
+    ``mapped``: where ``base`` is memory-mapped (``mapped_ranges``); those pages are dropped as
+    soon as each tensor is written.
     """
     output = Path(output)
     specs = [(k, v.dtype, tuple(v.shape)) for k, v in base.items()]
@@ -501,7 +519,7 @@ def write_edited(
                 _trim_heap()  # the fp32 temporaries of this merge
             else:
                 yield src
-            _release(src)
+            _release(src, mapped)
 
     safetensors = output.suffix == ".safetensors"
     fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
@@ -555,7 +573,8 @@ def merge_adapter(
     base = open_checkpoint(base_path)
     adapter = read_state_dict(adapter_path)
     edits = plan_edits(base, adapter, cfg, str(base_path), str(adapter_path), unmerge=unmerge)
-    return write_edited(base, edits, output, unmerge=unmerge, name=str(output), log=log)
+    mapped = mapped_ranges(base_path)
+    return write_edited(base, edits, output, unmerge=unmerge, name=str(output), log=log, mapped=mapped)
 
 
 def unmerge_adapter(
