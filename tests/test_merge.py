@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import perturbed_model
 
-from rwkv_peft.merge import main, merge_adapter, merge_state_dict, unmerge_adapter
+from rwkv_peft.merge import main, merge_adapter, merge_state_dict, unmerge_adapter, verify_merged
 from rwkv_peft.model import load_model, save_model
 from rwkv_peft.peft.inject import adapter_config, apply_peft, parse_peft_config, trainable_state_dict
 from rwkv_peft.peft.miss import miss_delta
@@ -191,3 +191,27 @@ def test_streamed_file_is_what_torch_save_writes(base_file: Path, trained: dict,
     with open(tmp_path / "saved.pth", "wb") as f:  # a file object: torch names the archive "archive" too
         torch.save(in_memory, f)
     assert ours.read_bytes() == (tmp_path / "saved.pth").read_bytes()
+
+
+def test_verify_in_runtime_prints_diff_and_answer(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    base = tmp_path / "base.pth"  # World vocab, so the demo prompt tokenizes
+    save_model(perturbed_model(n_layer=1, n_embd=64, vocab=65536), base)
+    adapter = _train_demo(base, tmp_path / "miss")
+    merged = merge_adapter(base, adapter, tmp_path / "merged.pth")
+    assert verify_merged(merged, base, adapter, n_tokens=4) <= 1e-4
+    out = capsys.readouterr().out
+    assert "max |logit diff|" in out and "User: " in out and "rwkv runtime, greedy:" in out
+
+
+def _train_demo(base: Path, out: Path) -> Path:
+    model = load_model(base, op="torch")
+    cfg = parse_peft_config("miss", '{"r": 16, "mode": "balance"}')
+    apply_peft(model, "miss", cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    out.mkdir()
+    torch.save(trainable_state_dict(model), out / "rwkv-final.pth")
+    (out / "adapter_config.json").write_text(json.dumps(adapter_config(model, "miss", cfg)))
+    return out / "rwkv-final.pth"
