@@ -63,12 +63,13 @@ class Setting:
     max_new_tokens: int
     n_sft_train: int  # 0: all the rest after the held-out split
     text_chars: int  # 0: the whole corpus
+    threads: int  # torch threads in each run (0: torch's default); 1 is fastest for tiny models on a busy CPU
 
 
 PRESETS = {
-    "full": Setting(4096, 2, 128, 192, 4, 600, 3e-3, 120, 20, (1e-3, 3e-3), 16, 8, 64, 32, 160, 0, 0),
-    "quick": Setting(1024, 2, 64, 128, 4, 80, 3e-3, 40, 10, (3e-3,), 8, 8, 24, 8, 64, 2000, 300_000),
-    "tiny": Setting(320, 1, 64, 48, 2, 4, 3e-3, 4, 2, (3e-3,), 8, 8, 4, 2, 8, 64, 20_000),
+    "full": Setting(4096, 2, 128, 192, 4, 600, 3e-3, 120, 20, (1e-3, 3e-3), 16, 8, 64, 32, 160, 0, 0, 0),
+    "quick": Setting(1024, 2, 64, 128, 4, 80, 3e-3, 40, 10, (3e-3,), 8, 8, 24, 8, 64, 2000, 300_000, 1),
+    "tiny": Setting(320, 1, 64, 64, 2, 4, 3e-3, 4, 2, (3e-3,), 8, 8, 4, 2, 8, 64, 20_000, 1),
 }
 METHODS = ("miss_balance", "miss_bat_row", "miss_bat_col", "miss_mini", "lora", "pissa", "full")
 
@@ -240,7 +241,7 @@ def _record_samples(path: Path) -> None:
         cls.__getitem__ = getitem
 
 
-def run_forked(module: str, argv: list[str], run_dir: Path) -> dict:
+def run_forked(module: str, argv: list[str], run_dir: Path, threads: int = 0) -> dict:
     """Run ``module.main(argv)`` in a forked child (log in run_dir/stdout.log); wall time and memory.
 
     The parent must not have run torch ops before: a fork after OpenMP was used can deadlock the child.
@@ -260,6 +261,10 @@ def run_forked(module: str, argv: list[str], run_dir: Path) -> dict:
             os.dup2(fd, 1)
             os.dup2(fd, 2)
             start = _rss_kb("VmRSS")
+            if threads:
+                import torch
+
+                torch.set_num_threads(threads)
             _record_samples(samples)
             sys.modules[module].main(argv)
             mem.write_text(json.dumps({"rss_start_kb": start, "hwm_kb": _rss_kb("VmHWM")}))
@@ -460,6 +465,17 @@ def main(argv: list[str] | None = None) -> dict:
     t_start = time.perf_counter()
     for module in (a.trainer, "rwkv_peft.tools.init_model"):
         importlib.import_module(module)  # once, here: every forked run reuses it
+    import torch
+
+    from rwkv_peft.ops.build import load_cpu
+
+    with torch.device("meta"):  # load_model builds on meta: pay its one-time lazy imports here (no compute)
+        torch.nn.Embedding(2, 2)
+
+    try:
+        load_cpu()  # build/open the CPU kernel once (no compute), not in every run
+    except Exception as e:  # runs fall back to the torch op, as the model's "auto" does
+        print(f"note: CPU WKV kernel unavailable ({e})")
     print(f"setting: {asdict(s)}", flush=True)
     data = prepare_data(a, s, out)
     print(f"data: corpus {data['corpus_tokens']} tokens, tokenizer {data['tokenizer']}", flush=True)
@@ -468,7 +484,7 @@ def main(argv: list[str] | None = None) -> dict:
     init = out / "init.pth"
     init_argv = ["--n_layer", str(s.n_layer), "--n_embd", str(s.n_embd), "--vocab_size", str(s.vocab),
                  "--dtype", "fp32", "--seed", str(a.seed), "--out", str(init)]
-    run_forked("rwkv_peft.tools.init_model", init_argv, out / "runs" / "init")
+    run_forked("rwkv_peft.tools.init_model", init_argv, out / "runs" / "init", s.threads)
     pre_epochs = max(1, math.ceil(s.pretrain_steps / 100))
     pre_steps = math.ceil(s.pretrain_steps / pre_epochs)
     pre_dir = out / "runs" / "pretrain"
@@ -476,7 +492,7 @@ def main(argv: list[str] | None = None) -> dict:
                                   str(data["corpus"]), "--data_type", "binidx", "--dataload", "get", "--peft", "full",
                                   "--epoch_steps", str(pre_steps), "--epoch_count", str(pre_epochs),
                                   "--lr_init", str(s.pretrain_lr), "--lr_final", str(s.pretrain_lr / 10)]
-                      + common_flags(s, data["tokenizer"], a.seed), pre_dir)
+                      + common_flags(s, data["tokenizer"], a.seed), pre_dir, s.threads)
     base = out / "base.pth"
     os.replace(latest_checkpoint(pre_dir), base)
     base_hash = sha256(base)
@@ -485,8 +501,6 @@ def main(argv: list[str] | None = None) -> dict:
           f"{pre_log[-1].get('loss')}, sha256 {base_hash[:12]}", flush=True)
 
     # 2. fine-tune with every method and lr, same base file and data
-    import torch
-
     from rwkv_peft.model import config_from_state_dict, read_state_dict
 
     base_sd = read_state_dict(base)
@@ -505,7 +519,7 @@ def main(argv: list[str] | None = None) -> dict:
                                             str(data["sft_train"]), "--data_type", "sft", "--peft", sp["peft"],
                                             *peft_flags(sp), "--epoch_steps", str(s.eval_every), "--epoch_count",
                                             str(epochs), "--lr_init", str(lr), "--lr_final", str(lr / 10)]
-                                + common_flags(s, data["tokenizer"], a.seed), run_dir)
+                                + common_flags(s, data["tokenizer"], a.seed), run_dir, s.threads)
             log = read_log(run_dir)
             stats["data_hash"], stats["first_sample"] = sample_digest(run_dir / "samples.txt", epochs,
                                                                       s.eval_every * s.micro_bsz)
@@ -521,6 +535,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 3. evaluate: held-out loss curves (lr chosen by training loss, never by held-out loss), exact match
     from rwkv_peft.data import load_sft
+    if s.threads:
+        torch.set_num_threads(s.threads)
     from rwkv_peft.eval import exact_match, heldout_loss
 
     docs, starts, _ = load_sft(str(data["sft_heldout"]), s.vocab, s.ctx_len, data["tokenizer"])

@@ -1,0 +1,153 @@
+"""The method benchmark: eval helpers against direct computations, parameter matching against apply_peft,
+and one end-to-end run of scripts/bench_methods.py at a tiny size on self-made data (no ../shared needed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import perturbed_model
+
+from rwkv_peft.eval import exact_match, extract_answer, greedy_generate, heldout_loss
+from rwkv_peft.peft import apply_peft, parse_peft_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "bench_methods.py"
+
+
+def load_script():
+    """The script as a module (registered first: its dataclass needs sys.modules)."""
+    if "bench_methods" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("bench_methods", SCRIPT)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["bench_methods"] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules["bench_methods"]
+
+
+def test_extract_answer_and_exact_match():
+    assert extract_answer("so 3 + 4 = 7.\n#### 7") == "7"
+    assert extract_answer("#### 1,250") == "1250"
+    assert extract_answer("####-3") == "-3"
+    assert extract_answer("#### 2.50") == "2.5"
+    assert extract_answer("#### 4.0") == "4"
+    assert extract_answer("the answer is 7") is None
+    refs = ["a\n#### 7", "b\n#### 1,000", "c\n#### 3"]
+    assert exact_match(["#### 7", "x #### 1000 y", "no answer"], refs) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="predictions"):
+        exact_match(["#### 7"], refs)
+    with pytest.raises(ValueError, match="reference without"):
+        exact_match(["#### 7"], ["seven"])
+
+
+def test_heldout_loss_is_pooled_masked_cross_entropy():
+    model = perturbed_model(n_layer=1, n_embd=64, vocab=50).eval()
+    g = torch.Generator().manual_seed(0)
+    samples = []
+    for n in (5, 9, 3):  # masks of different lengths, padding after them
+        ids = torch.randint(1, 50, (13,), generator=g)
+        mask = torch.zeros(12)
+        mask[1:n] = 1
+        samples.append({"input_ids": ids[:-1], "targets": ids[1:], "mask": mask})
+    total = count = 0.0
+    for s in samples:
+        with torch.no_grad():
+            ce = F.cross_entropy(model(s["input_ids"][None])[0], s["targets"], reduction="none")
+        total += float((ce * s["mask"]).sum())
+        count += float(s["mask"].sum())
+    # fp32 logits over 12 tokens: agreement to ~1e-6 relative
+    assert heldout_loss(model, samples, batch_size=2) == pytest.approx(total / count, rel=1e-5)
+
+
+def test_greedy_generate_matches_full_sequence_argmax():
+    model = perturbed_model(n_layer=2, n_embd=64, vocab=40, seed=3).eval()
+    prompts = [[5, 9, 2], [7], [1, 2, 3, 4, 5, 6]]
+    got = greedy_generate(model, prompts, max_new_tokens=6, stop_token=-1)
+    for p, g in zip(prompts, got, strict=True):
+        seq = list(p)
+        for _ in range(6):  # the slow, obviously right way: rerun the whole sequence each token
+            with torch.no_grad():
+                seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+        assert g == seq[len(p):]
+    stop = got[0][2]
+    cut = greedy_generate(model, prompts[:1], max_new_tokens=6, stop_token=stop)[0]
+    assert cut == got[0][: got[0].index(stop)]
+
+
+def test_method_specs_match_apply_peft_counts():
+    bench = load_script()
+    model = perturbed_model(n_layer=2, n_embd=128, vocab=60)
+    sd = model.state_dict()
+    s = bench.PRESETS["tiny"]
+    s = type(s)(**{**s.__dict__, "miss_r": 16, "mini_r": 8})
+    specs = bench.method_specs(bench.target_shapes(sd, 2), s, sum(v.numel() for v in sd.values()))
+    by_name = {sp["name"]: sp for sp in specs}
+    assert by_name["lora"]["config"]["r"] == 8  # r*(in+out) summed == MiSS r*out summed at n_embd 128
+    assert by_name["lora"]["params_expected"] == by_name["miss_balance"]["params_expected"]
+    for sp in specs:
+        m = perturbed_model(n_layer=2, n_embd=128, vocab=60)
+        apply_peft(m, sp["peft"], parse_peft_config(sp["peft"], json.dumps(sp["config"])))
+        assert sum(p.numel() for p in m.parameters() if p.requires_grad) == sp["params_expected"], sp["name"]
+    with pytest.raises(ValueError, match="--miss_r"):
+        bench.method_specs([(128, 96)], type(s)(**{**s.__dict__, "miss_r": 64}), 1)
+
+
+def test_split_sft_is_a_seeded_partition(tmp_path):
+    bench = load_script()
+    src = tmp_path / "sft.jsonl"
+    src.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"a\n#### {i}"}) + "\n" for i in range(30)))
+    train, held, held_rows = bench.split_sft(src, 5, 0, 7, tmp_path)
+    tr = [json.loads(x)["question"] for x in train.read_text().splitlines()]
+    he = [json.loads(x)["question"] for x in held.read_text().splitlines()]
+    assert len(he) == 5 and len(tr) == 25 and not set(tr) & set(he) and [r["question"] for r in held_rows] == he
+    again = bench.split_sft(src, 5, 0, 7, tmp_path / ".")[1].read_text()
+    assert again == held.read_text()
+    other = bench.split_sft(src, 5, 0, 8, tmp_path / ".")[1].read_text()
+    assert other != again
+    with pytest.raises(FileNotFoundError, match="--sft"):
+        bench.split_sft(tmp_path / "missing.jsonl", 5, 0, 0, tmp_path)
+
+
+def _tiny_data(tmp_path: Path) -> tuple[Path, Path]:
+    rng = np.random.default_rng(0)
+    words = "the king and queen shall speak of love war night day sword crown heart my lord good".split()
+    paras = [" ".join(rng.choice(words, 40)).capitalize() + "." for _ in range(60)]
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(paras))
+    sft = tmp_path / "sft.jsonl"
+    with open(sft, "w") as f:
+        for _ in range(60):
+            a, b = (int(x) for x in rng.integers(1, 50, 2))
+            rec = {"question": f"What is {a} + {b}?", "answer": f"{a} + {b} = {a + b}.\n#### {a + b}"}
+            f.write(json.dumps(rec) + "\n")
+    return text, sft
+
+
+def test_bench_methods_end_to_end_tiny(tmp_path):
+    pytest.importorskip("rwkv_peft.train.__main__", reason="the trainer has not landed")
+    text, sft = _tiny_data(tmp_path)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--text", str(text), "--sft", str(sft), "--preset", "tiny",
+                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    names = [r["name"] for r in res["methods"]]
+    assert names == list(load_script().METHODS)
+    for r in res["methods"]:
+        assert r["trainable_params"] > 0 and np.isfinite(r["final_heldout_loss"]) and 0 <= r["exact_match"] <= 1
+        steps = [s for s, _ in r["curve"]]
+        assert steps == [0, 2, 4] and r["curve"][0][1] == res["base"]["heldout_loss"]
+    assert len(res["identical"]["base_sha256"]) == 64 and len(res["identical"]["data_hash"]) == 64
+    table = (out / "table.md").read_text().splitlines()
+    assert table[0].startswith("| method |") and len(table) == 2 + len(names) + 1
+    for png in ("heldout_loss_vs_step.png", "final_loss_vs_params.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
