@@ -568,6 +568,9 @@ def merge_adapter(
     if quant is not None:  # quantised output (int8 / nf4) is planned, not built yet
         raise ValueError(f"--quant {quant}: quantised merging is not supported yet")
     base_path, adapter_path, output = Path(base_path), Path(adapter_path), Path(output_path)
+    for path, flag in ((base_path, "--base_model"), (adapter_path, "--peft_checkpoint")):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: {flag} file not found")
     _prepare_output(output, [base_path, adapter_path])
     cfg = _resolve_config(adapter_path, config)
     base = open_checkpoint(base_path)

@@ -33,20 +33,20 @@ import os, subprocess, sys, time
 t0 = time.perf_counter()
 p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
 _, status, usage = os.wait4(p.pid, 0)
-print(time.perf_counter() - t0, usage.ru_maxrss, os.waitstatus_to_exitcode(status))
+print(time.perf_counter() - t0, usage.ru_utime + usage.ru_stime, usage.ru_maxrss, os.waitstatus_to_exitcode(status))
 """
 
 
-def run(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MB) of one merge process; exits if it fails."""
+def run(cmd: list[str]) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds, peak RSS in MB) of one merge process; exits if it fails."""
     out = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, *cmd], cwd=ROOT, capture_output=True, text=True)
     try:
-        wall, rss, code = out.stdout.split()
+        wall, cpu, rss, code = out.stdout.split()
     except ValueError:
         sys.exit(f"bench_merge: launcher failed: {out.stderr[-2000:]}")
     if int(code) != 0:
         sys.exit(f"bench_merge: failed ({code}): {shlex.join(cmd)}\n{out.stderr[-2000:]}")
-    return float(wall), int(rss) / 1024  # Linux reports KiB
+    return float(wall), float(cpu), int(rss) / 1024  # Linux reports KiB
 
 
 def make_inputs(d: Path, n_layer: int, n_embd: int, r: int) -> tuple[Path, Path]:
@@ -108,17 +108,16 @@ def main() -> None:
     with open(base, "rb") as f:  # both start with the base in the page cache
         while f.read(1 << 24):
             pass
-    best: dict[str, tuple[float, float]] = {}
+    best: dict[str, tuple[float, float, float]] = {}
     for _ in range(a.repeat):
         for name, cmd in cmds.items():  # interleaved, so machine load affects both alike
-            wall, rss = run(cmd)
-            old = best.get(name, (float("inf"), float("inf")))
-            best[name] = (min(old[0], wall), min(old[1], rss))
-    for name, (wall, rss) in best.items():
-        print(f"{name:>6}: {wall:6.2f} s  peak RSS {rss:7.0f} MB")
+            got = run(cmd)
+            best[name] = tuple(min(x, y) for x, y in zip(best.get(name, got), got, strict=True))
+    for name, (wall, cpu, rss) in best.items():
+        print(f"{name:>6}: {wall:6.2f} s wall  {cpu:6.2f} s CPU (user+sys)  peak RSS {rss:7.0f} MB")
     if "theirs" in best:
-        (t_ours, m_ours), (t_theirs, m_theirs) = best["ours"], best["theirs"]
-        print(f"ratio ours/theirs: time {t_ours / t_theirs:.2f}x (goal <= 0.5x), "
+        (t_ours, c_ours, m_ours), (t_theirs, c_theirs, m_theirs) = best["ours"], best["theirs"]
+        print(f"ratio ours/theirs: time {t_ours / t_theirs:.2f}x wall, {c_ours / c_theirs:.2f}x CPU (goal <= 0.5x), "
               f"peak RSS {m_ours / m_theirs:.2f}x (goal <= 0.5x)")
         print("outputs:", same_tensors(d / "ours.pth", d / "theirs.pth"))
 
