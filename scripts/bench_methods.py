@@ -67,7 +67,7 @@ class Setting:
 
 
 PRESETS = {
-    "full": Setting(4096, 2, 128, 192, 4, 600, 3e-3, 120, 20, (1e-3, 3e-3), 16, 8, 64, 32, 160, 0, 0, 0),
+    "full": Setting(4096, 2, 128, 192, 4, 600, 3e-3, 100, 20, (1e-3, 3e-3), 16, 8, 64, 32, 160, 0, 0, 1),
     "quick": Setting(1024, 2, 64, 128, 4, 80, 3e-3, 40, 10, (3e-3,), 8, 8, 24, 8, 64, 2000, 300_000, 1),
     "tiny": Setting(320, 1, 64, 64, 2, 4, 3e-3, 4, 2, (3e-3,), 8, 8, 4, 2, 8, 64, 20_000, 1),
 }
@@ -378,32 +378,36 @@ def write_report(res: dict, out: Path) -> None:
     rows = res["methods"]
     base = res["base"]["heldout_loss"]
     lrs = res["setting"]["lrs"]
-    head = ("| method | config | trainable params | lr | final held-out loss | vs base | exact match | "
-            "step time (ms) | peak RSS over start (MB) | " + " | ".join(f"loss @ lr {lr:g}" for lr in lrs) + " |")
-    lines = [head, "|" + "---|" * (9 + len(lrs))]
+    head = ("| method | config | trainable params | lr | held-out loss @ first eval | final held-out loss | vs base | "
+            "exact match | step time (ms) | peak RSS over start (MB) | "
+            + " | ".join(f"final loss @ lr {lr:g}" for lr in lrs) + " |")
+    lines = [head, "|" + "---|" * (10 + len(lrs))]
     for r in rows:
         cfg = json.dumps(r["config"]).replace("|", "/") if r["config"] else "-"
         step = f"{r['step_ms']:.0f}" if r["step_ms"] is not None else "n/a"
         by_lr = " | ".join(f"{r['final_loss_by_lr'][str(lr)]:.4f}" for lr in lrs)
         lines.append(f"| {r['name']} | `{cfg}` | {fmt_params(r['trainable_params'])} | {r['lr']:g} | "
-                     f"{r['final_heldout_loss']:.4f} | {r['final_heldout_loss'] - base:+.4f} | "
+                     f"{r['curve'][1][1]:.4f} | {r['final_heldout_loss']:.4f} | "
+                     f"{r['final_heldout_loss'] - base:+.4f} | "
                      f"{r['exact_match']:.1%} ({r['exact_hits']}/{r['n_gen']}) | {step} | "
                      f"{r['peak_over_start_mb']:.0f} | {by_lr} |")
-    lines.append(f"| base (no fine-tuning) | - | 0 | - | {base:.4f} | +0.0000 | "
+    lines.append(f"| base (no fine-tuning) | - | 0 | - | - | {base:.4f} | +0.0000 | "
                  f"{res['base']['exact_match']:.1%} | - | - |" + " - |" * len(lrs))
     atomic_write(out / "table.md", "\n".join(lines) + "\n")
     atomic_write(out / "results.json", json.dumps(res, indent=1) + "\n")
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for r in rows:
         steps, losses = zip(*r["curve"], strict=True)
         label = f"{r['name']} ({fmt_params(r['trainable_params'])}, lr {r['lr']:g})"
-        ax.plot(steps, losses, marker="o", ms=3, label=label)
-    ax.set_xlabel("fine-tuning step")
-    ax.set_ylabel("held-out loss (answer tokens)")
-    ax.set_title("Held-out loss vs step (best lr per method)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        for ax, first in zip(axes, (0, 1), strict=True):  # right: without step 0, to see the adapters apart
+            ax.plot(steps[first:], losses[first:], marker="o", ms=3, label=label)
+    for ax, title in zip(axes, ("from the base (step 0)", "zoom: after the first evaluation"), strict=True):
+        ax.set_xlabel("fine-tuning step")
+        ax.set_ylabel("held-out loss (answer tokens)")
+        ax.set_title(f"Held-out loss vs step, {title}", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "heldout_loss_vs_step.png", dpi=90)
     plt.close(fig)
