@@ -1,0 +1,183 @@
+"""The trainer's flags (RWKV-PEFT / RWKV-LM names) parsed into one typed config, checked before heavy work."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+STRATEGIES = ("deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3",
+              "deepspeed_stage_2_offload", "deepspeed_stage_3_offload")
+PRECISIONS = ("fp32", "bf16", "fp16")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+ARCH_FLAGS = ("n_layer", "n_embd", "vocab_size", "head_size", "dim_ffn")
+
+
+@dataclass
+class TrainConfig:
+    load_model: str = ""
+    proj_dir: str = "out"
+    data_file: str = ""
+    data_type: str = "binidx"
+    dataload: str = "get"
+    tokenizer: str = "world"
+    sft_field: tuple[str, str] = ("question", "answer")
+    sft_template: str = ""
+    magic_prime: int = 0
+    ctx_len: int = 512
+    micro_bsz: int = 1
+    epoch_steps: int = 100
+    epoch_count: int = 1
+    epoch_begin: int = 0
+    epoch_save: int = 1
+    lr_init: float = 1e-4
+    lr_final: float = 1e-5
+    lr_schedule: str = "cos"
+    warmup_steps: int = 0
+    wsd_decay: float = 0.2
+    beta1: float = 0.9
+    beta2: float = 0.99
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    grad_cp: int = 0
+    accumulate_grad_batches: int = 1
+    strategy: str = "deepspeed_stage_1"
+    precision: str = "fp32"
+    accelerator: str = "auto"
+    devices: int = 1
+    num_nodes: int = 1
+    random_seed: int = 42
+    peft: str = "miss"
+    miss_config: str = ""
+    lora_config: str = ""
+    peft_config: str = ""
+    train_parts: str = ""
+    op: str = "auto"
+    resume: int = 0
+    wandb: str = ""
+    max_bad_steps: int = 20
+    progress: int = 1
+    n_layer: int = 0
+    n_embd: int = 0
+    vocab_size: int = 0
+    head_size: int = 0
+    dim_ffn: int = 0
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.strategy.split("_")[2])
+
+    @property
+    def offload(self) -> bool:
+        return self.strategy.endswith("_offload")
+
+    @property
+    def peft_json(self) -> str:
+        """The JSON text of the flag that configures ``--peft`` (plus --train_parts when given)."""
+        text = {"miss": self.miss_config, "lora": self.lora_config, "pissa": self.lora_config}.get(
+            self.peft, self.peft_config)
+        if not self.train_parts:
+            return text
+        try:
+            obj = json.loads(text) if text.strip() else {}
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--{self.peft}_config: not valid JSON ({e.msg}): {text!r}") from None
+        obj["train_parts"] = [p for p in self.train_parts.replace(",", " ").split() if p]
+        return json.dumps(obj)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m rwkv_peft.train",
+                                description="Fine-tune an RWKV checkpoint with MiSS (or LoRA/PiSSA/state/full) "
+                                            "on DeepSpeed's engine, CPU or GPU.")
+    defaults = TrainConfig()
+    helps = {
+        "load_model": "base RWKV checkpoint (.pth/.safetensors); architecture is read from it",
+        "proj_dir": "output dir: rwkv-<epoch>.pth, adapter_config.json, train_log.jsonl, loss.png",
+        "data_type": "binidx (PREFIX of .bin/.idx) | jsonl ({'text':...}) | sft (question/answer jsonl)",
+        "dataload": "get (random windows) | pad (one document per sample)",
+        "sft_field": "two jsonl field names: prompt response",
+        "epoch_steps": "optimizer steps per 'epoch' (RWKV-LM's mini-epoch)",
+        "lr_schedule": "cos (warmup, cosine lr_init->lr_final) | wsd (warmup, stable, decay) | const",
+        "wsd_decay": "fraction of the run spent decaying with --lr_schedule wsd",
+        "grad_cp": "1: per-block gradient checkpointing (less memory, ~30%% slower)",
+        "strategy": "|".join(STRATEGIES),
+        "precision": "|".join(PRECISIONS),
+        "accelerator": "auto (gpu if CUDA is available) | cpu | gpu",
+        "devices": "processes per node; launch with torchrun/deepspeed for > 1",
+        "peft": "miss | lora | pissa | state | full",
+        "miss_config": 'JSON, e.g. {"r":64,"mode":"balance"}',
+        "lora_config": 'JSON, e.g. {"r":32,"alpha":32}',
+        "peft_config": "JSON for --peft state|full",
+        "train_parts": "extra trainable groups, comma separated: emb,head,ln,time",
+        "op": "WKV kernel: auto | cuda | cpu | torch",
+        "resume": "1: continue from the latest checkpoint in proj_dir (optimizer, schedule, data position)",
+        "wandb": "wandb project name (empty: off)",
+        "max_bad_steps": "stop after this many NaN/inf losses in a row",
+        "progress": "0: no progress bar (log lines instead)",
+    }
+    for name, value in defaults.to_dict().items():
+        kw = {"help": helps.get(name)}
+        if name == "sft_field":
+            p.add_argument(f"--{name}", nargs=2, default=list(value), **kw)
+        elif name in ARCH_FLAGS:
+            p.add_argument(f"--{name}", type=int, default=0,
+                           help="optional; must match the checkpoint (0: read from it)")
+        else:
+            p.add_argument(f"--{name}", type=type(value), default=value, **kw)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """Flags -> TrainConfig; argparse errors exit with its usual one-line message."""
+    a = vars(build_parser().parse_args(argv))
+    a["sft_field"] = tuple(a["sft_field"])
+    cfg = TrainConfig(**a)
+    check_config(cfg)
+    return cfg
+
+
+def _positive(cfg: TrainConfig, *names: str, minimum: int = 1) -> None:
+    for n in names:
+        if getattr(cfg, n) < minimum:
+            raise ValueError(f"--{n}: expected >= {minimum}, got {getattr(cfg, n)}")
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Cheap checks of every flag and input path, so bad input fails in a second, not after model loading."""
+    if cfg.strategy not in STRATEGIES:
+        raise ValueError(f"--strategy: expected one of {'|'.join(STRATEGIES)}, got {cfg.strategy!r}")
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"--precision: expected one of {'|'.join(PRECISIONS)}, got {cfg.precision!r}")
+    if cfg.accelerator not in ACCELERATORS:
+        raise ValueError(f"--accelerator: expected one of {'|'.join(ACCELERATORS)}, got {cfg.accelerator!r}")
+    if cfg.lr_schedule not in ("cos", "wsd", "const"):
+        raise ValueError(f"--lr_schedule: expected cos|wsd|const, got {cfg.lr_schedule!r}")
+    if cfg.grad_cp not in (0, 1) or cfg.resume not in (0, 1):
+        raise ValueError("--grad_cp and --resume take 0 or 1")
+    _positive(cfg, "ctx_len", "micro_bsz", "epoch_steps", "epoch_count", "epoch_save",
+              "accumulate_grad_batches", "devices", "num_nodes", "max_bad_steps")
+    _positive(cfg, "epoch_begin", "warmup_steps", "random_seed", minimum=0)
+    if not cfg.lr_init > 0 or cfg.lr_final < 0:
+        raise ValueError(f"--lr_init must be > 0 and --lr_final >= 0, got {cfg.lr_init}, {cfg.lr_final}")
+    if not 0 <= cfg.wsd_decay <= 1:
+        raise ValueError(f"--wsd_decay: expected a fraction in [0, 1], got {cfg.wsd_decay}")
+    if not cfg.load_model:
+        raise ValueError("--load_model: a base RWKV checkpoint is required")
+    if not Path(cfg.load_model).is_file():
+        raise FileNotFoundError(f"--load_model {cfg.load_model}: file not found")
+    if not cfg.data_file:
+        raise ValueError("--data_file: required")
+    if cfg.data_type == "binidx":
+        for ext in (".bin", ".idx"):
+            prefix = cfg.data_file[:-4] if cfg.data_file.endswith((".bin", ".idx")) else cfg.data_file
+            if not Path(prefix + ext).is_file():
+                raise FileNotFoundError(f"--data_file {cfg.data_file}: {prefix + ext} not found "
+                                        "(binidx expects PREFIX.bin and PREFIX.idx)")
+    elif not Path(cfg.data_file).is_file():
+        raise FileNotFoundError(f"--data_file {cfg.data_file}: file not found")

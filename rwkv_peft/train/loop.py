@@ -1,0 +1,382 @@
+"""The one training loop: DeepSpeed's engine (ZeRO 1/2/3) on CPU or GPU, one or many processes.
+
+Lightning's DeepSpeed strategy refuses CPUs, so the loop drives ``deepspeed.initialize`` itself:
+the same code runs in CI on a laptop CPU and under ``torchrun`` / ``deepspeed`` on many GPUs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from rwkv_peft.train import progress
+from rwkv_peft.train.config import ARCH_FLAGS, TrainConfig, parse_args
+from rwkv_peft.train.ds_config import build_ds_config, check_supported
+from rwkv_peft.train.schedule import lr_at
+
+STATE_FILE = "trainer_state.pt"
+
+
+class L2Wrap(torch.autograd.Function):
+    """RWKV-LM's logit regulariser: identity on the loss; in backward it pushes each position's
+    largest logit towards 0 with gradient 1e-4 * max / (B*T), which keeps logits from drifting up."""
+
+    @staticmethod
+    def forward(ctx, loss: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        maxx, ids = logits.detach().max(-1, keepdim=True)
+        ctx.save_for_backward(maxx, ids)
+        ctx.shape, ctx.dtype = logits.shape, logits.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        maxx, ids = ctx.saved_tensors
+        positions = maxx.numel()
+        gy = torch.zeros(ctx.shape, dtype=ctx.dtype, device=maxx.device)
+        gy.scatter_(-1, ids, (maxx * (1e-4 / positions) * grad).to(ctx.dtype))
+        return grad, gy
+
+
+def masked_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the positions the data set marks for training (mask 1), with L2Wrap."""
+    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    m = mask.flatten().to(ce.dtype)
+    loss = (ce * m).sum() / m.sum().clamp(min=1)
+    return L2Wrap.apply(loss, logits)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_distributed(on_gpu: bool) -> tuple[int, int, int]:
+    """(rank, world_size, local_rank); a plain ``python`` run becomes a world of one."""
+    if "RANK" not in os.environ:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0",
+                          WORLD_SIZE="1", LOCAL_RANK="0")
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if on_gpu:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if on_gpu else "gloo")
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def import_deepspeed(on_gpu: bool):
+    """deepspeed with the right accelerator; on CPU without its shared-memory allreduce op, a C++ JIT
+    build (minutes on the first run, and a hang on the stale lock a Ctrl-C leaves) that gloo makes unneeded."""
+    if not on_gpu:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    import logging
+
+    import deepspeed
+    import deepspeed.ops
+
+    if not on_gpu:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    return deepspeed
+
+
+def check_architecture(cfg: TrainConfig):
+    """Read the checkpoint's architecture (mmap: cheap) and refuse flags that contradict it."""
+    from rwkv_peft.model import config_from_state_dict, read_state_dict
+
+    sd = read_state_dict(cfg.load_model)
+    arch = config_from_state_dict(sd, f"--load_model {cfg.load_model}")
+    for name in ARCH_FLAGS:
+        given, actual = getattr(cfg, name), getattr(arch, name)
+        if given and given != actual:
+            raise ValueError(f"--{name} {given} contradicts --load_model {cfg.load_model}, which has "
+                             f"{name} {actual} (the architecture comes from the checkpoint; drop the flag)")
+    return sd, arch
+
+
+def build_optimizer(cfg: TrainConfig, params: list, on_gpu: bool) -> torch.optim.Optimizer:
+    """Adam over the trainable tensors: DeepSpeed's fused (GPU) or CPU Adam (offload) when they build,
+    else torch's AdamW."""
+    kw = dict(lr=cfg.lr_init, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    if on_gpu:
+        try:
+            if cfg.offload:
+                from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+                return DeepSpeedCPUAdam(params, adamw_mode=True, **kw)
+            from deepspeed.ops.adam import FusedAdam
+
+            return FusedAdam(params, adam_w_mode=True, **kw)
+        except Exception as e:  # the op failed to build: torch's fused AdamW is nearly as fast
+            print(f"note: DeepSpeed Adam unavailable ({type(e).__name__}); using torch AdamW", file=sys.stderr)
+            return torch.optim.AdamW(params, fused=not cfg.offload, **kw)
+    return torch.optim.AdamW(params, **kw)
+
+
+def inner_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer under DeepSpeed's ZeRO wrapper (its state is plain tensors and numbers)."""
+    opt = engine.optimizer
+    return getattr(opt, "optimizer", opt)
+
+
+def latest_checkpoint(proj_dir: Path) -> dict | None:
+    path = proj_dir / STATE_FILE
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def get_batch(ds, step_in_epoch: int, micro: int, cfg: TrainConfig, device: str) -> dict[str, torch.Tensor]:
+    """Micro-batch ``micro`` of optimizer step ``step_in_epoch``: a pure function of the position, so
+    resuming at a step reads exactly what the uninterrupted run read."""
+    first = (step_in_epoch * cfg.accumulate_grad_batches + micro) * cfg.micro_bsz
+    items = [ds[first + b] for b in range(cfg.micro_bsz)]
+    return {k: torch.stack([it[k] for it in items]).to(device, non_blocking=True) for k in items[0]}
+
+
+def train(cfg: TrainConfig, dataset=None) -> dict:
+    """Run the whole job; returns the summary. ``dataset`` overrides --data_file (tests, notebooks)."""
+    t_start = time.time()
+    on_gpu = cfg.accelerator in ("gpu", "cuda") or (cfg.accelerator == "auto" and torch.cuda.is_available())
+    if on_gpu and not torch.cuda.is_available():
+        raise ValueError(f"--accelerator {cfg.accelerator}: no CUDA device is available; use --accelerator cpu")
+    check_supported(cfg, on_gpu)
+    base_sd, arch = check_architecture(cfg)
+    from rwkv_peft.peft import adapter_config, apply_peft, load_adapter, parse_peft_config, trainable_state_dict
+
+    peft_cfg = parse_peft_config(cfg.peft, cfg.peft_json)
+    proj = Path(cfg.proj_dir)
+    resume_state = latest_checkpoint(proj) if cfg.resume else None
+    if cfg.resume and resume_state is None:
+        print(f"note: --resume 1 but {proj / STATE_FILE} does not exist; starting fresh", file=sys.stderr)
+
+    deepspeed = import_deepspeed(on_gpu)
+    if "RANK" not in os.environ and cfg.devices * cfg.num_nodes > 1:
+        raise ValueError(f"--devices {cfg.devices}: launch several processes with "
+                         f"`torchrun --nproc_per_node {cfg.devices} -m rwkv_peft.train ...`")
+    rank, world, local_rank = setup_distributed(on_gpu)
+    device = f"cuda:{local_rank}" if on_gpu else "cpu"
+    is_main = rank == 0
+    say = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
+
+    torch.manual_seed(cfg.random_seed + rank)
+    steps_total = cfg.epoch_steps * cfg.epoch_count
+    samples_per_epoch = cfg.epoch_steps * cfg.accumulate_grad_batches * cfg.micro_bsz
+    if dataset is None:
+        from rwkv_peft.data import build_dataset
+
+        dataset = build_dataset(cfg.data_file, cfg.data_type, cfg.dataload, cfg.ctx_len, arch.vocab_size,
+                                samples_per_epoch, cfg.random_seed, rank=rank, world_size=world,
+                                tokenizer=cfg.tokenizer, sft_field=cfg.sft_field,
+                                sft_template=cfg.sft_template or None, magic_prime=cfg.magic_prime)
+
+    from rwkv_peft.model import load_model
+
+    model = load_model(base_sd, device=device, dtype=torch.float32, op=cfg.op)
+    del base_sd
+    report = apply_peft(model, cfg.peft, peft_cfg)
+    model.grad_cp = bool(cfg.grad_cp)
+    start_epoch, step = cfg.epoch_begin, 0
+    if resume_state is not None:
+        adapter = proj / str(resume_state["adapter"])
+        load_adapter(model, adapter)
+        start_epoch, step = int(resume_state["epoch"]) + 1, int(resume_state["step"])
+        say(f"resuming from {adapter}: epoch {start_epoch}, step {step}")
+    model.train()
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"--peft {cfg.peft}: nothing to train (no trainable parameters)")
+    n_train, n_all = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
+    optimizer = build_optimizer(cfg, params, on_gpu)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=params,
+                                           config=build_ds_config(cfg, world))
+    if resume_state is not None:
+        inner_optimizer(engine).load_state_dict(resume_state["optimizer"][rank])
+        torch.set_rng_state(resume_state["rng"][rank])
+
+    arch_line = (f"RWKV {model.version} L{arch.n_layer} D{arch.n_embd} vocab {arch.vocab_size} "
+                 f"head {arch.head_size} ffn {arch.dim_ffn}")
+    effective = {**cfg.to_dict(), "world_size": world, "device": device, "architecture": arch_line}
+    tokens_per_step = cfg.ctx_len * cfg.micro_bsz * cfg.accumulate_grad_batches * world
+    if is_main:
+        proj.mkdir(parents=True, exist_ok=True)
+        say(f"config: {json.dumps(effective)}")
+        say(f"model: {arch_line} | {report}")
+        say(f"training: {steps_total} steps x {tokens_per_step} tokens ({world} process(es), "
+            f"{cfg.strategy}, {cfg.precision}, {device})")
+        progress.write_text_atomic(proj / "adapter_config.json",
+                                   json.dumps(adapter_config(model, cfg.peft, peft_cfg), indent=2) + "\n")
+        progress.write_text_atomic(proj / "train_config.json", json.dumps(effective, indent=2) + "\n")
+        progress.truncate_log(proj / "train_log.jsonl", step if resume_state else -1)
+    wandb_run = _wandb(cfg, effective) if is_main else None
+
+    import torch.distributed as dist
+
+    bar = None
+    if is_main and cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps_total, initial=step, unit="step", dynamic_ncols=True, file=sys.stdout)
+    bad_in_row, bad_total, tokens_seen, t_loop = 0, 0, 0, time.time()
+    last_saved, finished = None, True
+    for epoch in range(start_epoch, cfg.epoch_begin + cfg.epoch_count):
+        dataset.set_epoch(epoch)
+        first_step = step - (epoch - cfg.epoch_begin) * cfg.epoch_steps
+        for j in range(first_step, cfg.epoch_steps):
+            lr = lr_at(step, steps_total, cfg.lr_init, cfg.lr_final, cfg.warmup_steps, cfg.lr_schedule,
+                       cfg.wsd_decay)
+            for group in inner_optimizer(engine).param_groups:
+                group["lr"] = lr
+            t0, losses, bad_micro = time.time(), [], 0
+            for micro in range(cfg.accumulate_grad_batches):
+                batch = get_batch(dataset, j, micro, cfg, device)
+                loss = masked_loss(engine(batch["input_ids"]), batch["targets"], batch["mask"])
+                bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0])
+                dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank skips together
+                if bad.item():
+                    bad_micro += 1
+                    if cfg.accumulate_grad_batches == 1:
+                        break
+                    loss = sum((p * 0).sum() for p in params)  # contributes nothing, keeps counters aligned
+                else:
+                    losses.append(loss.detach().float())
+                engine.backward(loss)
+                engine.step()  # steps the optimizer at the accumulation boundary only
+            if bad_micro:
+                bad_in_row, bad_total = bad_in_row + 1, bad_total + 1
+                if bad_in_row >= cfg.max_bad_steps:
+                    say(f"\nstopping: {bad_in_row} steps in a row with NaN/inf loss at step {step} "
+                        f"(lower --lr_init, use --precision fp32, or check the data)")
+                    finished = False
+                    break
+                if not losses:
+                    step += 1
+                    continue
+            else:
+                bad_in_row = 0
+            loss_val = torch.stack(losses).mean()
+            dist.all_reduce(loss_val)
+            loss_val = loss_val.item() / world
+            tokens_seen += tokens_per_step
+            dt = time.time() - t0
+            record = {"step": step + 1, "epoch": epoch, "loss": loss_val, "lr": lr,
+                      "tokens": (step + 1) * tokens_per_step, "tok_s": tokens_per_step / max(dt, 1e-9)}
+            step += 1
+            if is_main:
+                progress.append_log(proj / "train_log.jsonl", record)
+                if wandb_run is not None:
+                    wandb_run.log(record, step=step)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}",
+                                    tok_s=f"{tokens_seen / (time.time() - t_loop):.0f}", refresh=False)
+                    bar.update(1)
+                elif step % 10 == 0 or step == steps_total:
+                    say(f"step {step}/{steps_total} loss {loss_val:.4f} lr {lr:.2e} tok/s {record['tok_s']:.0f}")
+        if not finished:
+            break
+        last = epoch == cfg.epoch_begin + cfg.epoch_count - 1
+        if (epoch + 1 - cfg.epoch_begin) % cfg.epoch_save == 0 or last:
+            last_saved = save_checkpoint(engine, model, proj, epoch, step, is_main, world, trainable_state_dict)
+            if is_main:
+                progress.plot_loss(proj / "train_log.jsonl", proj / "loss.png",
+                                   f"{cfg.peft} on {Path(cfg.load_model).name}")
+    if bar is not None:
+        bar.close()
+    if is_main and last_saved is not None:
+        final = proj / "rwkv-final.pth"
+        _atomic_copy(last_saved, final)
+    wall = time.time() - t_start
+    summary = {"trainable_params": n_train, "total_params": n_all, "tokens": tokens_seen, "steps": step,
+               "skipped_steps": bad_total, "wall_s": round(wall, 1),
+               "train_tok_s": round(tokens_seen / max(time.time() - t_loop, 1e-9), 1),
+               "peak_mem_mb": round(progress.peak_memory_mb(device), 1),
+               "adapter": str(last_saved) if last_saved else None, "completed": finished}
+    if is_main:
+        say(f"done: trainable {progress.fmt_count(n_train)} / {progress.fmt_count(n_all)} params "
+            f"({100 * n_train / n_all:.2f}%) | {progress.fmt_count(tokens_seen)} tokens in {wall:.0f}s "
+            f"({summary['train_tok_s']:.0f} tok/s) | peak memory {summary['peak_mem_mb']:.0f} MiB"
+            + (f" | {bad_total} NaN/inf steps skipped" if bad_total else ""))
+        if last_saved is not None:
+            say(f"adapter: {last_saved} (also {proj / 'rwkv-final.pth'}); log {proj / 'train_log.jsonl'}; "
+                f"curve {proj / 'loss.png'}")
+            say(f"merge:   python merge/merge_miss.py --base_model {cfg.load_model} "
+                f"--peft_checkpoint {proj / 'rwkv-final.pth'} --output {proj / 'merged.pth'}")
+        if wandb_run is not None:
+            wandb_run.finish()
+    return summary
+
+
+def _atomic_copy(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.write_bytes(src.read_bytes())
+    os.replace(tmp, dst)
+
+
+def save_checkpoint(engine, model, proj: Path, epoch: int, step: int, is_main: bool, world: int,
+                    trainable_state_dict) -> Path | None:
+    """rwkv-<epoch>.pth (trainable tensors) and trainer_state.pt (optimizer per rank, RNG, position)."""
+    import torch.distributed as dist
+
+    if engine.zero_optimization_partition_weights():  # ZeRO-3: each rank holds a slice; gather to save
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for p in model.parameters() if p.requires_grad]):
+            sd = trainable_state_dict(model)
+    else:
+        sd = trainable_state_dict(model)
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    opt_state = inner_optimizer(engine).state_dict()
+    rng = torch.get_rng_state()
+    gathered_opt, gathered_rng = [None] * world, [None] * world
+    dist.all_gather_object(gathered_opt, opt_state)
+    dist.all_gather_object(gathered_rng, rng)
+    if not is_main:
+        return None
+    if bad:
+        print(f"\nnot saving epoch {epoch}: NaN/inf in {bad[0]} (and {len(bad) - 1} more)", flush=True)
+        return None
+    path = proj / f"rwkv-{epoch}.pth"
+    from rwkv_peft.model import write_state_dict
+
+    write_state_dict(sd, path)
+    _atomic_save({"epoch": epoch, "step": step, "adapter": path.name, "optimizer": gathered_opt,
+                  "rng": gathered_rng}, proj / STATE_FILE)
+    return path
+
+
+def _wandb(cfg: TrainConfig, effective: dict):
+    if not cfg.wandb:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        print("note: --wandb given but the wandb package is not installed; logging to train_log.jsonl only",
+              file=sys.stderr)
+        return None
+    return wandb.init(project=cfg.wandb, config=effective,
+                      name=f"{cfg.peft}-{Path(cfg.proj_dir).name}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """CLI entry: bad input ends in one line on stderr (SystemExit), not a traceback."""
+    try:
+        return train(parse_args(argv))
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+
