@@ -290,7 +290,7 @@ def run_forked(module: str, argv: list[str], run_dir: Path, threads: int = 0) ->
 def common_flags(s: Setting, tokenizer: str, seed: int) -> list[str]:
     flags = ["--ctx_len", str(s.ctx_len), "--micro_bsz", str(s.micro_bsz), "--epoch_save", "1",
              "--random_seed", str(seed), "--accelerator", "cpu", "--strategy", "deepspeed_stage_1",
-             "--precision", "fp32"]
+             "--precision", "fp32", "--progress", "0"]
     return flags + ([] if tokenizer == "world" else ["--tokenizer", tokenizer])
 
 
@@ -301,13 +301,12 @@ def read_log(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def step_seconds(log: list[dict]) -> float | None:
-    """Median step time from the trainer's log, skipping the first (warm-up) step."""
-    for key in ("step_time", "step_s", "dt", "time_per_step"):
-        ts = [r[key] for r in log if isinstance(r.get(key), (int, float))]
-        if ts:
-            return float(np.median(ts[1:] if len(ts) > 1 else ts))
-    return None
+def step_seconds(log: list[dict], tokens_per_step: int) -> float | None:
+    """Median step time from the trainer's log (its per-step tokens/s), skipping the first (warm-up) step."""
+    ts = [tokens_per_step / r["tok_s"] for r in log if isinstance(r.get("tok_s"), (int, float)) and r["tok_s"] > 0]
+    if not ts:
+        ts = [r["step_time"] for r in log if isinstance(r.get("step_time"), (int, float))]
+    return float(np.median(ts[1:] if len(ts) > 1 else ts)) if ts else None
 
 
 def sample_digest(path: Path, epochs: int, per_epoch: int) -> tuple[str, str]:
@@ -324,7 +323,7 @@ def sample_digest(path: Path, epochs: int, per_epoch: int) -> tuple[str, str]:
 
 
 def latest_checkpoint(run_dir: Path) -> Path:
-    found = sorted(run_dir.glob("rwkv-*.pth"), key=lambda p: int(p.stem.split("-")[1]))
+    found = sorted((p for p in run_dir.glob("rwkv-*.pth") if p.stem[5:].isdigit()), key=lambda p: int(p.stem[5:]))
     if not found:
         raise FileNotFoundError(f"{run_dir}: no rwkv-<epoch>.pth written")
     return found[-1]
@@ -469,6 +468,8 @@ def main(argv: list[str] | None = None) -> dict:
     t_start = time.perf_counter()
     for module in (a.trainer, "rwkv_peft.tools.init_model"):
         importlib.import_module(module)  # once, here: every forked run reuses it
+    if a.trainer == "rwkv_peft.train":
+        importlib.import_module("rwkv_peft.train.loop").import_deepspeed(False)  # its CPU setup, once
     import torch
 
     from rwkv_peft.ops.build import load_cpu
@@ -527,7 +528,7 @@ def main(argv: list[str] | None = None) -> dict:
             log = read_log(run_dir)
             stats["data_hash"], stats["first_sample"] = sample_digest(run_dir / "samples.txt", epochs,
                                                                       s.eval_every * s.micro_bsz)
-            stats["step_s"] = step_seconds(log)
+            stats["step_s"] = step_seconds(log, s.ctx_len * s.micro_bsz)
             losses = [r["loss"] for r in log if isinstance(r.get("loss"), (int, float))]
             stats["train_loss_tail"] = float(np.mean(losses[-max(1, len(losses) // 4):]))
             runs.setdefault(sp["name"], {})[lr] = stats

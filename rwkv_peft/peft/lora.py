@@ -81,7 +81,8 @@ def pissa_factors(weight: torch.Tensor, r: int, scale: float, niter: int) -> tup
         torch.manual_seed(0)
         u, s, v = torch.svd_lowrank(w, q=q, niter=niter)
     root = (s[:r] / scale).sqrt()
-    return root[:, None] * v[:, :r].t(), u[:, :r] * root[None, :]
+    # contiguous: DeepSpeed broadcasts parameters as byte views, which a transposed layout refuses
+    return (root[:, None] * v[:, :r].t()).contiguous(), (u[:, :r] * root[None, :]).contiguous()
 
 
 class LoraLinear(nn.Module):
