@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -303,3 +304,43 @@ def test_gradients_flow_through_carried_state(version: str, op: str) -> None:
     (first.logsumexp(-1).sum() + second.logsumexp(-1).sum()).backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, full[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("version", VERSIONS_65)
+def test_trainer_learns_and_its_merged_adapter_runs_in_runtime(tmp_path: Path, version: str) -> None:
+    """The DeepSpeed trainer on an x060/x052 base (MiSS), then merge_adapter, then the `rwkv` runtime."""
+    import numpy as np
+
+    from rwkv_peft.data import BinIdxWriter, largest_magic_prime
+    from rwkv_peft.merge import adapted_model, merge_adapter
+    from rwkv_peft.train import main
+
+    vocab, ctx = 256, 16
+    base = tmp_path / "base.pth"
+    # 2 layers: the runtime recognises v5.2 only from a time_decay key after an ln_x key (block 1's)
+    save_model(perturbed(version, n_layer=2, n_embd=64, vocab=vocab, head_size=32, seed=3), base)
+    succ = np.random.default_rng(0).permutation(vocab)  # a learnable stream: fixed successor map
+    ids = [1]
+    while len(ids) < 3000:
+        ids.append(int(succ[ids[-1]]))
+    writer = BinIdxWriter(str(tmp_path / "data"))
+    writer.add_document(np.asarray(ids, dtype=np.uint16))
+    writer.close()
+    out = tmp_path / "out"
+    flags = {"load_model": base, "data_file": tmp_path / "data", "data_type": "binidx", "proj_dir": out,
+             "peft": "miss", "miss_config": '{"r":8}', "ctx_len": ctx, "micro_bsz": 4, "epoch_steps": 4,
+             "epoch_count": 2, "lr_init": 1e-2, "lr_final": 1e-3, "op": "cpu", "progress": 0,
+             "accelerator": "cpu", "random_seed": 1, "magic_prime": largest_magic_prime(len(ids), ctx)}
+    main([x for k, v in flags.items() for x in (f"--{k}", str(v))])
+    loss = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()
+            if '"loss"' in line]
+    print(f"{version} trainer loss {loss[0]:.3f} -> {loss[-1]:.3f}")
+    assert np.mean(loss[-2:]) < np.mean(loss[:2]) - 0.1
+    assert json.loads((out / "adapter_config.json").read_text())["base"]["version"] == version
+
+    merged = merge_adapter(base, out / "rwkv-final.pth", tmp_path / "merged.pth")
+    toks = ids[:20]
+    with torch.no_grad():
+        ours = adapted_model(base, out / "rwkv-final.pth")(torch.tensor([toks]))[0]
+    theirs = runtime_logits(load_runtime(merged, version=version), toks, "rnn")
+    torch.testing.assert_close(theirs, ours, atol=TOL, rtol=0)
