@@ -470,6 +470,13 @@ def main(argv: list[str] | None = None) -> dict:
         importlib.import_module(module)  # once, here: every forked run reuses it
     if a.trainer == "rwkv_peft.train":
         importlib.import_module("rwkv_peft.train.loop").import_deepspeed(False)  # its CPU setup, once
+        # lazy imports each run would pay again (~10 s on a busy 2-core machine): deepspeed's optimizer
+        # check pulls in torch inductor, the trainer's loss plot pulls in pyplot
+        importlib.import_module("deepspeed.runtime.zero.muon.muon_optimizer")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    importlib.import_module("matplotlib.pyplot")
     import torch
 
     from rwkv_peft.ops.build import load_cpu
