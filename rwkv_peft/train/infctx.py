@@ -27,6 +27,12 @@ def masked_ce_sum(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tenso
     return (ce * mask.flatten().to(ce.dtype)).sum()
 
 
+def masked_mean_ce(mask: torch.Tensor) -> LossFn:
+    """Chunk shares of the masked mean cross-entropy of a whole (B, L) sample with loss mask ``mask``."""
+    total = mask.sum().clamp(min=1.0)
+    return lambda logits, targets, m: masked_ce_sum(logits, targets, m) / total
+
+
 def _chunk_loss(
     model: nn.Module, idx: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, state: list | None,
     loss_fn: LossFn,
@@ -41,14 +47,15 @@ def infctx_loss(
     targets: torch.Tensor,
     mask: torch.Tensor | None,
     chunk_ctx: int,
-    loss_fn: LossFn = masked_ce_sum,
+    loss_fn: LossFn | None = None,
     state: list | None = None,
 ) -> torch.Tensor:
-    """Masked mean loss over (B, L) tokens, computed chunk by chunk; ``loss.backward()`` is exact.
+    """The sample's loss over (B, L) tokens, computed chunk by chunk; ``loss.backward()`` is exact.
 
-    ``model`` needs ``forward_state(idx, state) -> (logits, state)``; ``loss_fn(logits, targets, mask)``
-    must return a chunk's *sum* of per-token losses (sums add up across chunks; the result is divided
-    by ``mask.sum()``). ``L`` need not be a multiple of ``chunk_ctx``: the last chunk is shorter.
+    ``model`` needs ``forward_state(idx, state) -> (logits, state)``. ``loss_fn(logits, targets, mask)``
+    returns one chunk's *share* of the sample's loss and the shares are summed, so a loss that
+    normalises over the whole sample must do so with whole-sample totals (see ``masked_mean_ce``,
+    the default). ``L`` need not be a multiple of ``chunk_ctx``: the last chunk is shorter.
     ``state`` is the state before the first token (None: zeros, or the blocks' learned ``time_state``).
     Chunks are recomputed in backward only when gradients are being recorded.
     """
@@ -60,6 +67,7 @@ def infctx_loss(
         mask = torch.ones(input_ids.shape, dtype=torch.float32, device=input_ids.device)
     if mask.shape != input_ids.shape:
         raise ValueError(f"infctx: mask must be (B, L) like input_ids, got {tuple(mask.shape)}")
+    loss_fn = masked_mean_ce(mask) if loss_fn is None else loss_fn
     recompute = torch.is_grad_enabled() and model.training
     total = None
     for t0 in range(0, input_ids.shape[1], chunk_ctx):
@@ -70,4 +78,4 @@ def infctx_loss(
         else:
             part_loss, state = _chunk_loss(*args)
         total = part_loss if total is None else total + part_loss
-    return total / mask.sum().clamp(min=1.0)
+    return total
