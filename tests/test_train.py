@@ -1,0 +1,192 @@
+"""The trainer end to end on tiny models: learning, frozen base, resume, accumulation, grad_cp, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import perturbed_model
+
+from rwkv_peft.data import BinIdxWriter, largest_magic_prime
+from rwkv_peft.model import load_model, save_model
+from rwkv_peft.peft import apply_peft, parse_peft_config
+from rwkv_peft.train import L2Wrap, lr_at, main, masked_loss
+from rwkv_peft.train import progress as progress_mod
+
+VOCAB, CTX = 256, 16
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, str]:
+    """A tiny fp32 base and a learnable token stream (a fixed random successor map)."""
+    d = tmp_path_factory.mktemp("train")
+    base = d / "base.pth"
+    save_model(perturbed_model(n_layer=1, n_embd=64, vocab=VOCAB, head_size=32, seed=3), base)
+    succ = np.random.default_rng(0).permutation(VOCAB)
+    ids, t = [], 1
+    for _ in range(6000):
+        ids.append(t)
+        t = int(succ[t])
+    w = BinIdxWriter(str(d / "data"))
+    w.add_document(np.asarray(ids, dtype=np.uint16))
+    w.close()
+    return {"base": str(base), "data": str(d / "data"), "n_tokens": len(ids)}
+
+
+def args(files: dict, out: Path, **kw) -> list[str]:
+    flags = {"load_model": files["base"], "data_file": files["data"], "data_type": "binidx",
+             "proj_dir": str(out), "peft": "miss", "miss_config": '{"r":8}', "ctx_len": CTX,
+             "micro_bsz": 4, "epoch_steps": 4, "epoch_count": 2, "lr_init": 1e-2, "lr_final": 1e-3,
+             "op": "torch", "progress": 0, "accelerator": "cpu", "random_seed": 1,
+             "magic_prime": largest_magic_prime(files["n_tokens"], CTX)}
+    flags.update(kw)
+    return [x for k, v in flags.items() for x in (f"--{k}", str(v))]
+
+
+def adapter(out: Path, name: str = "rwkv-final.pth") -> dict[str, torch.Tensor]:
+    return torch.load(out / name, weights_only=True)
+
+
+def losses(out: Path) -> list[float]:
+    return [r["loss"] for r in progress_mod.read_log(out / "train_log.jsonl")]
+
+
+def test_lr_schedules():
+    assert lr_at(0, 100, 1.0, 0.1, warmup=10) == pytest.approx(0.1)
+    assert lr_at(10, 100, 1.0, 0.1, warmup=10) == pytest.approx(1.0)
+    assert lr_at(99, 100, 1.0, 0.1, warmup=10) == pytest.approx(0.1)
+    assert lr_at(50, 100, 1.0, 0.1, schedule="wsd", decay_frac=0.2) == 1.0
+    assert lr_at(99, 100, 1.0, 0.1, schedule="wsd", decay_frac=0.2) == pytest.approx(0.1)
+    cos = [lr_at(s, 50, 1.0, 0.1) for s in range(50)]
+    assert all(a >= b for a, b in zip(cos, cos[1:], strict=False))
+
+
+def test_l2wrap_adds_to_the_max_logit_gradient():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 7, requires_grad=True)
+    targets, mask = torch.randint(0, 7, (2, 3)), torch.ones(2, 3)
+    masked_loss(logits, targets, mask).backward()
+    plain = logits.detach().clone().requires_grad_(True)
+    torch.nn.functional.cross_entropy(plain.flatten(0, 1), targets.flatten()).backward()
+    extra = logits.grad - plain.grad
+    maxx, ids = logits.detach().max(-1, keepdim=True)
+    want = torch.zeros_like(extra).scatter_(-1, ids, maxx * 1e-4 / 6)
+    torch.testing.assert_close(extra, want, rtol=1e-5, atol=1e-8)  # fp32 rounding of the CE gradient
+    assert L2Wrap.apply(torch.tensor(2.0), logits).item() == 2.0
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_stage_learns_and_moves_only_the_adapter(files, tmp_path, stage):
+    out = tmp_path / "out"
+    summary = main(args(files, out, strategy=f"deepspeed_stage_{stage}", train_parts="ln"))
+    loss = losses(out)
+    assert len(loss) == 8 and np.mean(loss[-2:]) < np.mean(loss[:2]) - 0.1
+    base = load_model(files["base"]).state_dict()
+    trained = {k: v for k, v in summary["model"].state_dict().items()}
+    saved = adapter(out)
+    assert saved.keys() == {k for k, v in summary["model"].named_parameters() if v.requires_grad}
+    assert all(k.endswith(".miss") or summary["model"].train_part(k) == "ln" for k in saved)
+    for k, v in base.items():
+        if k in saved:
+            assert not torch.equal(v, trained[k]), k  # train_parts moved
+        else:
+            assert torch.equal(v, trained[k]), k  # frozen: bit-identical
+    for k, v in saved.items():
+        torch.testing.assert_close(v, trained[k], rtol=0, atol=0)
+        assert v.abs().sum() > 0
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["method"] == "miss" and cfg["r"] == 8 and cfg["base"]["n_embd"] == 64
+    assert (out / "loss.png").stat().st_size > 1000 and (out / "rwkv-0.pth").is_file()
+
+
+def test_resume_follows_the_uninterrupted_run(files, tmp_path, monkeypatch):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    main(args(files, full, epoch_count=3))
+    real_plot = progress_mod.plot_loss
+
+    def killed_after_first_save(*a, **k):
+        real_plot(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(progress_mod, "plot_loss", killed_after_first_save)
+    with pytest.raises(KeyboardInterrupt):
+        main(args(files, cut, epoch_count=3))
+    monkeypatch.setattr(progress_mod, "plot_loss", real_plot)
+    assert len(losses(cut)) == 4
+    main(args(files, cut, epoch_count=3, resume=1))
+    assert losses(cut) == losses(full)  # exactly: same samples, optimizer state and schedule
+    a, b = adapter(full), adapter(cut)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_grad_accumulation_equals_a_bigger_micro_batch(files, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    main(args(files, one, epoch_count=1, micro_bsz=4))
+    main(args(files, two, epoch_count=1, micro_bsz=2, accumulate_grad_batches=2))
+    a, b = adapter(one), adapter(two)
+    for k in a:  # fp32: the same sums in a different order
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(losses(one), losses(two), rtol=1e-5)
+
+
+def test_grad_cp_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = perturbed_model(n_layer=2, n_embd=64, vocab=VOCAB, head_size=32)
+    apply_peft(model, "miss", parse_peft_config("miss", '{"r":8}'))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(".miss"):
+                p.normal_(0, 0.02)
+    idx = torch.randint(0, VOCAB, (2, CTX + 1))
+    grads = []
+    for cp in (False, True):
+        model.zero_grad()
+        model.grad_cp = cp
+        model.train()
+        masked_loss(model(idx[:, :-1]), idx[:, 1:], torch.ones(2, CTX)).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    for n in grads[0]:  # recomputation repeats the same fp32 ops: equal up to rounding
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7)
+
+
+def test_two_processes_equal_one_with_twice_the_micro_batch(files, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    main(args(files, one, epoch_count=1, epoch_steps=3, micro_bsz=4))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", "0", "-m", "rwkv_peft.train",
+                        *args(files, two, epoch_count=1, epoch_steps=3, micro_bsz=2)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = adapter(one), adapter(two)
+    for k in a:  # fp32; the all-reduce sums in another order
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["data", "checkpoint", "n_embd", "strategy"])
+def test_bad_input_is_one_line_before_heavy_work(files, tmp_path, case):
+    kw = {}
+    if case == "data":
+        kw["data_file"] = str(tmp_path / "missing")
+    elif case == "checkpoint":
+        bad = tmp_path / "notrwkv.pth"
+        torch.save({"encoder.weight": torch.zeros(2, 2)}, bad)
+        kw["load_model"] = str(bad)
+    elif case == "n_embd":
+        kw["n_embd"] = 128
+    else:
+        kw["strategy"] = "deepspeed_stage_9"
+    with pytest.raises(SystemExit) as e:
+        main(args(files, tmp_path / "out", **kw))
+    msg = str(e.value)
+    assert msg.startswith("error: ") and "\n" not in msg
+    assert {"data": "--data_file", "checkpoint": "not an RWKV", "n_embd": "--n_embd 128",
+            "strategy": "--strategy"}[case] in msg
+    assert not (tmp_path / "out").exists()
