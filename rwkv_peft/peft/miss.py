@@ -121,14 +121,21 @@ def miss_delta(weight: torch.Tensor, adapter: torch.Tensor, mode: str) -> torch.
     w, a = weight.float(), adapter.float()
     out_features, in_features = w.shape
     if mode in ("balance", "mini"):
-        m = _expand_m(a, out_features, mode)
-        rows = torch.arange(in_features, device=w.device) % m.shape[0]
-        return m[rows].t().contiguous()
+        return _add_shards_(torch.zeros_like(w), a, mode)
     return _bat_delta(w, a, mode)
+
+
+def _add_shards_(w: torch.Tensor, adapter: torch.Tensor, mode: str, sign: float = 1.0) -> torch.Tensor:
+    """w[o, j] += sign * M[j mod r, o] in place (balance/mini): no dW-sized temporary, which keeps merge fast."""
+    m = _expand_m(adapter.float(), w.shape[0], mode)
+    return _add_tiled_(w, m.t() if sign == 1.0 else -m.t())
 
 
 def miss_merge(weight: torch.Tensor, adapter: torch.Tensor, mode: str) -> torch.Tensor:
     """W + dW, computed in fp32 and returned in ``weight``'s dtype."""
+    _check_mode(mode)
+    if mode in ("balance", "mini"):
+        return _add_shards_(weight.to(torch.float32, copy=True), adapter, mode).to(weight.dtype)
     return (weight.float() + miss_delta(weight, adapter, mode)).to(weight.dtype)
 
 
@@ -136,7 +143,7 @@ def miss_unmerge(merged: torch.Tensor, adapter: torch.Tensor, mode: str) -> torc
     """Recover W from W + dW: subtract for balance/mini; Bat solves W_ab (I + D) = W'_ab - D (in fp64)."""
     _check_mode(mode)
     if mode in ("balance", "mini"):
-        return (merged.float() - miss_delta(merged, adapter, mode)).to(merged.dtype)
+        return _add_shards_(merged.to(torch.float32, copy=True), adapter, mode, -1.0).to(merged.dtype)
     d = adapter.double()
     r = d.shape[-1]
     wb = _blocks(merged.double(), r)
