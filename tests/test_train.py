@@ -156,12 +156,20 @@ def test_grad_cp_gives_the_same_gradients():
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7)
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_two_processes_equal_one_with_twice_the_micro_batch(files, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     main(args(files, one, epoch_count=1, epoch_steps=3, micro_bsz=4))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", "0", "-m", "rwkv_peft.train",
+                        "--master_port", str(free_port()), "-m", "rwkv_peft.train",
                         *args(files, two, epoch_count=1, epoch_steps=3, micro_bsz=2)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
