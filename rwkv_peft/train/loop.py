@@ -150,7 +150,7 @@ def get_batch(ds, step_in_epoch: int, micro: int, cfg: TrainConfig, device: str)
 
 
 def train(cfg: TrainConfig, dataset=None) -> dict:
-    """Run the whole job; returns the summary. ``dataset`` overrides --data_file (tests, notebooks)."""
+    """Run the whole job; returns the summary (with the trained ``model``). ``dataset`` overrides --data_file."""
     t_start = time.time()
     on_gpu = cfg.accelerator in ("gpu", "cuda") or (cfg.accelerator == "auto" and torch.cuda.is_available())
     if on_gpu and not torch.cuda.is_available():
@@ -306,7 +306,7 @@ def train(cfg: TrainConfig, dataset=None) -> dict:
                "skipped_steps": bad_total, "wall_s": round(wall, 1),
                "train_tok_s": round(tokens_seen / max(time.time() - t_loop, 1e-9), 1),
                "peak_mem_mb": round(progress.peak_memory_mb(device), 1),
-               "adapter": str(last_saved) if last_saved else None, "completed": finished}
+               "adapter": str(last_saved) if last_saved else None, "completed": finished, "model": model}
     if is_main:
         say(f"done: trainable {progress.fmt_count(n_train)} / {progress.fmt_count(n_all)} params "
             f"({100 * n_train / n_all:.2f}%) | {progress.fmt_count(tokens_seen)} tokens in {wall:.0f}s "
@@ -315,11 +315,19 @@ def train(cfg: TrainConfig, dataset=None) -> dict:
         if last_saved is not None:
             say(f"adapter: {last_saved} (also {proj / 'rwkv-final.pth'}); log {proj / 'train_log.jsonl'}; "
                 f"curve {proj / 'loss.png'}")
-            say(f"merge:   python merge/merge_miss.py --base_model {cfg.load_model} "
-                f"--peft_checkpoint {proj / 'rwkv-final.pth'} --output {proj / 'merged.pth'}")
+            say(f"merge:   {merge_command(cfg, proj)}")
         if wandb_run is not None:
             wandb_run.finish()
     return summary
+
+
+def merge_command(cfg: TrainConfig, proj: Path) -> str:
+    """The command that folds this run's adapter into its base (the short one for the demo's paths)."""
+    if Path(cfg.load_model) == Path("out/demo/base.pth") and proj == Path("out/demo/miss"):
+        return "sh scripts/merge_miss.sh"
+    script = "merge_lora" if cfg.peft in ("lora", "pissa") else "merge_miss"
+    return (f"python merge/{script}.py --base_model {cfg.load_model} --peft_checkpoint {proj / 'rwkv-final.pth'} "
+            f"--output {proj / 'merged.pth'}")
 
 
 def _atomic_copy(src: Path, dst: Path) -> None:
