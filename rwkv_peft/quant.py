@@ -1,6 +1,6 @@
 """Quantized frozen base (``--quant int8|nf4``): target linear weights stored in 8 or 4 bits.
 
-The storage formats are bitsandbytes' (``pip install bitsandbytes>=0.48``; its CPU backend and
+The storage formats are bitsandbytes' (``pip install bitsandbytes>=0.50``; its CPU backend and
 its CUDA kernels alike): ``int8`` is LLM.int8()'s row-wise absmax quantization (one fp32 scale per
 output row), ``nf4`` is QLoRA's NormalFloat4 with one fp32 absmax per block of 64 weights.
 
@@ -25,7 +25,7 @@ from rwkv_peft.peft.miss import MissLinear
 
 FORMATS = ("int8", "nf4")
 NF4_BLOCKSIZE = 64
-REQUIREMENT = "bitsandbytes>=0.48"  # first release whose CPU backend quantizes int8 and nf4
+REQUIREMENT = "bitsandbytes>=0.50"  # tested here with 0.50.2 (CPU backend)
 
 
 def _bnb():
