@@ -128,6 +128,27 @@ def inner_optimizer(engine) -> torch.optim.Optimizer:
     return getattr(opt, "optimizer", opt)
 
 
+def optimizer_state(opt: torch.optim.Optimizer) -> list[dict[str, torch.Tensor]]:
+    """Per-parameter state in param_groups order (plain tensors; works for ZeRO's flat partitions too,
+    where torch's own state_dict cannot map the swapped-in parameters)."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    return [{k: v.detach().cpu().clone() if torch.is_tensor(v) else v for k, v in opt.state.get(p, {}).items()}
+            for p in params]
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, state: list[dict], where: Path) -> None:
+    params = [p for g in opt.param_groups for p in g["params"]]
+    if len(state) != len(params):
+        raise ValueError(f"{where}: optimizer state for {len(state)} tensors, this run has {len(params)} "
+                         "(resume with the same --peft, --strategy and number of processes)")
+    for p, st in zip(params, state, strict=True):
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.dim() and v.shape != p.shape:
+                raise ValueError(f"{where}: optimizer state {k} has shape {tuple(v.shape)}, expected "
+                                 f"{tuple(p.shape)} (same --peft config and process count needed)")
+        opt.state[p] = {k: v.to(p.device) if torch.is_tensor(v) and v.dim() else v for k, v in st.items()}
+
+
 def latest_checkpoint(proj_dir: Path) -> dict | None:
     path = proj_dir / STATE_FILE
     if not path.is_file():
@@ -207,7 +228,7 @@ def train(cfg: TrainConfig, dataset=None) -> dict:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=params,
                                            config=build_ds_config(cfg, world))
     if resume_state is not None:
-        inner_optimizer(engine).load_state_dict(resume_state["optimizer"][rank])
+        load_optimizer_state(inner_optimizer(engine), resume_state["optimizer"][rank], proj / STATE_FILE)
         torch.set_rng_state(resume_state["rng"][rank])
 
     arch_line = (f"RWKV {model.version} L{arch.n_layer} D{arch.n_embd} vocab {arch.vocab_size} "
@@ -349,7 +370,7 @@ def save_checkpoint(engine, model, proj: Path, epoch: int, step: int, is_main: b
     else:
         sd = trainable_state_dict(model)
     bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    opt_state = inner_optimizer(engine).state_dict()
+    opt_state = optimizer_state(inner_optimizer(engine))
     rng = torch.get_rng_state()
     gathered_opt, gathered_rng = [None] * world, [None] * world
     dist.all_gather_object(gathered_opt, opt_state)
