@@ -412,15 +412,13 @@ def write_report(res: dict, out: Path) -> None:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        ax.scatter(r["trainable_params"], r["final_heldout_loss"])
-        ax.annotate(r["name"], (r["trainable_params"], r["final_heldout_loss"]), fontsize=8,
-                    xytext=(4, 4), textcoords="offset points")
-    ax.axhline(base, color="grey", ls="--", lw=1, label="base (no fine-tuning)")
+    for r, marker in zip(rows, "osD^vPX*", strict=False):  # matched methods share an x: tell them by marker
+        ax.scatter(r["trainable_params"], r["final_heldout_loss"], marker=marker, s=40, alpha=0.8,
+                   label=f"{r['name']}: {r['final_heldout_loss']:.3f} ({fmt_params(r['trainable_params'])})")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel("final held-out loss")
-    ax.set_title("Final held-out loss vs trainable parameters")
+    ax.set_title(f"Final held-out loss vs trainable parameters (base: {base:.3f})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
