@@ -565,8 +565,8 @@ def merge_adapter(
     ``config`` overrides adapter_config.json (e.g. {"mode": "bat_col"} or {"alpha": 32});
     ``unmerge=True`` does the inverse, reading a merged file as ``base_path``.
     """
-    if quant is not None:  # quantised output (int8 / nf4) is planned, not built yet
-        raise ValueError(f"--quant {quant}: quantised merging is not supported yet")
+    if quant is not None and unmerge:
+        raise ValueError(f"--quant {quant}: merges onto the quantized base; it does not apply to --unmerge")
     base_path, adapter_path, output = Path(base_path), Path(adapter_path), Path(output_path)
     for path, flag in ((base_path, "--base_model"), (adapter_path, "--peft_checkpoint")):
         if not path.is_file():
@@ -574,6 +574,11 @@ def merge_adapter(
     _prepare_output(output, [base_path, adapter_path])
     cfg = _resolve_config(adapter_path, config)
     base = open_checkpoint(base_path)
+    if quant is not None:  # trained with --quant: fold into the dequantized weights training used
+        from rwkv_peft.quant import RoundtripView
+
+        model_cls = _model_class(detect_version(base, str(base_path)))
+        base = RoundtripView(base, {f"{p}.weight" for p in _targets(iter(base), model_cls)}, quant)
     adapter = read_state_dict(adapter_path)
     edits = plan_edits(base, adapter, cfg, str(base_path), str(adapter_path), unmerge=unmerge)
     mapped = mapped_ranges(base_path)
@@ -631,9 +636,11 @@ def peft_config_from_edits(edits: Mapping[str, Edit], config: dict, model: torch
 
 
 def adapted_model(
-    base_path: str | os.PathLike, adapter_path: str | os.PathLike, config: dict | None = None, op: str = "torch"
+    base_path: str | os.PathLike, adapter_path: str | os.PathLike, config: dict | None = None, op: str = "torch",
+    quant: str | None = None,
 ) -> torch.nn.Module:
-    """The base in fp32 with the adapter applied the training way (apply_peft + load_adapter), in eval mode."""
+    """The base in fp32 with the adapter applied the training way (apply_peft + load_adapter, then
+    quantize_base with ``quant``), in eval mode."""
     from rwkv_peft.model import load_model
     from rwkv_peft.peft.inject import apply_peft, load_adapter
 
@@ -647,6 +654,10 @@ def adapted_model(
     else:
         apply_peft(model, method, peft_cfg)
         load_adapter(model, adapter)
+        if quant is not None:
+            from rwkv_peft.quant import quantize_base
+
+            quantize_base(model, quant)
     return model.eval()
 
 
@@ -658,6 +669,7 @@ def verify_merged(
     config: dict | None = None,
     question: str | None = None,
     n_tokens: int = 32,
+    quant: str | None = None,
 ) -> float:
     """Load the merged file in the `rwkv` runtime (cpu fp32) and compare it with the adapted model.
 
@@ -670,7 +682,7 @@ def verify_merged(
     prompt = render_sft(DEFAULT_SFT_TEMPLATE, ("question", "answer"), question or DEMO_QUESTION, "")[0]
     tok = get_tokenizer("world")
     tokens = tok.encode(prompt)
-    model = adapted_model(base_path, adapter_path, config)
+    model = adapted_model(base_path, adapter_path, config, quant=quant)
     if max(tokens) >= model.cfg.vocab_size:
         raise ValueError(f"{base_path}: vocab_size {model.cfg.vocab_size} is too small for the World tokenizer")
     ours = model(torch.tensor([tokens]))[0]
@@ -700,6 +712,8 @@ def _parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output checkpoint (.pth, or .safetensors by name)")
     p.add_argument("--mode", choices=[*MODES, *_MODE_ALIASES], help="MiSS mode (overrides adapter_config.json)")
     p.add_argument("--lora_alpha", type=float, help="LoRA/PiSSA alpha (overrides adapter_config.json)")
+    p.add_argument("--quant", choices=("int8", "nf4"),
+                   help="the adapter was trained with --quant: merge onto the same dequantized base weights")
     p.add_argument("--unmerge", action="store_true", help="recover the base from --base_model (a merged file)")
     p.add_argument("--verify", action="store_true", help="after merging, compare in the rwkv runtime (see --prompt)")
     p.add_argument("--prompt", default=None, help="question for --verify (SFT template); default: a demo question")
@@ -713,12 +727,13 @@ def main(argv: list[str] | None = None, description: str = "Fold a PEFT adapter 
     overrides = {"mode": a.mode, "alpha": a.lora_alpha}
     log = None if a.quiet else print
     try:
-        out = merge_adapter(a.base_model, a.peft_checkpoint, a.output, overrides, unmerge=a.unmerge, log=log)
+        out = merge_adapter(a.base_model, a.peft_checkpoint, a.output, overrides, quant=a.quant, unmerge=a.unmerge,
+                            log=log)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     print(f"wrote {out}")
     if a.verify:
-        verify_merged(out, a.base_model, a.peft_checkpoint, overrides, a.prompt, a.n_tokens)
+        verify_merged(out, a.base_model, a.peft_checkpoint, overrides, a.prompt, a.n_tokens, quant=a.quant)
 
 
 if __name__ == "__main__":

@@ -148,3 +148,19 @@ def test_infctx_miss_adapters(mode: str) -> None:
     chunked = _loss_and_grads(model, lambda: infctx_loss(model, idx, tgt, mask, 16))
     assert all(n.endswith(".miss") for n in full[1]) and len(full[1]) == 12
     _assert_same(full, chunked)
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_trainer_loss_chunked_equals_whole(masked: bool) -> None:
+    """The trainer's loss (masked mean CE + L2Wrap) in chunks == on the whole sample. With an all-zero
+    mask only L2Wrap's gradient is left, which checks its whole-sample position count on its own."""
+    from rwkv_peft.train.loop import infctx_masked_loss, masked_loss
+
+    model = perturbed_model(n_layer=1, n_embd=64, vocab=97).train()
+    idx, tgt, mask = _sample(2, 40, 97, seed=6)
+    if not masked:
+        mask = torch.zeros_like(mask)
+    batch = {"input_ids": idx, "targets": tgt, "mask": mask}
+    full = _loss_and_grads(model, lambda: masked_loss(model(idx), tgt, mask))
+    chunked = _loss_and_grads(model, lambda: infctx_masked_loss(model, batch, 16))
+    _assert_same(full, chunked)

@@ -55,6 +55,9 @@ class TrainConfig:
     peft_config: str = ""
     train_parts: str = ""
     op: str = "auto"
+    train_type: str = ""
+    chunk_ctx: int = 512
+    quant: str = "none"
     resume: int = 0
     wandb: str = ""
     max_bad_steps: int = 20
@@ -116,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
         "peft_config": "JSON for --peft state|full",
         "train_parts": "extra trainable groups, comma separated: emb,head,ln,time",
         "op": "WKV kernel: auto | cuda | cpu | torch",
+        "train_type": "'' (the whole ctx_len at once) | infctx (chunks of --chunk_ctx, state carried, exact gradients)",
+        "chunk_ctx": "tokens per chunk with --train_type infctx (memory of one chunk's activations)",
+        "quant": "none | int8 | nf4: keep the frozen base linears quantized (bitsandbytes)",
         "resume": "1: continue from the latest checkpoint in proj_dir (optimizer, schedule, data position)",
         "wandb": "wandb project name (empty: off)",
         "max_bad_steps": "stop after this many NaN/inf losses in a row",
@@ -163,6 +169,11 @@ def check_config(cfg: TrainConfig) -> None:
     _positive(cfg, "ctx_len", "micro_bsz", "epoch_steps", "epoch_count", "epoch_save",
               "accumulate_grad_batches", "devices", "num_nodes", "max_bad_steps")
     _positive(cfg, "epoch_begin", "warmup_steps", "random_seed", minimum=0)
+    if cfg.train_type not in ("", "infctx"):
+        raise ValueError(f"--train_type: expected infctx (or nothing), got {cfg.train_type!r}")
+    _positive(cfg, "chunk_ctx")
+    if cfg.quant not in ("none", "int8", "nf4"):
+        raise ValueError(f"--quant: expected none|int8|nf4, got {cfg.quant!r}")
     if not cfg.lr_init > 0 or cfg.lr_final < 0:
         raise ValueError(f"--lr_init must be > 0 and --lr_final >= 0, got {cfg.lr_init}, {cfg.lr_final}")
     if not 0 <= cfg.wsd_decay <= 1:

@@ -29,19 +29,19 @@ class L2Wrap(torch.autograd.Function):
     largest logit towards 0 with gradient 1e-4 * max / (B*T), which keeps logits from drifting up."""
 
     @staticmethod
-    def forward(ctx, loss: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, loss: torch.Tensor, logits: torch.Tensor, positions: int = 0) -> torch.Tensor:
         maxx, ids = logits.detach().max(-1, keepdim=True)
         ctx.save_for_backward(maxx, ids)
         ctx.shape, ctx.dtype = logits.shape, logits.dtype
+        ctx.positions = positions or maxx.numel()  # infctx: the whole sample's count, not the chunk's
         return loss
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
         maxx, ids = ctx.saved_tensors
-        positions = maxx.numel()
         gy = torch.zeros(ctx.shape, dtype=ctx.dtype, device=maxx.device)
-        gy.scatter_(-1, ids, (maxx * (1e-4 / positions) * grad).to(ctx.dtype))
-        return grad, gy
+        gy.scatter_(-1, ids, (maxx * (1e-4 / ctx.positions) * grad).to(ctx.dtype))
+        return grad, gy, None
 
 
 def masked_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -50,6 +50,20 @@ def masked_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor)
     m = mask.flatten().to(ce.dtype)
     loss = (ce * m).sum() / m.sum().clamp(min=1)
     return L2Wrap.apply(loss, logits)
+
+
+def infctx_masked_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_ctx: int) -> torch.Tensor:
+    """``masked_loss`` of the whole sample, computed in chunks of ``chunk_ctx`` tokens (--train_type infctx):
+    each chunk adds its share with whole-sample normalisers, so loss and gradients are the full-context ones."""
+    from rwkv_peft.train.infctx import infctx_loss, masked_ce_sum
+
+    mask = batch["mask"]
+    total, positions = mask.sum().clamp(min=1), mask.numel()
+
+    def share(logits: torch.Tensor, targets: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        return L2Wrap.apply(masked_ce_sum(logits, targets, m) / total, logits, positions)
+
+    return infctx_loss(model, batch["input_ids"], batch["targets"], mask, chunk_ctx, share)
 
 
 def _free_port() -> int:
@@ -211,6 +225,10 @@ def train(cfg: TrainConfig, dataset=None) -> dict:
     model = load_model(base_sd, device=device, dtype=torch.float32, op=cfg.op)
     del base_sd
     report = apply_peft(model, cfg.peft, peft_cfg)
+    if cfg.quant != "none":
+        from rwkv_peft.quant import quantize_base
+
+        report += " | " + quantize_base(model, cfg.quant)
     model.grad_cp = bool(cfg.grad_cp)
     start_epoch, step = cfg.epoch_begin, 0
     if resume_state is not None:
@@ -267,7 +285,10 @@ def train(cfg: TrainConfig, dataset=None) -> dict:
             t0, losses, bad_micro = time.time(), [], 0
             for micro in range(cfg.accumulate_grad_batches):
                 batch = get_batch(dataset, j, micro, cfg, device)
-                loss = masked_loss(engine(batch["input_ids"]), batch["targets"], batch["mask"])
+                if cfg.train_type == "infctx":
+                    loss = infctx_masked_loss(engine.module, batch, cfg.chunk_ctx)
+                else:
+                    loss = masked_loss(engine(batch["input_ids"]), batch["targets"], batch["mask"])
                 bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0])
                 dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank skips together
                 if bad.item():
