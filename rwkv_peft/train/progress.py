@@ -47,7 +47,7 @@ def plot_loss(log_path: Path, png_path: Path, title: str = "") -> None:
 
     steps = [r["step"] for r in records]
     loss = [r["loss"] for r in records]
-    k = max(1, len(loss) // 50)
+    k = max(1, min(len(loss) // 5, 50))
     smooth = [sum(loss[max(0, i - k + 1): i + 1]) / len(loss[max(0, i - k + 1): i + 1]) for i in range(len(loss))]
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     ax.plot(steps, loss, lw=0.6, alpha=0.4, label="loss")
