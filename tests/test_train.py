@@ -198,3 +198,24 @@ def test_bad_input_is_one_line_before_heavy_work(files, tmp_path, case):
     assert {"data": "--data_file", "checkpoint": "not an RWKV", "n_embd": "--n_embd 128",
             "strategy": "--strategy"}[case] in msg
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("peft,config", [("lora", '{"r":4,"alpha":8}'), ("pissa", '{"r":4,"alpha":8}'),
+                                         ("state", "")])
+def test_baselines_train_through_deepspeed(files, tmp_path: Path, peft: str, config: str) -> None:
+    """LoRA, PiSSA (its SVD factors must survive DeepSpeed's parameter broadcast) and state tuning
+    train in the same loop; the saved adapter holds exactly the method's tensors."""
+    out = tmp_path / peft
+    flag = "peft_config" if peft == "state" else "lora_config"
+    main(args(files, out, peft=peft, **{flag: config}, epoch_count=1, epoch_steps=6, lr_init=3e-2))
+    seen = losses(out)
+    if peft == "state":  # a start state cannot store a successor table; it must still train
+        assert all(np.isfinite(seen)) and adapter(out)["blocks.0.att.time_state"].abs().max() > 0
+    else:
+        assert sum(seen[-2:]) < sum(seen[:2])
+    leaves = {k.rsplit(".", 1)[-1] for k in adapter(out)}
+    want = {"lora": {"lora_A", "lora_B"}, "pissa": {"lora_A", "lora_B", "pissa_A0", "pissa_B0"},
+            "state": {"time_state"}}[peft]
+    assert leaves == want
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["method"] == peft

@@ -357,7 +357,8 @@ def train(cfg: TrainConfig, dataset=None) -> dict:
         if last_saved is not None:
             say(f"adapter: {last_saved} (also {proj / 'rwkv-final.pth'}); log {proj / 'train_log.jsonl'}; "
                 f"curve {proj / 'loss.png'}")
-            say(f"merge:   {merge_command(cfg, proj)}")
+            if cfg.peft != "state":  # a learned start state has no weight to fold into
+                say(f"merge:   {merge_command(cfg, proj)}")
         if wandb_run is not None:
             wandb_run.finish()
     return summary
