@@ -8,7 +8,6 @@ import warnings
 import torch
 
 from rwkv_peft.ops.checks import check_wkv7_inputs
-from rwkv_peft.ops.wkv5_torch import wkv5_torch
 from rwkv_peft.ops.wkv6_cpu import check_wkv6_inputs
 from rwkv_peft.ops.wkv6_torch import wkv6_torch
 from rwkv_peft.ops.wkv7_torch import wkv7_torch
@@ -140,17 +139,10 @@ def wkv5(
     state: torch.Tensor | None = None,
     op: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """WKV-5: (B, T, H, N) r, k, v with a constant decay w and bonus u (H, N). See ``wkv5_torch``."""
-    op = _resolve_op(op, r, "wkv6")
-    if op == "cpu":
-        from rwkv_peft.ops.wkv6_cpu import wkv5_cpu
+    """WKV-5: WKV-6 with a constant decay ``w`` (H, N) broadcast over batch and time. See ``wkv5_torch``.
 
-        return wkv5_cpu(r, w, k, v, u, state)
-    if op == "cuda":
-        from rwkv_peft.ops.wkv6_cuda import wkv5_cuda
-
-        return wkv5_cuda(r, w, k, v, u, state)
-    if op == "fla":
-        raise ValueError("--op fla: flash-linear-attention is wired for WKV-7 only; use cuda, cpu or torch")
-    check_wkv6_inputs((r, w.expand_as(r), k, v), u, state, "torch")
-    return wkv5_torch(r, w, k, v, u, state)
+    Every op (kernels and reference) is the WKV-6 one; autograd sums dw over B and T.
+    """
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        raise ValueError(f"wkv5: w must be the (H, N) time_decay, got {getattr(w, 'shape', type(w))}")
+    return wkv6(r, w.expand_as(r), k, v, u, state, op)

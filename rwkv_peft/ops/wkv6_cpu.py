@@ -102,16 +102,3 @@ def wkv6_cpu(
     y, sT = WKV6CPU.apply(*xs, s0, save)
     return y.to(r.dtype), sT
 
-
-def wkv5_cpu(
-    r: torch.Tensor,
-    w: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    u: torch.Tensor,
-    state: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """WKV-5 (constant decay ``w`` (H, N)) on the WKV-6 CPU kernel; autograd sums dw over B and T."""
-    if not isinstance(w, torch.Tensor) or w.dim() != 2:
-        raise ValueError(f"wkv5 (cpu): w must be the (H,N) time_decay, got {getattr(w, 'shape', type(w))}")
-    return wkv6_cpu(r, w.expand_as(r), k, v, u, state)

@@ -108,16 +108,3 @@ def wkv6_cuda(
     y, sT = WKV6CUDA.apply(*xs, u.float().contiguous(), s0, save)
     return y, sT
 
-
-def wkv5_cuda(
-    r: torch.Tensor,
-    w: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    u: torch.Tensor,
-    state: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """WKV-5 (constant decay ``w`` (H, N)) on the WKV-6 CUDA kernel; autograd sums dw over B and T."""
-    if not isinstance(w, torch.Tensor) or w.dim() != 2:
-        raise ValueError(f"wkv5 (cuda): w must be the (H,N) time_decay, got {getattr(w, 'shape', type(w))}")
-    return wkv6_cuda(r, w.expand_as(r), k, v, u, state)
