@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from rwkv_peft.model import rwkv5, rwkv6
-from rwkv_peft.model.checkpoint import read_state_dict, write_state_dict
+from rwkv_peft.model.checkpoint import read_state_dict, tensor_shape, write_state_dict
 from rwkv_peft.model.rwkv5 import RWKV5, RWKV5Config, init_rwkv5_
 from rwkv_peft.model.rwkv6 import RWKV6, RWKV6Config, init_rwkv6_
 from rwkv_peft.model.rwkv7 import RWKV7, RWKV7Config, init_rwkv7_
@@ -62,17 +62,11 @@ def detect_version(sd: Mapping[str, torch.Tensor], name: str = "checkpoint") -> 
     )
 
 
-def _shape(sd: Mapping[str, torch.Tensor], key: str, name: str) -> tuple[int, ...]:
-    if key not in sd:
-        raise ValueError(f"{name}: missing key {key!r}, needed to read the architecture")
-    return tuple(sd[key].shape)
-
-
 def _config_x070(sd: Mapping[str, torch.Tensor], name: str) -> RWKV7Config:
     """Architecture of an x070 checkpoint, read from its tensor shapes."""
-    vocab_size, n_embd = _shape(sd, "emb.weight", name)
+    vocab_size, n_embd = tensor_shape(sd, "emb.weight", name)
     layers = {int(k.split(".")[1]) for k in sd if k.startswith("blocks.")}
-    n_head, head_size = _shape(sd, "blocks.0.att.r_k", name)
+    n_head, head_size = tensor_shape(sd, "blocks.0.att.r_k", name)
     if n_head * head_size != n_embd:
         raise ValueError(
             f"{name}: blocks.0.att.r_k is {n_head}x{head_size}, expected heads x head_size = {n_embd}"
@@ -82,11 +76,11 @@ def _config_x070(sd: Mapping[str, torch.Tensor], name: str) -> RWKV7Config:
         n_embd=n_embd,
         vocab_size=vocab_size,
         head_size=head_size,
-        dim_ffn=_shape(sd, "blocks.0.ffn.key.weight", name)[0],
-        d_decay=_shape(sd, "blocks.0.att.w1", name)[1],
-        d_aaa=_shape(sd, "blocks.0.att.a1", name)[1],
-        d_mv=_shape(sd, "blocks.0.att.v1", name)[1],
-        d_gate=_shape(sd, "blocks.0.att.g1", name)[1],
+        dim_ffn=tensor_shape(sd, "blocks.0.ffn.key.weight", name)[0],
+        d_decay=tensor_shape(sd, "blocks.0.att.w1", name)[1],
+        d_aaa=tensor_shape(sd, "blocks.0.att.a1", name)[1],
+        d_mv=tensor_shape(sd, "blocks.0.att.v1", name)[1],
+        d_gate=tensor_shape(sd, "blocks.0.att.g1", name)[1],
     )
 
 

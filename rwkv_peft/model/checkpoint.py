@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -47,6 +48,13 @@ def read_state_dict(path: str | os.PathLike, mmap: bool = True) -> dict[str, tor
     ):
         raise ValueError(f"{path}: expected a dict of name -> tensor, got {type(sd).__name__}")
     return sd
+
+
+def tensor_shape(sd: Mapping[str, torch.Tensor], key: str, name: str) -> tuple[int, ...]:
+    """Shape of ``sd[key]``, for reading an architecture; a missing key is an error naming the file."""
+    if key not in sd:
+        raise ValueError(f"{name}: missing key {key!r}, needed to read the architecture")
+    return tuple(sd[key].shape)
 
 
 def write_state_dict(sd: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rwkv_peft.model.checkpoint import tensor_shape
 from rwkv_peft.model.rwkv7 import RWKV7, token_shift
 from rwkv_peft.ops import wkv6
 
@@ -48,17 +49,11 @@ class RWKV6Config:
         return self.dim_att // self.head_size
 
 
-def _shape(sd: Mapping[str, torch.Tensor], key: str, name: str) -> tuple[int, ...]:
-    if key not in sd:
-        raise ValueError(f"{name}: missing key {key!r}, needed to read the architecture")
-    return tuple(sd[key].shape)
-
-
 def read_common(sd: Mapping[str, torch.Tensor], name: str) -> dict[str, int]:
     """Architecture fields shared by x060 and x052, read from tensor shapes (heads from time_faaaa)."""
-    vocab_size, n_embd = _shape(sd, "emb.weight", name)
-    dim_att = _shape(sd, "blocks.0.att.key.weight", name)[0]
-    bonus = _shape(sd, "blocks.0.att.time_faaaa", name)
+    vocab_size, n_embd = tensor_shape(sd, "emb.weight", name)
+    dim_att = tensor_shape(sd, "blocks.0.att.key.weight", name)[0]
+    bonus = tensor_shape(sd, "blocks.0.att.time_faaaa", name)
     if len(bonus) != 2 or bonus[0] * bonus[1] != dim_att:
         raise ValueError(
             f"{name}: blocks.0.att.time_faaaa is {bonus}, expected (heads, head_size) with "
@@ -69,7 +64,7 @@ def read_common(sd: Mapping[str, torch.Tensor], name: str) -> dict[str, int]:
         n_embd=n_embd,
         vocab_size=vocab_size,
         head_size=bonus[1],
-        dim_ffn=_shape(sd, "blocks.0.ffn.key.weight", name)[0],
+        dim_ffn=tensor_shape(sd, "blocks.0.ffn.key.weight", name)[0],
         dim_att=dim_att,
     )
 
@@ -78,8 +73,8 @@ def config_from_state_dict(sd: Mapping[str, torch.Tensor], name: str = "checkpoi
     """Architecture of an x060 checkpoint, read from its tensor shapes."""
     return RWKV6Config(
         **read_common(sd, name),
-        d_mix=_shape(sd, "blocks.0.att.time_maa_w2", name)[1],
-        d_decay=_shape(sd, "blocks.0.att.time_decay_w1", name)[1],
+        d_mix=tensor_shape(sd, "blocks.0.att.time_maa_w2", name)[1],
+        d_decay=tensor_shape(sd, "blocks.0.att.time_decay_w1", name)[1],
     )
 
 
@@ -181,6 +176,8 @@ class RWKV6(nn.Module):
     time_params = ("time_maa_x", "time_maa_w", "time_maa_k", "time_maa_v", "time_maa_r", "time_maa_g",
                    "time_maa_w1", "time_maa_w2", "time_decay", "time_decay_w1", "time_decay_w2", "time_faaaa")
     train_part = RWKV7.train_part  # same grouping rule, driven by this class's time_params
+    set_op = RWKV7.set_op
+    forward = RWKV7.forward  # forward_state below differs: no value residual to carry
 
     def __init__(self, cfg, op: str = "auto"):
         super().__init__()
@@ -190,14 +187,6 @@ class RWKV6(nn.Module):
         self.ln_out = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.grad_cp = False
-
-    def set_op(self, op: str) -> None:
-        for block in self.blocks:
-            block.att.op = op
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Logits (B, T, V) for token ids (B, T), starting from the zero state."""
-        return self.forward_state(idx, None)[0]
 
     def forward_state(self, idx: torch.Tensor, state: list | None) -> tuple[torch.Tensor, list]:
         """Logits and the state after the last token; ``state`` is one list per block or None."""
