@@ -11,8 +11,9 @@ import re
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from rwkv_peft.train.infctx import masked_ce_sum
 
 _ANSWER = re.compile(r"####\s*([-+]?[\d,]*\.?\d+)")
 
@@ -36,9 +37,7 @@ def heldout_loss(model: nn.Module, samples: Sequence[dict[str, torch.Tensor]], b
         targets = torch.stack([s["targets"] for s in batch])
         mask = torch.stack([s["mask"] for s in batch])
         keep = int(mask.nonzero()[:, 1].max()) + 1 if mask.any() else 1  # skip the all-padding tail
-        logits = model(idx[:, :keep]).float()
-        ce = F.cross_entropy(logits.flatten(0, 1), targets[:, :keep].flatten(), reduction="none")
-        total += float((ce * mask[:, :keep].flatten()).sum())
+        total += float(masked_ce_sum(model(idx[:, :keep]), targets[:, :keep], mask[:, :keep]))
         count += float(mask.sum())
     model.train(was_training)
     if count == 0:

@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from rwkv_peft.train import progress
 from rwkv_peft.train.config import ARCH_FLAGS, TrainConfig, parse_args
 from rwkv_peft.train.ds_config import build_ds_config, check_supported
+from rwkv_peft.train.infctx import masked_ce_sum
 from rwkv_peft.train.schedule import lr_at
 
 STATE_FILE = "trainer_state.pt"
@@ -46,16 +46,14 @@ class L2Wrap(torch.autograd.Function):
 
 def masked_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over the positions the data set marks for training (mask 1), with L2Wrap."""
-    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-    m = mask.flatten().to(ce.dtype)
-    loss = (ce * m).sum() / m.sum().clamp(min=1)
+    loss = masked_ce_sum(logits, targets, mask) / mask.sum().clamp(min=1)
     return L2Wrap.apply(loss, logits)
 
 
 def infctx_masked_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_ctx: int) -> torch.Tensor:
     """``masked_loss`` of the whole sample, computed in chunks of ``chunk_ctx`` tokens (--train_type infctx):
     each chunk adds its share with whole-sample normalisers, so loss and gradients are the full-context ones."""
-    from rwkv_peft.train.infctx import infctx_loss, masked_ce_sum
+    from rwkv_peft.train.infctx import infctx_loss
 
     mask = batch["mask"]
     total, positions = mask.sum().clamp(min=1), mask.numel()
