@@ -135,7 +135,9 @@ def test_bench_methods_end_to_end_tiny(tmp_path):
     pytest.importorskip("rwkv_peft.train.__main__", reason="the trainer has not landed")
     text, sft = _tiny_data(tmp_path)
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # an in-process trainer test earlier in the session leaves its world-of-one rendezvous in os.environ
+    dist_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {**{k: v for k, v in os.environ.items() if k not in dist_vars}, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, str(SCRIPT), "--text", str(text), "--sft", str(sft), "--preset", "tiny",
                            "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
