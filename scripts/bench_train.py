@@ -1,27 +1,28 @@
-"""Training-step cost of MiSS vs full fine-tuning vs the frozen model's forward+backward, side by side.
+"""Training-step cost of MiSS, LoRA and full fine-tuning vs the frozen model's forward+backward, side by side.
 
     python scripts/bench_train.py [--n_layer 4 --n_embd 256 --ctx_len 256 --micro_bsz 4 --steps 5]
+    python scripts/bench_train.py --shape 0.1b          # the released 0.1B shape: L12 D768, vocab 65536, ctx 512
 
-One process, same model, data and threads for all three; each row is the fastest of --steps interleaved
-rounds after a warm-up step. The frozen row (no parameter gradients at all, only activation gradients) is
-the floor any adapter method can reach. Goal: a MiSS step <= 0.75x a full fine-tuning step.
+Each method lives in its own worker process (same model, data and thread count), so the peak RSS
+printed is that method's own; the parent drives one step per worker per round (interleaved rounds, so
+a busy neighbour slows all methods alike) and keeps each method's fastest round after a warm-up
+step. The frozen row (no parameter gradients at all, only activation gradients) is the floor any
+adapter method can reach. ``--profile METHOD`` prints torch.profiler's table of the top costs of one
+more step of that method. Goal: a MiSS step <= 0.75x a full fine-tuning step.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import resource
 import sys
-import time
 from pathlib import Path
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
-
-from rwkv_peft.model import RWKV7Config, init_model  # noqa: E402
-from rwkv_peft.peft import apply_peft, parse_peft_config  # noqa: E402
-from rwkv_peft.train import masked_loss  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("frozen", "lora", "miss", "full")
+# released RWKV-7 shapes (n_layer, n_embd, vocab) with the bench's batch for a 2-core CPU
+SHAPES = {"0.1b": {"n_layer": 12, "n_embd": 768, "vocab_size": 65536, "ctx_len": 512, "micro_bsz": 1, "steps": 3}}
 
 
 def rss_mb() -> float:
@@ -30,13 +31,22 @@ def rss_mb() -> float:
 
 def setup(method: str, a: argparse.Namespace):
     """(step function, trainable count) for one method on a fresh copy of the same model."""
+    import time
+
+    import torch
+
+    from rwkv_peft.model import RWKV7Config, init_model
+    from rwkv_peft.peft import apply_peft, parse_peft_config
+    from rwkv_peft.train import masked_loss
+
     cfg = RWKV7Config(a.n_layer, a.n_embd, a.vocab_size, a.head_size)
     model = init_model(cfg, seed=0, op=a.op)
     if method == "frozen":
         model.requires_grad_(False)
         model.emb.register_forward_hook(lambda m, i, out: out.requires_grad_(True))
     else:
-        apply_peft(model, method, parse_peft_config(method, a.miss_config if method == "miss" else ""))
+        flags = {"miss": a.miss_config, "lora": a.lora_config}
+        apply_peft(model, method, parse_peft_config(method, flags.get(method, "")))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None
@@ -57,37 +67,91 @@ def setup(method: str, a: argparse.Namespace):
     return step, sum(p.numel() for p in params)
 
 
-def main() -> None:
+def profile_table(step, rows: int) -> str:
+    """torch.profiler's table of one step, ops sorted by their own CPU time."""
+    import torch
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def worker(method: str, a: argparse.Namespace, conn) -> None:
+    """One method's process: answers "step" with the step's seconds, "profile" with a table, "rss" with MiB."""
+    sys.path.insert(0, str(ROOT))  # run from a clone without installing
+    step, trainable = setup(method, a)
+    conn.send(trainable)
+    while (cmd := conn.recv()) != "stop":
+        conn.send(step() if cmd == "step" else profile_table(step, a.profile_rows) if cmd == "profile" else rss_mb())
+
+
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), help="a released model shape (sets the defaults below)")
     p.add_argument("--n_layer", type=int, default=4)
     p.add_argument("--n_embd", type=int, default=256)
     p.add_argument("--head_size", type=int, default=64)
     p.add_argument("--vocab_size", type=int, default=65536)
     p.add_argument("--ctx_len", type=int, default=256)
     p.add_argument("--micro_bsz", type=int, default=4)
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=5, help="interleaved rounds; each method's fastest is kept")
     p.add_argument("--op", default="auto")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--miss_config", default='{"r":64,"mode":"balance"}')
+    p.add_argument("--lora_config", default='{"r":32,"alpha":32}')
+    p.add_argument("--profile", default="miss", help="method whose step is profiled ('' for none)")
+    p.add_argument("--profile_rows", type=int, default=15)
+    shape = p.parse_known_args()[0].shape
+    if shape:
+        p.set_defaults(**SHAPES[shape])  # explicit flags still win
     a = p.parse_args()
+    a.methods = a.methods.split(",")
+    bad = [m for m in a.methods if m not in METHODS] + ([a.profile] if a.profile and a.profile not in a.methods else [])
+    if bad:
+        p.error(f"--methods/--profile: unknown or unselected method(s) {bad}; choose from {','.join(METHODS)}")
+    return a
+
+
+def main() -> None:
+    a = parse_args()
+    ctx = mp.get_context("spawn")  # fresh interpreters: each worker's peak RSS is its own
+    pipes = {}
+    for m in a.methods:
+        here, there = ctx.Pipe()
+        ctx.Process(target=worker, args=(m, a, there), daemon=True).start()
+        pipes[m] = here
+    rows = {m: {"method": m, "trainable": pipe.recv(), "times": []} for m, pipe in pipes.items()}
+    import torch  # after the workers started: only for the thread count printed
+
     print(f"RWKV-7 L{a.n_layer} D{a.n_embd} vocab {a.vocab_size}, {a.micro_bsz}x{a.ctx_len} tokens/step, "
-          f"op {a.op}, {torch.get_num_threads()} threads, best of {a.steps} interleaved rounds")
-    methods = ("frozen", "miss", "full")
-    rows = {}
-    for m in methods:  # peak RSS only grows: cheapest first, each row shows the peak so far
-        rows[m] = dict(zip(("step", "trainable"), setup(m, a), strict=True), method=m, times=[], rss_mb=rss_mb())
-    for _ in range(a.steps):  # interleaved rounds, so a busy neighbour slows all methods alike
-        for m in methods:
-            rows[m]["times"].append(rows[m]["step"]())
+          f"op {a.op}, {torch.get_num_threads()} threads, best of {a.steps} interleaved rounds, one process per method")
+    for _ in range(a.steps):
+        for m, pipe in pipes.items():
+            pipe.send("step")
+            rows[m]["times"].append(pipe.recv())
+    if a.profile:
+        pipes[a.profile].send("profile")
+        table = pipes[a.profile].recv()
+    for m, pipe in pipes.items():
+        pipe.send("rss")
+        rows[m]["rss_mb"] = pipe.recv()
+        pipe.send("stop")
     for r in rows.values():  # the fastest round: the least disturbed by other processes
         r["step_s"] = min(r["times"])
         r["tok_s"] = a.micro_bsz * a.ctx_len / r["step_s"]
-    full = rows["full"]["step_s"]
+    full = rows["full"]["step_s"] if "full" in rows else None
     print(f"{'method':<8} {'trainable':>12} {'step s':>8} {'tok/s':>8} {'x full':>7} {'peak RSS MiB':>13}")
     for r in rows.values():
-        print(f"{r['method']:<8} {r['trainable']:>12,} {r['step_s']:>8.3f} {r['tok_s']:>8.0f} "
-              f"{r['step_s'] / full:>7.2f} {r['rss_mb']:>13.0f}")
-    ratio = rows["miss"]["step_s"] / full
-    print(f"MiSS step / full fine-tuning step = {ratio:.2f} (goal <= 0.75: {'met' if ratio <= 0.75 else 'NOT met'})")
+        rel = f"{r['step_s'] / full:>7.2f}" if full else f"{'-':>7}"
+        print(f"{r['method']:<8} {r['trainable']:>12,} {r['step_s']:>8.3f} {r['tok_s']:>8.1f} {rel} "
+              f"{r['rss_mb']:>13.0f}")
+    if full and "miss" in rows:
+        ratio = rows["miss"]["step_s"] / full
+        verdict = "met" if ratio <= 0.75 else "NOT met"
+        print(f"MiSS step / full fine-tuning step = {ratio:.2f} (goal <= 0.75: {verdict})")
+    if a.profile:
+        print(f"\ntop costs of one {a.profile} step (torch.profiler, sorted by self CPU time):")
+        print(table)
 
 
 if __name__ == "__main__":
