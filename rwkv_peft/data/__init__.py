@@ -1,31 +1,33 @@
-"""Data pipeline: binidx / jsonl / sft sources, the get / pad / sft samplers, tokenizers.
+"""Data pipeline: binidx / jsonl / sft / chat sources, the get / pad / sft samplers, tokenizers.
 
-The trainer needs only `build_dataset` and `get_tokenizer`.
+The trainer needs `build_dataset`, `load_documents` (held-out data) and `get_tokenizer`.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
 
 from .binidx import BinIdx, BinIdxWriter
+from .chat import ChatTemplate, load_chat, open_chat_binidx
 from .dataset import DocDataset, GetDataset, largest_magic_prime, permute
 from .jsonl import JsonlStats, iter_jsonl
-from .tokenizer import END_TOKEN, get_tokenizer
+from .tokenizer import END_TOKEN, check_vocab_range, get_tokenizer
 
-__all__ = ["DEFAULT_SFT_TEMPLATE", "BinIdx", "BinIdxWriter", "DocDataset", "GetDataset",
-           "build_dataset", "get_tokenizer", "largest_magic_prime", "load_sft", "load_texts",
-           "permute", "render_sft"]
+__all__ = ["DATA_TYPES", "DEFAULT_SFT_TEMPLATE", "BinIdx", "BinIdxWriter", "ChatTemplate",
+           "DocDataset", "Documents", "GetDataset", "build_dataset", "get_tokenizer",
+           "is_binidx_path", "largest_magic_prime", "load_chat", "load_documents", "load_sft",
+           "load_texts", "permute", "render_sft"]
+
+DATA_TYPES = ("binidx", "jsonl", "sft", "chat")
 
 DEFAULT_SFT_TEMPLATE = "User: {prompt}\n\nAssistant: {response}"
-
-
-def _check_range(ids: np.ndarray, vocab_size: int, where: str) -> None:
-    if len(ids) and int(ids.max()) >= vocab_size:
-        raise ValueError(f"{where}: token id {int(ids.max())} >= model vocab_size {vocab_size} "
-                         "(tokenizer and model do not match)")
 
 
 def _checked(*_: object) -> None:
@@ -39,7 +41,7 @@ def load_texts(path: str, vocab_size: int, tokenizer: str = "world", strict: boo
     stats, docs = JsonlStats(path), []
     for lineno, (text,) in iter_jsonl(path, (field,), stats, strict):
         ids = np.append(tok.encode_array(text), END_TOKEN).astype(np.int32)
-        _check_range(ids, vocab_size, f"{path}:{lineno}")
+        check_vocab_range(ids, vocab_size, f"{path}:{lineno}")
         docs.append(ids)
         stats.documents += 1
         stats.tokens += len(ids)
@@ -92,7 +94,7 @@ def load_sft(path: str, vocab_size: int, ctx_len: int, tokenizer: str = "world",
         m = min(len(head_ids), len(ids))
         diff = np.flatnonzero(ids[:m] != head_ids[:m])
         k = int(diff[0]) if len(diff) else m
-        _check_range(ids, vocab_size, f"{path}:{lineno}")
+        check_vocab_range(ids, vocab_size, f"{path}:{lineno}")
         if k >= ctx_len + 1:
             stats.skip(f"prompt longer than ctx_len {ctx_len}", lineno)
             continue
@@ -106,15 +108,106 @@ def load_sft(path: str, vocab_size: int, ctx_len: int, tokenizer: str = "world",
     return docs, np.asarray(starts, dtype=np.int64), stats
 
 
+def is_binidx_path(data_file: str) -> bool:
+    """A `chat` data file is a jsonl file, or the PREFIX of a `make_binidx --chat` pair."""
+    return data_file.endswith((".bin", ".idx")) or not os.path.isfile(data_file)
+
+
+@dataclass
+class Documents:
+    """One data file as documents: tokens (arrays or a memory-mapped BinIdx), where the loss
+    goes (per-token flags for chat, a start per document for sft, else every target), and
+    which documents a one-document-per-sample loader may use."""
+
+    docs: Sequence[np.ndarray] | BinIdx
+    name: str
+    summary: str
+    flags: Sequence[np.ndarray] | BinIdx | None = None
+    loss_start: np.ndarray | None = None
+    order: np.ndarray | None = None
+
+    def check(self, vocab_size: int) -> Callable[[int, np.ndarray], None]:
+        """The id-range check of document d (a BinIdx is checked window by window)."""
+        if isinstance(self.docs, BinIdx):
+            return partial(self.docs.check_doc, vocab_size)
+        return _checked
+
+    def sampler(self, ctx_len: int, vocab_size: int, samples_per_epoch: int = 1, seed: int = 0,
+                rank: int = 0, world_size: int = 1) -> DocDataset:
+        return DocDataset(self.docs, self.check(vocab_size), ctx_len, samples_per_epoch, seed,
+                          rank, world_size, loss_start=self.loss_start, order=self.order,
+                          flags=self.flags)
+
+
+def _binidx_order(tokens: BinIdx, flags: BinIdx | None, ctx_len: int, too_long: str,
+                  counts: dict) -> np.ndarray | None:
+    """Documents a padded sample can learn from (>= 2 tokens; chat: a trained token within
+    ctx_len, not over-long under --too_long drop); counts what was left out or truncated."""
+    usable = tokens.sizes >= 2
+    if flags is not None:
+        long = tokens.sizes > ctx_len + 1
+        if too_long == "drop":
+            counts[f"dropped: longer than ctx_len+1 = {ctx_len + 1} tokens"] = int((usable & long).sum())
+            usable &= ~long
+        counts[f"truncated to ctx_len+1 = {ctx_len + 1} tokens"] = int((usable & long).sum())
+        for d in np.flatnonzero(usable):
+            if not flags[d][1 : ctx_len + 1].any():
+                usable[d] = False
+                counts["dropped: no assistant token within ctx_len"] += 1
+    return None if usable.all() else np.flatnonzero(usable)
+
+
+def load_documents(data_file: str, data_type: str, ctx_len: int, vocab_size: int,
+                   tokenizer: str = "world", sft_field: tuple[str, str] = ("question", "answer"),
+                   sft_template: str | None = None, chat_template: str | None = None,
+                   too_long: str = "truncate", strict: bool = False, padded: bool = True
+                   ) -> Documents:
+    """Read (tokenize) a data file of any --data_type. padded: samples are one document each
+    (pad / sft), so documents longer than ctx_len+1 are cut (counted, or dropped for chat with
+    too_long='drop') and ones with nothing to learn in the window are left out."""
+    if data_type not in DATA_TYPES:
+        raise ValueError(f"--data_type {data_type!r}: expected {', '.join(DATA_TYPES)}")
+    if data_type == "binidx" or (data_type == "chat" and is_binidx_path(data_file)):
+        if data_type == "chat":
+            tokens, flags = open_chat_binidx(data_file)
+        else:
+            tokens, flags = BinIdx(data_file), None
+        # small files are checked up front; big ones window by window
+        if tokens.num_tokens * tokens.dtype.itemsize <= 1 << 30:
+            tokens.check_ids(vocab_size)
+        counts: dict = Counter()
+        order = _binidx_order(tokens, flags, ctx_len, too_long, counts) if padded else None
+        if order is not None and len(order) == 0:
+            raise ValueError(f"{tokens.bin_path}: no document has anything to learn within "
+                             f"ctx_len {ctx_len} ({dict(counts) or 'every one has < 2 tokens'})")
+        summary = (f"{tokens.prefix}: {len(tokens)} documents, {tokens.num_tokens} tokens "
+                   f"({tokens.dtype.name})")
+        if flags is not None:
+            summary += f", {int(flags.tokens.sum(dtype=np.int64))} trained"
+        summary += "".join(f"; {n} {what}" for what, n in counts.items() if n)
+        return Documents(tokens, tokens.bin_path, summary, flags=flags, order=order)
+    if data_type == "jsonl":
+        docs, stats = load_texts(data_file, vocab_size, tokenizer, strict)
+        return Documents(docs, data_file, stats.summary())
+    if data_type == "sft":
+        docs, starts, stats = load_sft(data_file, vocab_size, ctx_len, tokenizer, sft_field,
+                                       sft_template, strict)
+        return Documents(docs, data_file, stats.summary(), loss_start=starts)
+    docs, flags, stats = load_chat(data_file, vocab_size, ctx_len, tokenizer,
+                                   ChatTemplate.load(chat_template), too_long, strict, padded)
+    return Documents(docs, data_file, stats.summary(), flags=flags)
+
+
 def build_dataset(data_file: str, data_type: str, dataload: str, ctx_len: int,
                   vocab_size: int, samples_per_epoch: int, seed: int, rank: int = 0,
                   world_size: int = 1, tokenizer: str = "world",
                   sft_field: tuple[str, str] = ("question", "answer"),
                   sft_template: str | None = None, magic_prime: int = 0,
-                  strict: bool = False) -> GetDataset | DocDataset:
+                  strict: bool = False, chat_template: str | None = None,
+                  too_long: str = "truncate") -> GetDataset | DocDataset:
     """The training data set the trainer iterates; see rwkv_peft/data/dataset.py."""
-    if data_type not in ("binidx", "jsonl", "sft"):
-        raise ValueError(f"--data_type {data_type!r}: expected binidx, jsonl or sft")
+    if data_type not in DATA_TYPES:
+        raise ValueError(f"--data_type {data_type!r}: expected {', '.join(DATA_TYPES)}")
     if data_type == "sft":
         dataload = "sft"
     elif dataload not in ("get", "pad"):
@@ -124,41 +217,22 @@ def build_dataset(data_file: str, data_type: str, dataload: str, ctx_len: int,
         raise ValueError(f"--magic_prime applies to --dataload get, not {dataload}")
     common = dict(ctx_len=ctx_len, samples_per_epoch=samples_per_epoch, seed=seed, rank=rank,
                   world_size=world_size)
-
-    if data_type == "binidx":
-        data = BinIdx(data_file)
-        # small files are checked up front; big ones window by window
-        if data.num_tokens * data.dtype.itemsize <= 1 << 30:
-            data.check_ids(vocab_size)
-        if dataload == "get":
-            ds = GetDataset(data, partial(data.check_ids, vocab_size), data.bin_path,
-                            magic_prime=magic_prime, longest_doc=int(data.sizes.max()),
-                            **common)
+    data = load_documents(data_file, data_type, ctx_len, vocab_size, tokenizer, sft_field,
+                          sft_template, chat_template, too_long, strict,
+                          padded=dataload != "get")
+    if dataload == "get":
+        if isinstance(data.docs, BinIdx):
+            stream, flags, check = data.docs, data.flags, partial(data.docs.check_ids, vocab_size)
+            longest = int(data.docs.sizes.max())
         else:
-            order = None
-            usable = data.sizes >= 2
-            if not usable.all():
-                order = np.flatnonzero(usable)
-                if len(order) == 0:
-                    raise ValueError(f"{data.bin_path}: every document has < 2 tokens; "
-                                     "nothing to learn with --dataload pad")
-            ds = DocDataset(data, partial(data.check_doc, vocab_size), order=order, **common)
-        ds.summary = (f"{data.prefix}: {len(data)} documents, {data.num_tokens} tokens "
-                      f"({data.dtype.name})")
-    elif data_type == "jsonl":
-        docs, stats = load_texts(data_file, vocab_size, tokenizer, strict)
-        if dataload == "get":
-            stream = np.concatenate(docs)
-            ds = GetDataset(stream, _checked, data_file, magic_prime=magic_prime,
-                            longest_doc=max(len(d) for d in docs), **common)
-        else:
-            ds = DocDataset(docs, _checked, **common)
-        ds.summary = stats.summary()
+            stream, check = np.concatenate(data.docs), _checked
+            flags = None if data.flags is None else np.concatenate(data.flags)
+            longest = max(len(d) for d in data.docs)
+        ds = GetDataset(stream, check, data.name, magic_prime=magic_prime, longest_doc=longest,
+                        flags=flags, **common)
     else:
-        docs, starts, stats = load_sft(data_file, vocab_size, ctx_len, tokenizer, sft_field,
-                                       sft_template, strict)
-        ds = DocDataset(docs, _checked, loss_start=starts, **common)
-        ds.summary = stats.summary()
+        ds = data.sampler(ctx_len, vocab_size, samples_per_epoch, seed, rank, world_size)
+    ds.summary = data.summary
     if rank == 0:
         print(f"data: {ds.summary}", file=sys.stderr)
     return ds

@@ -9,7 +9,9 @@ stream. Each sample is a dict of input_ids / targets (LongTensor[ctx_len]) and m
   stream (documents back to back, each ending in token 0), or, with magic_prime, the
   RWKV-LM schedule that visits every ctx_len-aligned window exactly once.
 - pad / sft: one document per sample, truncated or padded with 0 to ctx_len; padding (and
-  in sft the prompt) is masked out. Documents are visited in a fresh pseudo-random order
+  in sft the prompt) is masked out.
+- chat: per-token loss flags (1 = trained as a target) travel with the tokens, in the
+  windows of `get` as in the documents of `pad`. Documents are visited in a fresh pseudo-random order
   on every pass over the data set, using a keyed permutation (no O(N) shuffle table).
 """
 
@@ -102,10 +104,13 @@ class GetDataset(_Samples):
 
     def __init__(self, stream: np.ndarray | BinIdx, check: Callable[[int, np.ndarray], None],
                  name: str, ctx_len: int, samples_per_epoch: int, seed: int, rank: int = 0,
-                 world_size: int = 1, magic_prime: int = 0, longest_doc: int | None = None):
-        """stream: the tokens, or a BinIdx (pickles by path for DataLoader workers)."""
+                 world_size: int = 1, magic_prime: int = 0, longest_doc: int | None = None,
+                 flags: np.ndarray | BinIdx | None = None):
+        """stream: the tokens, or a BinIdx (pickles by path for DataLoader workers); flags:
+        a loss flag per stream token (default: every target trained)."""
         super().__init__(ctx_len, samples_per_epoch, seed, rank, world_size)
         self.stream, self.check, self.magic_prime = stream, check, magic_prime
+        self.flags = flags
         self.n_tokens = n = stream.num_tokens if isinstance(stream, BinIdx) else len(stream)
         if n < ctx_len + 1:
             longest = "" if longest_doc is None else f", longest document {longest_doc}"
@@ -138,20 +143,27 @@ class GetDataset(_Samples):
         win = np.asarray(tokens[s : s + self.ctx_len + 1])
         self.check(s, win)
         win = torch.from_numpy(win.astype(np.int64))
-        return {"input_ids": win[:-1], "targets": win[1:],
-                "mask": torch.ones(self.ctx_len, dtype=torch.float32)}
+        if self.flags is None:
+            mask = torch.ones(self.ctx_len, dtype=torch.float32)
+        else:
+            flags = self.flags.tokens if isinstance(self.flags, BinIdx) else self.flags
+            mask = torch.from_numpy(np.asarray(flags[s + 1 : s + self.ctx_len + 1], np.float32))
+        return {"input_ids": win[:-1], "targets": win[1:], "mask": mask}
 
 
 class DocDataset(_Samples):
-    """One document per sample, padded/truncated; loss from token loss_start[d] on."""
+    """One document per sample, padded/truncated; loss from token loss_start[d] on, or
+    where the document's flags say."""
 
     def __init__(self, docs: Sequence[np.ndarray], check: Callable[[int, np.ndarray], None],
                  ctx_len: int, samples_per_epoch: int, seed: int, rank: int = 0,
                  world_size: int = 1, loss_start: np.ndarray | None = None,
-                 order: np.ndarray | None = None):
-        """order: the usable document indices (default all); loss_start is indexed like docs."""
+                 order: np.ndarray | None = None, flags: Sequence[np.ndarray] | None = None):
+        """order: the usable document indices (default all); loss_start and flags (a loss
+        flag per token) are indexed like docs."""
         super().__init__(ctx_len, samples_per_epoch, seed, rank, world_size)
         self.docs, self.check, self.loss_start, self.order = docs, check, loss_start, order
+        self.flags = flags
         self.n_docs = len(order) if order is not None else len(docs)
 
     def doc_of(self, i: int) -> int:
@@ -161,13 +173,25 @@ class DocDataset(_Samples):
         return int(self.order[d]) if self.order is not None else d
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        d = self.doc_of(i)
+        return self.doc_sample(self.doc_of(i))
+
+    def doc_flags(self, d: int, length: int | None = None) -> np.ndarray:
+        """Loss flags (uint8, 1 = trained target) of document d's first `length` tokens
+        (default: all)."""
+        length = len(self.docs[d]) if length is None else min(length, len(self.docs[d]))
+        if self.flags is not None:
+            return np.asarray(self.flags[d][:length], dtype=np.uint8)
+        flags = np.zeros(length, dtype=np.uint8)
+        flags[1 if self.loss_start is None else max(int(self.loss_start[d]), 1):] = 1
+        return flags
+
+    def doc_sample(self, d: int) -> dict[str, torch.Tensor]:
+        """The sample of document d: its first ctx_len+1 tokens, padded."""
         doc = np.asarray(self.docs[d][: self.ctx_len + 1])
         self.check(d, doc)
         n = len(doc) - 1  # real targets
         ids = torch.zeros(self.ctx_len + 1, dtype=torch.long)
         ids[: n + 1] = torch.from_numpy(doc.astype(np.int64))
         mask = torch.zeros(self.ctx_len, dtype=torch.float32)
-        first = 0 if self.loss_start is None else max(int(self.loss_start[d]) - 1, 0)
-        mask[first:n] = 1.0
+        mask[:n] = torch.from_numpy(self.doc_flags(d, n + 1)[1:].astype(np.float32))
         return {"input_ids": ids[:-1], "targets": ids[1:], "mask": mask}

@@ -22,8 +22,10 @@ class JsonlStats:
     path: str
     documents: int = 0
     tokens: int = 0
+    trained: int | None = None  # tokens carrying loss, where a mask decides (chat)
     skipped: Counter = field(default_factory=Counter)
     first_line: dict = field(default_factory=dict)
+    kept_changed: Counter = field(default_factory=Counter)  # kept but altered, e.g. truncated
 
     def skip(self, reason: str, lineno: int) -> None:
         self.skipped[reason] += 1
@@ -31,7 +33,11 @@ class JsonlStats:
 
     def summary(self, with_path: bool = True) -> str:
         s = f"{self.documents} documents, {self.tokens} tokens"
+        if self.trained is not None:
+            s += f" ({self.trained} trained)"
         s = f"{self.path}: {s}" if with_path else s
+        for what, n in self.kept_changed.most_common():
+            s += f"; {n} {what}"
         if self.skipped:
             parts = [f"{n} {r} (first at line {self.first_line[r]})"
                      for r, n in self.skipped.most_common()]
@@ -39,9 +45,8 @@ class JsonlStats:
         return s
 
 
-def _line_values(raw: bytes, fields: tuple[str, ...], allow_empty: tuple[str, ...]
-                 ) -> tuple[str | None, tuple[str, ...] | None]:
-    """(reason to skip or None, field values) of one line; reason '' for a blank line."""
+def _line_object(raw: bytes) -> tuple[str | None, dict | None]:
+    """(reason to skip or None, the JSON object) of one line; reason '' for a blank line."""
     try:
         obj = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
@@ -50,6 +55,15 @@ def _line_values(raw: bytes, fields: tuple[str, ...], allow_empty: tuple[str, ..
         return ("" if raw.isspace() else "not JSON"), None
     if not isinstance(obj, dict):
         return "not a JSON object", None
+    return None, obj
+
+
+def _line_values(raw: bytes, fields: tuple[str, ...], allow_empty: tuple[str, ...]
+                 ) -> tuple[str | None, tuple[str, ...] | None]:
+    """(reason to skip or None, field values) of one line; reason '' for a blank line."""
+    reason, obj = _line_object(raw)
+    if obj is None:
+        return reason, None
     for k in fields:
         if k not in obj:
             return f"missing field '{k}'", None
@@ -132,3 +146,27 @@ def iter_jsonl(path: str, fields: tuple[str, ...], stats: JsonlStats, strict: bo
     """Yield (line number, field values) for each usable line (see iter_jsonl_batches)."""
     for linenos, values, _ in iter_jsonl_batches(path, fields, stats, strict, allow_empty):
         yield from zip(linenos, values, strict=True)
+
+
+def reject(stats: JsonlStats, reason: str, lineno: int, strict: bool, expected: str) -> None:
+    """Count a bad line (skipped), or with strict=True raise the one-line error naming it."""
+    if strict:
+        raise ValueError(f"{stats.path}:{lineno}: {reason} (expected {expected})")
+    stats.skip(reason, lineno)
+
+
+def iter_jsonl_objects(path: str, stats: JsonlStats, strict: bool = False,
+                       expected: str = "a JSON object") -> Iterator[tuple[int, dict]]:
+    """Yield (line number, object) for each line holding a JSON object; the caller checks
+    its fields (and calls `reject` for bad ones). Blank lines are ignored."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: jsonl file not found")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
+            reason, obj = _line_object(raw)
+            if obj is not None:
+                yield lineno, obj
+            elif reason:
+                reject(stats, reason, lineno, strict, expected)

@@ -5,6 +5,11 @@
 One document per line (`{"text": ...}`), token 0 appended to each as RWKV-LM does.
 Streams line by line (memory: the 4-byte size of each document), shows a progress bar over
 the input bytes, prints a summary of documents, tokens and skipped lines.
+
+`--chat`: one conversation per line (rwkv_peft/data/chat.py: `{"messages": [...]}` or
+`{"text": "User: ...\n\nAssistant: ..."}`), rendered with the chat template; the per-token
+loss flags (uint8, 1 = trained) go to a second pair PREFIX.mask.bin/.idx with the same
+document sizes, which `--data_type chat --data_file PREFIX` reads.
 """
 
 from __future__ import annotations
@@ -12,10 +17,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from contextlib import ExitStack
 
+import numpy as np
 from tqdm import tqdm
 
 from .binidx import BinIdxWriter, split_prefix, token_dtype
+from .chat import EXPECTED, MASK_SUFFIX, ChatTemplate, iter_conversations
 from .jsonl import JsonlStats, iter_jsonl_batches
 from .tokenizer import END_TOKEN, get_tokenizer
 
@@ -45,6 +53,36 @@ def make_binidx(input_path: str, output_prefix: str, tokenizer: str = "world",
     return stats
 
 
+def make_chat_binidx(input_path: str, output_prefix: str, tokenizer: str = "world",
+                     chat_template: str | None = None, strict: bool = False,
+                     progress: bool = True) -> JsonlStats:
+    """Tokenize a chat jsonl into PREFIX.bin/.idx and its loss flags PREFIX.mask.bin/.idx."""
+    if not os.path.isfile(input_path):
+        raise FileNotFoundError(f"{input_path}: --input jsonl file not found")
+    template = ChatTemplate.load(chat_template)
+    tok = get_tokenizer(tokenizer)
+    stats = JsonlStats(input_path)
+    stats.trained = 0
+    prefix = split_prefix(output_prefix)
+    with ExitStack() as stack, tqdm(unit=" conversations", disable=not progress,
+                                    desc="tokenizing") as bar:
+        # closed in reverse order: the tokens land after their flags, and on error neither
+        out = stack.enter_context(BinIdxWriter(prefix, token_dtype(tok.vocab_size)))
+        flags_out = stack.enter_context(BinIdxWriter(prefix + MASK_SUFFIX, np.uint8))
+        for _, ids, flags in iter_conversations(input_path, tokenizer, template, stats, strict):
+            out.add_document(ids)
+            flags_out.add_document(flags)
+            stats.documents += 1
+            stats.tokens += len(ids)
+            stats.trained += int(flags.sum())
+            bar.update(1)
+        if stats.documents == 0:
+            raise ValueError(f"{input_path}: no usable conversations "
+                             f"({stats.summary(with_path=False)}); expected {EXPECTED}; "
+                             "nothing written")
+    return stats
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--input", required=True, help="jsonl file, one document per line")
@@ -52,17 +90,26 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokenizer", default="world",
                     help="'world' (RWKV World vocab) or a Hugging Face tokenizer.json path")
     ap.add_argument("--field", default="text", help="jsonl field holding the document text")
+    ap.add_argument("--chat", action="store_true",
+                    help="chat conversations; also writes the loss flags to PREFIX.mask.bin/.idx")
+    ap.add_argument("--chat_template", default="",
+                    help="JSON file overriding the RWKV chat template (with --chat)")
     ap.add_argument("--strict", action="store_true",
                     help="fail on a bad line instead of skipping and counting it")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     try:
-        stats = make_binidx(args.input, args.output, args.tokenizer, args.field, args.strict,
-                            progress=not args.quiet)
+        if args.chat:
+            stats = make_chat_binidx(args.input, args.output, args.tokenizer,
+                                     args.chat_template, args.strict, progress=not args.quiet)
+        else:
+            stats = make_binidx(args.input, args.output, args.tokenizer, args.field,
+                                args.strict, progress=not args.quiet)
     except (OSError, ValueError) as e:
         sys.exit(f"make_binidx: {e}")
     print(stats.summary())
-    print(f"wrote {split_prefix(args.output)}.bin and .idx")
+    prefix = split_prefix(args.output)
+    print(f"wrote {prefix}.bin and .idx" + (f", {prefix}{MASK_SUFFIX}.bin and .idx" if args.chat else ""))
 
 
 if __name__ == "__main__":

@@ -62,6 +62,13 @@ def load_world_vocab(path: str) -> dict[int, bytes]:
     return vocab
 
 
+def check_vocab_range(ids: np.ndarray, vocab_size: int, where: str) -> None:
+    """One-line error when a token id does not fit the model's vocab."""
+    if len(ids) and int(ids.max()) >= vocab_size:
+        raise ValueError(f"{where}: token id {int(ids.max())} >= model vocab_size {vocab_size} "
+                         "(tokenizer and model do not match)")
+
+
 def _cache_dir() -> Path:
     return Path(os.environ.get("RWKV_PEFT_CACHE", Path.home() / ".cache" / "rwkv_peft"))
 
@@ -118,6 +125,8 @@ class WorldTokenizer:
         self.vocab_file = vocab_file or world_vocab_path()
         self.idx2token = load_world_vocab(self.vocab_file)
         self.vocab_size = max(WORLD_VOCAB_SIZE, max(self.idx2token) + 1)
+        self._byte_len = np.zeros(self.vocab_size, dtype=np.int64)
+        self._byte_len[list(self.idx2token)] = [len(t) for t in self.idx2token.values()]
         self._lib = _load_trie_lib() if use_c else None
         self._trie = None
         if self._lib is not None:
@@ -219,6 +228,16 @@ class WorldTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.encode_bytes(text.encode("utf-8"))
 
+    def encode_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, character offset in `text` where each token starts): masks by text span."""
+        src = text.encode("utf-8")
+        ids = self.encode_array(text)
+        byte_start = np.zeros(len(ids), dtype=np.int64)
+        np.cumsum(self._byte_len[ids[:-1]], out=byte_start[1:])
+        # UTF-8: every byte that is not a continuation byte (10xxxxxx) starts a character
+        char_of_byte = np.cumsum((np.frombuffer(src, dtype=np.uint8) & 0xC0) != 0x80) - 1
+        return ids, char_of_byte[byte_start] if len(ids) else byte_start
+
     def decode(self, ids: list[int]) -> str:
         return b"".join(self.idx2token[i] for i in ids if i != END_TOKEN).decode(
             "utf-8", errors="replace")
@@ -251,6 +270,12 @@ class HFTokenizer:
 
     def encode_array(self, text: str) -> np.ndarray:
         return np.asarray(self.encode(text), dtype=np.int64)
+
+    def encode_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, character offset in `text` where each token starts)."""
+        enc = self._tok.encode(text, add_special_tokens=False)
+        return (np.asarray(enc.ids, dtype=np.int64),
+                np.asarray([o[0] for o in enc.offsets], dtype=np.int64))
 
     def encode_documents(self, texts: list[str], eod: int = END_TOKEN
                          ) -> tuple[np.ndarray, np.ndarray]:
