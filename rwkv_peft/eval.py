@@ -63,14 +63,15 @@ def greedy_generate(
         raise ValueError("greedy_generate: every prompt needs at least one token")
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     last, states = [], []
     for p in prompts:
-        logits, state = model.forward_state(torch.tensor([list(p)], dtype=torch.long), None)
+        logits, state = model.forward_state(torch.tensor([list(p)], dtype=torch.long, device=device), None)
         last.append(logits[:, -1])
         states.append(state)
     logits, state = torch.cat(last), _cat_states(states)
     out: list[list[int]] = [[] for _ in prompts]
-    done = torch.zeros(len(prompts), dtype=torch.bool)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):
         tok = logits.float().argmax(-1)
         for i in range(len(prompts)):

@@ -24,6 +24,8 @@ class TrainConfig:
     tokenizer: str = "world"
     sft_field: tuple[str, str] = ("question", "answer")
     sft_template: str = ""
+    chat_template: str = ""
+    too_long: str = "truncate"
     magic_prime: int = 0
     ctx_len: int = 512
     micro_bsz: int = 1
@@ -60,6 +62,12 @@ class TrainConfig:
     quant: str = "none"
     resume: int = 0
     wandb: str = ""
+    tensorboard: str = ""
+    eval_data: str = ""
+    eval_every: int = 0
+    eval_samples: int = 2
+    eval_max_tokens: int = 64
+    save_best: int = 0
     max_bad_steps: int = 20
     progress: int = 1
     n_layer: int = 0
@@ -102,8 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     helps = {
         "load_model": "base RWKV checkpoint (.pth/.safetensors); architecture is read from it",
         "proj_dir": "output dir: rwkv-<epoch>.pth, adapter_config.json, train_log.jsonl, loss.png",
-        "data_type": "binidx (PREFIX of .bin/.idx) | jsonl ({'text':...}) | sft (question/answer jsonl)",
+        "data_type": "binidx (PREFIX of .bin/.idx) | jsonl ({'text':...}) | sft (question/answer jsonl) | "
+                     "chat ({'messages':[{'role','content'}...]} or {'text':'User: ...'} jsonl, or a "
+                     "make_binidx --chat PREFIX; loss on assistant turns)",
         "dataload": "get (random windows) | pad (one document per sample)",
+        "chat_template": "JSON file overriding the RWKV chat template (keys system, user, assistant, "
+                         "separator, separator_in_content)",
+        "too_long": "chat with --dataload pad: truncate | drop conversations longer than ctx_len+1 tokens",
         "sft_field": "two jsonl field names: prompt response",
         "epoch_steps": "optimizer steps per 'epoch' (RWKV-LM's mini-epoch)",
         "lr_schedule": "cos (warmup, cosine lr_init->lr_final) | wsd (warmup, stable, decay) | const",
@@ -123,7 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
         "chunk_ctx": "tokens per chunk with --train_type infctx (memory of one chunk's activations)",
         "quant": "none | int8 | nf4: keep the frozen base linears quantized (bitsandbytes)",
         "resume": "1: continue from the latest checkpoint in proj_dir (optimizer, schedule, data position)",
-        "wandb": "wandb project name (empty: off)",
+        "wandb": "wandb project name (empty: off; WANDB_MODE=offline logs locally)",
+        "tensorboard": "directory for TensorBoard event files (empty: off)",
+        "eval_data": "held-out file in the --data_type format: loss over the training mask, and generations",
+        "eval_every": "evaluate every N optimizer steps (and at step 0 and the last step); 0: off",
+        "eval_samples": "sampled generations per evaluation, from the first held-out prompts",
+        "eval_max_tokens": "most tokens per eval generation",
+        "save_best": "1: keep the adapter with the lowest eval loss as rwkv-best.pth",
         "max_bad_steps": "stop after this many NaN/inf losses in a row",
         "progress": "0: no progress bar (log lines instead)",
     }
@@ -164,8 +183,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--accelerator: expected one of {'|'.join(ACCELERATORS)}, got {cfg.accelerator!r}")
     if cfg.lr_schedule not in ("cos", "wsd", "const"):
         raise ValueError(f"--lr_schedule: expected cos|wsd|const, got {cfg.lr_schedule!r}")
-    if cfg.grad_cp not in (0, 1) or cfg.resume not in (0, 1):
-        raise ValueError("--grad_cp and --resume take 0 or 1")
+    if cfg.grad_cp not in (0, 1) or cfg.resume not in (0, 1) or cfg.save_best not in (0, 1):
+        raise ValueError("--grad_cp, --resume and --save_best take 0 or 1")
     _positive(cfg, "ctx_len", "micro_bsz", "epoch_steps", "epoch_count", "epoch_save",
               "accumulate_grad_batches", "devices", "num_nodes", "max_bad_steps")
     _positive(cfg, "epoch_begin", "warmup_steps", "random_seed", minimum=0)
@@ -184,11 +203,29 @@ def check_config(cfg: TrainConfig) -> None:
         raise FileNotFoundError(f"--load_model {cfg.load_model}: file not found")
     if not cfg.data_file:
         raise ValueError("--data_file: required")
-    if cfg.data_type == "binidx":
+    check_data_path("--data_file", cfg.data_file, cfg.data_type)
+    if cfg.too_long not in ("truncate", "drop"):
+        raise ValueError(f"--too_long: expected truncate|drop, got {cfg.too_long!r}")
+    if cfg.chat_template and not Path(cfg.chat_template).is_file():
+        raise FileNotFoundError(f"--chat_template {cfg.chat_template}: file not found")
+    _positive(cfg, "eval_every", "eval_samples", "eval_max_tokens", minimum=0)
+    if cfg.eval_data:
+        check_data_path("--eval_data", cfg.eval_data, cfg.data_type)
+        if not cfg.eval_every:
+            raise ValueError("--eval_data: set --eval_every N (evaluate every N steps)")
+    elif cfg.eval_every or cfg.save_best:
+        raise ValueError(f"--{'eval_every' if cfg.eval_every else 'save_best'}: needs --eval_data FILE "
+                         f"(held-out data in the --data_type {cfg.data_type} format)")
+
+
+def check_data_path(flag: str, path: str, data_type: str) -> None:
+    """A jsonl file, or for binidx (and pre-tokenised chat) both files of PREFIX.bin/.idx."""
+    if data_type == "binidx" or (data_type == "chat" and not Path(path).is_file()):
+        prefix = path[:-4] if path.endswith((".bin", ".idx")) else path
         for ext in (".bin", ".idx"):
-            prefix = cfg.data_file[:-4] if cfg.data_file.endswith((".bin", ".idx")) else cfg.data_file
             if not Path(prefix + ext).is_file():
-                raise FileNotFoundError(f"--data_file {cfg.data_file}: {prefix + ext} not found "
-                                        "(binidx expects PREFIX.bin and PREFIX.idx)")
-    elif not Path(cfg.data_file).is_file():
-        raise FileNotFoundError(f"--data_file {cfg.data_file}: file not found")
+                what = ("a chat jsonl file or a make_binidx --chat PREFIX" if data_type == "chat"
+                        else "PREFIX.bin and PREFIX.idx")
+                raise FileNotFoundError(f"{flag} {path}: {prefix + ext} not found (expected {what})")
+    elif not Path(path).is_file():
+        raise FileNotFoundError(f"{flag} {path}: file not found")

@@ -7,6 +7,7 @@ the same code runs in CI on a laptop CPU and under ``torchrun`` / ``deepspeed`` 
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import sys
@@ -19,9 +20,11 @@ from rwkv_peft.train import progress
 from rwkv_peft.train.config import ARCH_FLAGS, TrainConfig, parse_args
 from rwkv_peft.train.ds_config import build_ds_config, check_supported
 from rwkv_peft.train.infctx import masked_ce_sum
+from rwkv_peft.train.loggers import RunLog, check_loggers
 from rwkv_peft.train.schedule import lr_at
 
 STATE_FILE = "trainer_state.pt"
+BEST_FILE = "rwkv-best.pth"
 
 
 class L2Wrap(torch.autograd.Function):
@@ -189,6 +192,7 @@ def train(cfg: TrainConfig, dataset=None) -> dict:
     if on_gpu and not torch.cuda.is_available():
         raise ValueError(f"--accelerator {cfg.accelerator}: no CUDA device is available; use --accelerator cpu")
     check_supported(cfg, on_gpu)
+    check_loggers(cfg)
     base_sd, arch = check_architecture(cfg)
     from rwkv_peft.peft import adapter_config, apply_peft, load_adapter, parse_peft_config, trainable_state_dict
 
@@ -216,7 +220,15 @@ def train(cfg: TrainConfig, dataset=None) -> dict:
         dataset = build_dataset(cfg.data_file, cfg.data_type, cfg.dataload, cfg.ctx_len, arch.vocab_size,
                                 samples_per_epoch, cfg.random_seed, rank=rank, world_size=world,
                                 tokenizer=cfg.tokenizer, sft_field=cfg.sft_field,
-                                sft_template=cfg.sft_template or None, magic_prime=cfg.magic_prime)
+                                sft_template=cfg.sft_template or None, magic_prime=cfg.magic_prime,
+                                chat_template=cfg.chat_template or None, too_long=cfg.too_long)
+    evaluator = None
+    if cfg.eval_data:
+        from rwkv_peft.train.evaluation import Evaluator
+
+        evaluator = Evaluator(cfg, arch.vocab_size)
+        if is_main:
+            print(f"eval data: {evaluator.summary}", file=sys.stderr)
 
     from rwkv_peft.model import load_model
 
@@ -261,7 +273,9 @@ def train(cfg: TrainConfig, dataset=None) -> dict:
                                    json.dumps(adapter_config(model, cfg.peft, peft_cfg), indent=2) + "\n")
         progress.write_text_atomic(proj / "train_config.json", json.dumps(effective, indent=2) + "\n")
         progress.truncate_log(proj / "train_log.jsonl", step if resume_state else -1)
-    wandb_run = _wandb(cfg, effective) if is_main else None
+    run_log = RunLog(cfg, proj, effective) if is_main else None
+    if evaluator is not None and resume_state is not None:
+        evaluator.remember(progress.read_log(proj / "train_log.jsonl") if is_main else [])
 
     import torch.distributed as dist
 
@@ -270,6 +284,9 @@ def train(cfg: TrainConfig, dataset=None) -> dict:
         from tqdm import tqdm
 
         bar = tqdm(total=steps_total, initial=step, unit="step", dynamic_ncols=True, file=sys.stdout)
+    note = bar.write if bar is not None else say
+    if evaluator is not None and step == 0:
+        evaluate(evaluator, engine, model, step, cfg, proj, run_log, note)
     bad_in_row, bad_total, tokens_seen, t_loop = 0, 0, 0, time.time()
     last_saved, finished = None, True
     for epoch in range(start_epoch, cfg.epoch_begin + cfg.epoch_count):
@@ -316,18 +333,22 @@ def train(cfg: TrainConfig, dataset=None) -> dict:
             tokens_seen += tokens_per_step
             dt = time.time() - t0
             record = {"step": step + 1, "epoch": epoch, "loss": loss_val, "lr": lr,
-                      "tokens": (step + 1) * tokens_per_step, "tok_s": tokens_per_step / max(dt, 1e-9)}
+                      "tokens": (step + 1) * tokens_per_step, "tok_s": tokens_per_step / max(dt, 1e-9),
+                      **grad_norm(engine)}
             step += 1
             if is_main:
-                progress.append_log(proj / "train_log.jsonl", record)
-                if wandb_run is not None:
-                    wandb_run.log(record, step=step)
+                run_log.log(record)
+                shown = {} if evaluator is None or evaluator.best_step is None else {
+                    "eval": f"{evaluator.best_loss:.4f}@{evaluator.best_step}"}
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}",
-                                    tok_s=f"{tokens_seen / (time.time() - t_loop):.0f}", refresh=False)
+                                    tok_s=f"{tokens_seen / (time.time() - t_loop):.0f}", **shown, refresh=False)
                     bar.update(1)
                 elif step % 10 == 0 or step == steps_total:
-                    say(f"step {step}/{steps_total} loss {loss_val:.4f} lr {lr:.2e} tok/s {record['tok_s']:.0f}")
+                    say(f"step {step}/{steps_total} loss {loss_val:.4f} lr {lr:.2e} tok/s {record['tok_s']:.0f}"
+                        + (f" best eval {shown['eval']}" if shown else ""))
+            if evaluator is not None and evaluator.due(step, steps_total):
+                evaluate(evaluator, engine, model, step, cfg, proj, run_log, note)
         if not finished:
             break
         last = epoch == cfg.epoch_begin + cfg.epoch_count - 1
@@ -347,6 +368,8 @@ def train(cfg: TrainConfig, dataset=None) -> dict:
                "train_tok_s": round(tokens_seen / max(time.time() - t_loop, 1e-9), 1),
                "peak_mem_mb": round(progress.peak_memory_mb(device), 1),
                "adapter": str(last_saved) if last_saved else None, "completed": finished, "model": model}
+    if evaluator is not None:
+        summary.update(best_step=evaluator.best_step, best_eval_loss=evaluator.best_loss)
     if is_main:
         say(f"done: trainable {progress.fmt_count(n_train)} / {progress.fmt_count(n_all)} params "
             f"({100 * n_train / n_all:.2f}%) | {progress.fmt_count(tokens_seen)} tokens in {wall:.0f}s "
@@ -357,9 +380,44 @@ def train(cfg: TrainConfig, dataset=None) -> dict:
                 f"curve {proj / 'loss.png'}")
             if cfg.peft != "state":  # a learned start state has no weight to fold into
                 say(f"merge:   {merge_command(cfg, proj)}")
-        if wandb_run is not None:
-            wandb_run.finish()
+        if evaluator is not None and evaluator.best_step is not None:
+            kept = f" (kept as {proj / BEST_FILE})" if cfg.save_best else ""
+            say(f"eval:    best held-out loss {evaluator.best_loss:.4f} at step {evaluator.best_step}{kept}; "
+                f"curve {proj / 'eval.png'}")
+        run_log.close()
     return summary
+
+
+def grad_norm(engine) -> dict[str, float]:
+    """The global gradient norm DeepSpeed computed for clipping at this step ({} when it has none)."""
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return {}
+    norm = float(norm)
+    return {"grad_norm": norm} if math.isfinite(norm) else {}
+
+
+def evaluate(evaluator, engine, model, step: int, cfg: TrainConfig, proj: Path, run_log: RunLog | None,
+             note) -> None:
+    """Held-out loss and generations at ``step`` (every rank), logged and plotted by rank 0; with
+    --save_best the adapter is kept as rwkv-best.pth whenever the loss is the best so far."""
+    from rwkv_peft.peft import trainable_state_dict
+
+    record = evaluator.run(engine.module, step)
+    if evaluator.improved and cfg.save_best:
+        sd = gathered_trainable(engine, model, trainable_state_dict)
+        if run_log is not None:
+            from rwkv_peft.model import write_state_dict
+
+            write_state_dict(sd, proj / BEST_FILE)
+    if run_log is None:
+        return
+    run_log.log(record)
+    progress.plot_eval(run_log.path, proj / "eval.png", f"{cfg.peft} on {Path(cfg.load_model).name}")
+    best = " (best)" if evaluator.improved else f" (best {evaluator.best_loss:.4f} at step {evaluator.best_step})"
+    note(f"eval step {step}: held-out loss {record['eval_loss']:.4f}{best}")
+    for i, s in enumerate(record["eval_samples"]):
+        note(f"  sample {i}: ...{s['prompt'][-60:]!r} -> {s['output'][:120]!r}")
 
 
 def merge_command(cfg: TrainConfig, proj: Path) -> str:
@@ -377,18 +435,22 @@ def _atomic_copy(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
+def gathered_trainable(engine, model, trainable_state_dict) -> dict[str, torch.Tensor]:
+    """The trainable tensors, whole on every rank (ZeRO-3 holds a slice per rank: gathered; collective)."""
+    if engine.zero_optimization_partition_weights():
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for p in model.parameters() if p.requires_grad]):
+            return trainable_state_dict(model)
+    return trainable_state_dict(model)
+
+
 def save_checkpoint(engine, model, proj: Path, epoch: int, step: int, is_main: bool, world: int,
                     trainable_state_dict) -> Path | None:
     """rwkv-<epoch>.pth (trainable tensors) and trainer_state.pt (optimizer per rank, RNG, position)."""
     import torch.distributed as dist
 
-    if engine.zero_optimization_partition_weights():  # ZeRO-3: each rank holds a slice; gather to save
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([p for p in model.parameters() if p.requires_grad]):
-            sd = trainable_state_dict(model)
-    else:
-        sd = trainable_state_dict(model)
+    sd = gathered_trainable(engine, model, trainable_state_dict)
     bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     opt_state = optimizer_state(inner_optimizer(engine))
     rng = torch.get_rng_state()
@@ -407,19 +469,6 @@ def save_checkpoint(engine, model, proj: Path, epoch: int, step: int, is_main: b
     _atomic_save({"epoch": epoch, "step": step, "adapter": path.name, "optimizer": gathered_opt,
                   "rng": gathered_rng}, proj / STATE_FILE)
     return path
-
-
-def _wandb(cfg: TrainConfig, effective: dict):
-    if not cfg.wandb:
-        return None
-    try:
-        import wandb
-    except ImportError:
-        print("note: --wandb given but the wandb package is not installed; logging to train_log.jsonl only",
-              file=sys.stderr)
-        return None
-    return wandb.init(project=cfg.wandb, config=effective,
-                      name=f"{cfg.peft}-{Path(cfg.proj_dir).name}")
 
 
 def main(argv: list[str] | None = None) -> dict:

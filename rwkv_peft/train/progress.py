@@ -47,11 +47,24 @@ def plot_loss(log_path: Path, png_path: Path, title: str = "") -> None:
 
     steps = [r["step"] for r in records]
     loss = [r["loss"] for r in records]
-    k = max(1, min(len(loss) // 5, 50))
-    smooth = [sum(loss[max(0, i - k + 1): i + 1]) / len(loss[max(0, i - k + 1): i + 1]) for i in range(len(loss))]
+    k, smooth = moving_average(loss)
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     ax.plot(steps, loss, lw=0.6, alpha=0.4, label="loss")
     ax.plot(steps, smooth, lw=1.8, label=f"mean of {k}")
+    _save_figure(fig, ax, png_path, title)
+
+
+def moving_average(values: list[float]) -> tuple[int, list[float]]:
+    """(window, trailing mean over a window of a fifth of the run, at most 50)."""
+    k = max(1, min(len(values) // 5, 50))
+    return k, [sum(values[max(0, i - k + 1): i + 1]) / len(values[max(0, i - k + 1): i + 1])
+               for i in range(len(values))]
+
+
+def _save_figure(fig, ax, png_path: Path, title: str) -> None:
+    """Label the loss axes and write the PNG atomically."""
+    import matplotlib.pyplot as plt
+
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("masked cross-entropy")
     ax.set_title(title)
@@ -60,9 +73,35 @@ def plot_loss(log_path: Path, png_path: Path, title: str = "") -> None:
     fig.tight_layout()
     fd, tmp = tempfile.mkstemp(prefix=f".{png_path.name}.", suffix=".png", dir=png_path.parent)
     os.close(fd)
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, png_path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+
+
+def plot_eval(log_path: Path, png_path: Path, title: str = "") -> None:
+    """Held-out loss per evaluation (best marked) over the training loss's moving average."""
+    records = read_log(log_path)
+    evals = [r for r in records if "eval_loss" in r]
+    if not evals:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if "loss" in r]
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    if train:
+        k, smooth = moving_average([r["loss"] for r in train])
+        ax.plot([r["step"] for r in train], smooth, lw=1.2, alpha=0.6, label=f"train loss (mean of {k})")
+    ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", lw=1.8, label="held-out loss")
+    best = min(evals, key=lambda r: r["eval_loss"])
+    ax.plot([best["step"]], [best["eval_loss"]], "*", ms=14,
+            label=f"best: {best['eval_loss']:.4f} at step {best['step']}")
+    _save_figure(fig, ax, png_path, title)
 
 
 def fmt_count(n: float) -> str:
