@@ -5,7 +5,12 @@
 # RWKV-7 base, generates arithmetic word problems, trains MiSS on them, then merges the adapter.
 LOAD_MODEL=${LOAD_MODEL:-out/demo/base.pth}   # base .pth; the demo creates it when absent
 DATA_FILE=${DATA_FILE:-out/demo/demo.jsonl}   # the demo generates it when absent
-DATA_TYPE=${DATA_TYPE:-sft}                   # binidx | jsonl | sft
+DATA_TYPE=${DATA_TYPE:-sft}                   # binidx | jsonl | sft | chat
+EVAL_DATA=${EVAL_DATA:-}                      # held-out file in the DATA_TYPE format; empty: none (the demo makes one)
+EVAL_EVERY=${EVAL_EVERY:-50}                  # with EVAL_DATA: held-out loss + generations every N steps
+EVAL_SAMPLES=${EVAL_SAMPLES:-2}
+SAVE_BEST=${SAVE_BEST:-0}                     # 1: keep the lowest-eval-loss adapter as rwkv-best.pth
+TENSORBOARD=${TENSORBOARD:-}                  # a directory: TensorBoard event files
 PROJ_DIR=${PROJ_DIR:-out/demo/miss}
 PEFT=${PEFT:-miss}                            # miss | lora | pissa | state | full (run_lora.sh etc. set it)
 MISS_CONFIG=${MISS_CONFIG:-'{"r":32,"mode":"balance"}'}
@@ -55,6 +60,10 @@ if [ ! -f "$DATA_FILE" ]; then
     echo "[demo] generating arithmetic word problems: $DATA_FILE"
     python -m rwkv_peft.data.demo --out "$DATA_FILE" --n 3000 --seed 0
 fi
+if [ "$DATA_FILE" = out/demo/demo.jsonl ] && [ -z "$EVAL_DATA" ]; then
+    EVAL_DATA=out/demo/demo_eval.jsonl
+    [ -f "$EVAL_DATA" ] || python -m rwkv_peft.data.demo --out "$EVAL_DATA" --n 32 --seed 1
+fi
 if [ "$DEVICES" -gt 1 ]; then
     set -- python -m torch.distributed.run --nproc_per_node "$DEVICES" -m rwkv_peft.train
 else
@@ -67,7 +76,9 @@ fi
     --epoch_steps "$EPOCH_STEPS" --epoch_count "$EPOCH_COUNT" --epoch_save "$EPOCH_SAVE" \
     --lr_init "$LR_INIT" --lr_final "$LR_FINAL" --warmup_steps "$WARMUP_STEPS" \
     --strategy "$STRATEGY" --precision "$PRECISION" --accelerator "$ACCELERATOR" --devices "$DEVICES" \
-    --grad_cp "$GRAD_CP" --op "$OP" --random_seed "$SEED" --resume "$RESUME" ${WANDB:+--wandb "$WANDB"}
+    --grad_cp "$GRAD_CP" --op "$OP" --random_seed "$SEED" --resume "$RESUME" ${WANDB:+--wandb "$WANDB"} \
+    ${EVAL_DATA:+--eval_data "$EVAL_DATA" --eval_every "$EVAL_EVERY" --eval_samples "$EVAL_SAMPLES"} \
+    ${EVAL_DATA:+--save_best "$SAVE_BEST"} ${TENSORBOARD:+--tensorboard "$TENSORBOARD"}
 if [ "$MERGE" = 1 ] && [ "$PEFT" = miss ]; then
     echo "[merge] folding $PROJ_DIR/rwkv-final.pth into $LOAD_MODEL"
     BASE_MODEL="$LOAD_MODEL" PEFT_CHECKPOINT="$PROJ_DIR/rwkv-final.pth" sh scripts/merge_miss.sh
