@@ -9,10 +9,10 @@ fp32 and cast back to the base's dtype, written straight into the output (torch'
 ``.pth``, the safetensors layout for ``.safetensors``) and its mapped pages are released. The
 output goes to a temp file that is renamed only after every check passed.
 
-Adapter keys (rwkv_peft.peft and RWKV-PEFT): ``<linear>.miss`` (mode from adapter_config.json),
-``<linear>.disha`` / ``<linear>.bone`` (RWKV-PEFT: 2-D r x out is balance, 3-D (in/r) x r x r is
-bat_col), ``<linear>.lora_A`` / ``.lora_B`` (+ ``.pissa_A0`` / ``.pissa_B0`` for PiSSA), and plain
-base keys (train_parts), which replace the base tensor. The formulas live in rwkv_peft.peft.
+Adapter keys: each method's suffixes (``<linear>.miss``, RWKV-PEFT's ``.disha`` / ``.bone``,
+``.lora_A`` / ``.lora_B`` ...), grouped per linear and handed to the method that owns them (its
+record in rwkv_peft.peft.registry checks them and folds them), and plain base keys (train_parts),
+which replace the base tensor. The formulas live in rwkv_peft.peft.
 """
 
 from __future__ import annotations
@@ -34,13 +34,10 @@ from pathlib import Path
 import torch
 
 from rwkv_peft.model import config_from_state_dict, detect_version, read_state_dict
-from rwkv_peft.peft.lora import lora_delta
-from rwkv_peft.peft.miss import MODES, MissConfig, miss_check, miss_merge, miss_shape, miss_unmerge
+from rwkv_peft.peft.config import Fold
+from rwkv_peft.peft.registry import METHODS, adapter_keys, merge_flags, method_for_keys
 
-MISS_SUFFIXES = ("miss", "disha", "bone")  # ours, RWKV-PEFT's, RWKV-PEFT's older name
-LORA_SUFFIXES = ("lora_A", "lora_B", "pissa_A0", "pissa_B0")
 ARCH_FIELDS = ("n_layer", "n_embd", "vocab_size", "head_size", "dim_ffn")
-_MODE_ALIASES = {"bone": "balance", "bat": "bat_col"}  # RWKV-PEFT's mode names
 
 # legacy storage classes as torch.save pickles them (the weights_only loader allows exactly these)
 _STORAGE_TYPES = {
@@ -74,27 +71,18 @@ _SAFETENSORS_DTYPES = {
 
 @dataclass
 class Edit:
-    """What happens to one base tensor: a MiSS / LoRA update or a replacement (train_parts)."""
+    """What happens to one base tensor: an adapter folded in (``fold``) or a replacement (train_parts)."""
 
-    kind: str  # "miss" | "lora" | "replace"
     key: str  # the base key it changes
     source: str  # adapter key(s), for messages
-    mode: str = ""
-    adapter: torch.Tensor | None = None  # MiSS shard tensor, or the replacement tensor
-    lora: tuple[torch.Tensor, ...] = ()  # (A, B) or (A, B, A0, B0)
-    scale: float = 1.0
+    fold: Fold | None = None
+    replacement: torch.Tensor | None = None
 
     def apply(self, weight: torch.Tensor, unmerge: bool) -> torch.Tensor:
         """The new tensor in fp32 from the base (or merged) ``weight``."""
-        if self.kind == "replace":
-            return self.adapter.float()
-        w = weight.float()
-        if self.kind == "miss":
-            return (miss_unmerge if unmerge else miss_merge)(w, self.adapter, self.mode)
-        delta = lora_delta(self.lora[0].float(), self.lora[1].float(), self.scale).float()
-        if len(self.lora) == 4:  # PiSSA: the trained base is W - s B0 A0
-            delta = delta - lora_delta(self.lora[2].float(), self.lora[3].float(), self.scale).float()
-        return w - delta if unmerge else w + delta
+        if self.fold is None:
+            return self.replacement.float()
+        return (self.fold.unmerge if unmerge else self.fold.merge)(weight.float())
 
 
 def adapter_config_path(adapter_path: str | os.PathLike) -> Path:
@@ -156,33 +144,6 @@ def _check_arch(base: Mapping[str, torch.Tensor], cfg: dict, base_name: str, cfg
     return _model_class(version)
 
 
-def _miss_edit(key: str, weight: torch.Tensor, adapter: torch.Tensor, mode: str, where: str) -> Edit:
-    """Validate one MiSS shard tensor against its weight (shape, r divides) and describe the merge."""
-    out_f, in_f = weight.shape
-    if mode not in MODES:
-        raise ValueError(f"{where}: MiSS mode must be one of {'|'.join(MODES)}, got {mode!r}")
-    want_dim = 3 if mode.startswith("bat") else 2
-    if adapter.dim() != want_dim:
-        raise ValueError(
-            f"{where}: mode {mode} needs a {want_dim}-D tensor, got shape {tuple(adapter.shape)} "
-            f"(for weight {out_f}x{in_f})"
-        )
-    r = adapter.shape[-1] if want_dim == 3 else adapter.shape[0]
-    mini_r = adapter.shape[1] if mode == "mini" else 1
-    cfg = MissConfig(r=r, mode=mode, mini_r=mini_r)
-    try:
-        miss_check(out_f, in_f, cfg, key)
-    except ValueError as e:
-        raise ValueError(f"{where}: {str(e).removeprefix('--miss_config: ')}") from None
-    expected = miss_shape(out_f, in_f, cfg)
-    if tuple(adapter.shape) != expected:
-        raise ValueError(
-            f"{where}: shape {tuple(adapter.shape)} does not fit weight {out_f}x{in_f} "
-            f"in mode {mode} (expected {expected})"
-        )
-    return Edit("miss", key, where.rpartition(": ")[2], mode=mode, adapter=adapter)
-
-
 def plan_edits(
     base: Mapping[str, torch.Tensor],
     adapter: Mapping[str, torch.Tensor],
@@ -198,48 +159,21 @@ def plan_edits(
     """
     config = dict(config or {})
     cfg_name = config.pop("_source", "adapter_config.json")
-    if config.get("method") == "state" or any(k.endswith(".time_state") for k in adapter):
-        raise ValueError(
-            f"{adapter_name}: a state-tuning adapter (time_state) has no weights to fold into the base; "
-            "load it as the initial state instead"
-        )
+    for m in METHODS.values():
+        if m.no_fold and (config.get("method") == m.name or any(_split(k)[1] in m.keys for k in adapter)):
+            raise ValueError(f"{adapter_name}: {m.no_fold}")
     model_cls = _check_arch(base, config, base_name, cfg_name)
     targets = _targets(iter(base), model_cls)
     if not adapter:
         raise ValueError(f"{adapter_name}: the adapter holds no tensors")
 
     edits: dict[str, Edit] = {}
-    lora: dict[str, dict[str, torch.Tensor]] = {}
-
-    def weight_of(linear: str, k: str) -> torch.Tensor:
-        wkey = f"{linear}.weight"
-        if wkey not in base:
-            raise ValueError(f"{adapter_name}: adapter key {k} has no base tensor {wkey} in {base_name}")
-        if linear not in targets:
-            raise ValueError(
-                f"{adapter_name}: adapter key {k}: {linear} is not a PEFT target of RWKV {model_cls.version} "
-                f"(targets: {model_cls.peft_targets})"
-            )
-        if wkey in edits:
-            raise ValueError(f"{adapter_name}: {wkey} is changed by both {edits[wkey].source} and {k}")
-        return base[wkey]
-
+    groups: dict[str, dict[str, torch.Tensor]] = {}  # linear path -> {key suffix: tensor}
+    suffixes = adapter_keys()
     for k, t in adapter.items():
         linear, suffix = _split(k)
-        if suffix in MISS_SUFFIXES:
-            w = weight_of(linear, k)
-            mode = config.get("mode")
-            if mode is None and suffix != "miss":  # RWKV-PEFT: the tensor's rank says the mode
-                mode = "balance" if t.dim() == 2 else "bat_col"
-            if mode is None:
-                raise ValueError(
-                    f"{adapter_name}: {k} is a MiSS adapter but no mode is known: no {cfg_name} with "
-                    f'"mode" beside it and no --mode flag'
-                )
-            mode = _MODE_ALIASES.get(mode, mode)
-            edits[f"{linear}.weight"] = _miss_edit(f"{linear}.weight", w, t, mode, f"{adapter_name}: {k}")
-        elif suffix in LORA_SUFFIXES:
-            lora.setdefault(linear, {})[suffix] = t
+        if suffix in suffixes:
+            groups.setdefault(linear, {})[suffix] = t
         elif k in base:
             if unmerge:
                 raise ValueError(
@@ -250,37 +184,29 @@ def plan_edits(
                 raise ValueError(
                     f"{adapter_name}: {k} has shape {tuple(t.shape)}, base {base_name} has {tuple(base[k].shape)}"
                 )
-            edits[k] = Edit("replace", k, k, adapter=t)
+            edits[k] = Edit(k, k, replacement=t)
         else:
             raise ValueError(f"{adapter_name}: adapter key {k} has no base tensor in {base_name}")
 
-    for linear, parts in lora.items():
-        where = f"{adapter_name}: {linear}"
-        w = weight_of(linear, f"{linear}.lora_A")
-        if "lora_A" not in parts or "lora_B" not in parts:
-            raise ValueError(f"{where}: needs both .lora_A and .lora_B, found {sorted(parts)}")
-        if ("pissa_A0" in parts) != ("pissa_B0" in parts):
-            raise ValueError(f"{where}: needs both .pissa_A0 and .pissa_B0, found {sorted(parts)}")
-        if config.get("method") == "pissa" and "pissa_A0" not in parts:
-            raise ValueError(f"{where}: PiSSA adapter without .pissa_A0/.pissa_B0 (the initial factors)")
-        a, b = parts["lora_A"], parts["lora_B"]
-        out_f, in_f = w.shape
-        r = a.shape[0]
-        expect = {"lora_A": (r, in_f), "lora_B": (out_f, r), "pissa_A0": (r, in_f), "pissa_B0": (out_f, r)}
-        for s, t in parts.items():
-            if tuple(t.shape) != expect[s]:
-                raise ValueError(
-                    f"{where}.{s}: shape {tuple(t.shape)} does not fit weight {out_f}x{in_f} "
-                    f"(expected {expect[s]} for r={r})"
-                )
-        if config.get("r") not in (None, r):
-            raise ValueError(f"{where}: {cfg_name} says r={config['r']} but lora_A has r={r}")
-        if config.get("alpha") is None:
-            raise ValueError(f"{where}: LoRA needs alpha: no {cfg_name} with \"alpha\" and no --lora_alpha flag")
-        factors = (a, b, parts["pissa_A0"], parts["pissa_B0"]) if "pissa_A0" in parts else (a, b)
-        edits[f"{linear}.weight"] = Edit(
-            "lora", f"{linear}.weight", f"{linear}.lora_*", lora=factors, scale=float(config["alpha"]) / r
-        )
+    for linear, tensors in groups.items():
+        keys = ", ".join(f"{linear}.{s}" for s in tensors)
+        wkey = f"{linear}.weight"
+        if wkey not in base:
+            raise ValueError(f"{adapter_name}: adapter key {keys} has no base tensor {wkey} in {base_name}")
+        if linear not in targets:
+            raise ValueError(
+                f"{adapter_name}: adapter key {keys}: {linear} is not a PEFT target of RWKV {model_cls.version} "
+                f"(targets: {model_cls.peft_targets})"
+            )
+        if wkey in edits:
+            raise ValueError(f"{adapter_name}: {wkey} is changed by both {edits[wkey].source} and {keys}")
+        method = method_for_keys(set(tensors))
+        if method is None:
+            raise ValueError(f"{adapter_name}: {keys} mix adapter tensors of different methods on one linear")
+        fold = method.fold(base[wkey], tensors, config, f"{adapter_name}: {linear}", cfg_name)
+        if unmerge and fold.unmerge is None:
+            raise ValueError(f"{adapter_name}: {linear}: {fold.no_unmerge}")
+        edits[wkey] = Edit(wkey, keys, fold=fold)
     return edits
 
 
@@ -614,24 +540,17 @@ def peft_config_from_edits(edits: Mapping[str, Edit], config: dict, model: torch
     """(method, PeftConfig) that rebuilds the adapted model the edits came from (works for foreign files too)."""
     from rwkv_peft.peft.inject import parse_peft_config
 
-    kinds = {e.kind for e in edits.values()}
-    paths = [k.rpartition(".")[0] for k, e in edits.items() if e.kind != "replace"]
+    folds = {k: e.fold for k, e in edits.items() if e.fold is not None}
+    methods = {f.method for f in folds.values()}
+    if len(methods) > 1:
+        raise ValueError(f"the adapter mixes methods {sorted(methods)}; one adapted model cannot rebuild it")
+    if not methods:
+        return "full", parse_peft_config("full", "{}")
+    paths = [k.rpartition(".")[0] for k in folds]
     parts = sorted({p.rpartition(".")[0].rpartition(".")[2] for p in paths})
-    train_parts = sorted({model.train_part(k) for k, e in edits.items() if e.kind == "replace"} - {None})
-    spec: dict = {"parts": parts, "train_parts": train_parts}
-    if "miss" in kinds:
-        e = next(e for e in edits.values() if e.kind == "miss")
-        bat = e.mode.startswith("bat")
-        spec |= {"mode": e.mode, "r": e.adapter.shape[-1] if bat else e.adapter.shape[0]}
-        if e.mode == "mini":
-            spec["mini_r"] = e.adapter.shape[1]
-        method = "miss"
-    elif "lora" in kinds:
-        e = next(e for e in edits.values() if e.kind == "lora")
-        spec |= {"r": e.lora[0].shape[0], "alpha": config["alpha"]}
-        method = "pissa" if len(e.lora) == 4 else "lora"
-    else:
-        method, spec = "full", {}
+    train_parts = sorted({model.train_part(k) for k, e in edits.items() if e.fold is None} - {None})
+    spec = {"parts": parts, "train_parts": train_parts} | next(iter(folds.values())).spec
+    method = methods.pop()
     return method, parse_peft_config(method, json.dumps(spec))
 
 
@@ -710,8 +629,8 @@ def _parser(description: str) -> argparse.ArgumentParser:
     )
     p.add_argument("--peft_checkpoint", required=True, help="adapter checkpoint, e.g. OUT/rwkv-N.pth")
     p.add_argument("--output", required=True, help="output checkpoint (.pth, or .safetensors by name)")
-    p.add_argument("--mode", choices=[*MODES, *_MODE_ALIASES], help="MiSS mode (overrides adapter_config.json)")
-    p.add_argument("--lora_alpha", type=float, help="LoRA/PiSSA alpha (overrides adapter_config.json)")
+    for f in merge_flags():  # what the methods' merges can take from the command line
+        p.add_argument(f.flag, dest=f.key, **f.kwargs)
     p.add_argument("--quant", choices=("int8", "nf4"),
                    help="the adapter was trained with --quant: merge onto the same dequantized base weights")
     p.add_argument("--unmerge", action="store_true", help="recover the base from --base_model (a merged file)")
@@ -724,7 +643,7 @@ def _parser(description: str) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, description: str = "Fold a PEFT adapter into an RWKV checkpoint") -> None:
     a = _parser(description).parse_args(argv)
-    overrides = {"mode": a.mode, "alpha": a.lora_alpha}
+    overrides = {f.key: getattr(a, f.key) for f in merge_flags()}
     log = None if a.quiet else print
     try:
         out = merge_adapter(a.base_model, a.peft_checkpoint, a.output, overrides, quant=a.quant, unmerge=a.unmerge,

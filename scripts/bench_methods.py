@@ -37,6 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rwkv_peft.data import DEFAULT_SFT_TEMPLATE, DocDataset, GetDataset, render_sft  # noqa: E402
+from rwkv_peft.peft.registry import METHODS as REGISTRY  # noqa: E402
+from rwkv_peft.peft.registry import saved_buffers  # noqa: E402
 
 WORLD_VOCAB = 65536
 END = "<|end|>"  # id 0 of a trained BPE, RWKV's end-of-document token
@@ -71,7 +73,9 @@ PRESETS = {
     "quick": Setting(1024, 2, 64, 128, 4, 80, 3e-3, 40, 10, (3e-3,), 8, 8, 24, 8, 64, 2000, 300_000, 1),
     "tiny": Setting(320, 1, 64, 64, 2, 4, 3e-3, 4, 2, (3e-3,), 8, 8, 4, 2, 8, 64, 20_000, 1),
 }
-METHODS = ("miss_balance", "miss_bat_row", "miss_bat_col", "miss_mini", "lora", "pissa", "full")
+MISS_MODES = ("balance", "bat_row", "bat_col", "mini")
+# MiSS's modes, every registered method that can be matched to a parameter budget, and full fine-tuning
+METHODS = (*(f"miss_{m}" for m in MISS_MODES), *(n for n, m in REGISTRY.items() if m.matched), "full")
 
 
 # ---------------------------------------------------------------- data
@@ -171,34 +175,30 @@ def target_shapes(base_sd: dict, n_layer: int) -> list[tuple[int, int]]:
 def method_specs(shapes: list[tuple[int, int]], s: Setting, n_total: int) -> list[dict]:
     """Each method's trainer flags and analytic trainable-parameter count, matched to MiSS balance at r.
 
-    Bat (row/col) has r*out / r*in parameters per linear like balance; LoRA/PiSSA get the rank whose
-    r*(in+out) total is nearest balance's; mini is the small variant (r*mini_r per linear) by design.
+    Bat (row/col) has r*out / r*in parameters per linear like balance; the other registered methods get
+    the config their registry record matches to balance's count (LoRA/PiSSA/DoRA: the nearest rank);
+    mini is the small variant (r*mini_r per linear) by design.
     """
     r = s.miss_r
     bad = [(o, i) for o, i in shapes if o % r or i % r or o % s.mini_r]
     if bad:
         raise ValueError(f"--miss_r {r} / --mini_r {s.mini_r}: must divide every adapted shape, not {bad[0]}")
-    balance = sum(r * o for o, _ in shapes)
-    lora_r = max(1, round(balance / sum(o + i for o, i in shapes)))
-    lora = json.dumps({"r": lora_r, "alpha": 2 * lora_r})
-    specs = [
-        ("miss_balance", "miss", {"r": r, "mode": "balance"}, balance),
-        ("miss_bat_row", "miss", {"r": r, "mode": "bat_row"}, sum(o * r for o, _ in shapes)),
-        ("miss_bat_col", "miss", {"r": r, "mode": "bat_col"}, sum(i * r for _, i in shapes)),
-        ("miss_mini", "miss", {"r": r, "mode": "mini", "mini_r": s.mini_r}, len(shapes) * r * s.mini_r),
-        ("lora", "lora", json.loads(lora), lora_r * sum(o + i for o, i in shapes)),
-        ("pissa", "pissa", json.loads(lora), lora_r * sum(o + i for o, i in shapes)),
-        ("full", "full", {}, n_total),
-    ]
-    return [{"name": n, "peft": p, "config": c, "params_expected": k} for n, p, c, k in specs]
+    specs = [(f"miss_{mode}", "miss", {"r": r, "mode": mode} | ({"mini_r": s.mini_r} if mode == "mini" else {}))
+             for mode in MISS_MODES]
+    balance = _params("miss", specs[0][2], shapes)
+    specs += [(name, name, m.matched(shapes, balance)) for name, m in REGISTRY.items() if m.matched]
+    out = [{"name": n, "peft": p, "config": c, "params_expected": _params(p, c, shapes)} for n, p, c in specs]
+    return out + [{"name": "full", "peft": "full", "config": {}, "params_expected": n_total}]
+
+
+def _params(method: str, config: dict, shapes: list[tuple[int, int]]) -> int:
+    m = REGISTRY[method]
+    return m.params(m.parse(json.dumps(config)), shapes)
 
 
 def peft_flags(spec: dict) -> list[str]:
-    if spec["peft"] == "miss":
-        return ["--miss_config", json.dumps(spec["config"])]
-    if spec["peft"] in ("lora", "pissa"):
-        return ["--lora_config", json.dumps(spec["config"])]
-    return []
+    config = json.dumps(spec["config"])
+    return [REGISTRY[spec["peft"]].flag, config] if spec["config"] else []
 
 
 # ---------------------------------------------------------------- running the trainer
@@ -347,7 +347,7 @@ def adapter_params(path: Path) -> int:
     import torch
 
     sd = torch.load(path, map_location="cpu", weights_only=True)
-    return sum(v.numel() for k, v in sd.items() if not k.endswith((".pissa_A0", ".pissa_B0")))
+    return sum(v.numel() for k, v in sd.items() if k.rpartition(".")[2] not in saved_buffers())
 
 
 def generate_answers(model, tokenizer: str, records: list[dict], s: Setting) -> list[str]:

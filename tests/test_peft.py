@@ -257,3 +257,26 @@ def test_parse_config_and_adapter_config():
     }
     json.dumps(conf)
     assert adapter_config(model, "lora", LoraConfig(r=4, pissa=True))["method"] == "pissa"
+
+
+def test_registry_is_the_one_list_of_methods(tmp_path):
+    """Trainer flags, adapter keys, the merge CLI and the printed merge command all come from the records."""
+    from rwkv_peft.merge import _parser
+    from rwkv_peft.peft.registry import METHODS, method_for_keys
+    from rwkv_peft.train.config import TrainConfig, build_parser
+    from rwkv_peft.train.loop import merge_command
+
+    assert method_for_keys({"lora_A", "lora_B"}).name == "lora"
+    assert method_for_keys({"disha"}).name == method_for_keys({"miss"}).name == "miss"
+    assert method_for_keys({"lora_A"}).name == "lora"  # incomplete: its owner reports what is missing
+    assert method_for_keys({"miss", "lora_A"}) is None
+    help_text = build_parser().format_help()
+    merge_help = _parser("merge").format_help()
+    for name, m in METHODS.items():
+        assert name in help_text and m.flag in help_text
+        assert parse_peft_config(name, "") is not None
+        assert all(f.flag in merge_help for f in m.merge_flags)
+        want = (f"python merge/{m.merge_script}.py --base_model b.pth --peft_checkpoint "
+                f"{tmp_path / 'rwkv-final.pth'} --output {tmp_path / 'merged.pth'}") if m.merge_script else ""
+        assert merge_command(TrainConfig(peft=name, load_model="b.pth"), tmp_path) == want
+    assert merge_command(TrainConfig(peft="state"), tmp_path) == ""

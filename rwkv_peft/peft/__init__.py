@@ -1,8 +1,9 @@
-"""Parameter-efficient fine-tuning for RWKV: MiSS (the point of the project), LoRA, PiSSA, state tuning."""
+"""Parameter-efficient fine-tuning for RWKV: MiSS (the point of the project), LoRA, PiSSA, state tuning.
+
+Each method is one record in ``registry.py`` and one module with its config, layer and math.
+"""
 
 from rwkv_peft.peft.inject import (
-    METHODS,
-    FullConfig,
     adapter_config,
     apply_peft,
     load_adapter,
@@ -11,18 +12,21 @@ from rwkv_peft.peft.inject import (
 )
 from rwkv_peft.peft.lora import LoraConfig, LoraLinear, lora_delta
 from rwkv_peft.peft.miss import MissConfig, MissLinear, miss_check, miss_delta, miss_linear, miss_merge, miss_unmerge
-from rwkv_peft.peft.state import StateConfig
+from rwkv_peft.peft.registry import METHODS, Method, get_method
+from rwkv_peft.peft.state import FullConfig, StateConfig
 
 __all__ = [
     "METHODS",
     "FullConfig",
     "LoraConfig",
     "LoraLinear",
+    "Method",
     "MissConfig",
     "MissLinear",
     "StateConfig",
     "adapter_config",
     "apply_peft",
+    "get_method",
     "load_adapter",
     "lora_delta",
     "miss_check",

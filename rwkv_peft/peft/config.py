@@ -1,10 +1,14 @@
-"""Parsing the JSON of ``--miss_config`` / ``--lora_config`` into a config dataclass, strictly."""
+"""What every method shares: strict parsing of its flag's JSON, the train_parts check, and ``Fold``."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import fields
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 TRAIN_PARTS = ("emb", "head", "ln", "time")
 
@@ -35,3 +39,20 @@ def check_train_parts(train_parts: tuple[str, ...], flag: str) -> None:
 def as_tuple(value: str | list | tuple) -> tuple[str, ...]:
     """JSON lists (or a single name) as a tuple of names."""
     return (value,) if isinstance(value, str) else tuple(value)
+
+
+@dataclass(frozen=True)
+class Fold:
+    """One linear's adapter tensors, checked against its weight: how they fold in and out of it.
+
+    ``method`` and ``spec`` (the method's JSON config: r, mode, alpha...) rebuild the adapted layer
+    that produced the tensors, so a merged file can be compared with the adapted model.
+    ``merge`` / ``unmerge`` map the fp32 weight to the fp32 result; a method whose merge cannot be
+    undone from the merged weight and the adapter has no ``unmerge`` and says why in ``no_unmerge``.
+    """
+
+    method: str
+    spec: dict[str, Any]
+    merge: Callable[[Tensor], Tensor]
+    unmerge: Callable[[Tensor], Tensor] | None = None
+    no_unmerge: str = ""

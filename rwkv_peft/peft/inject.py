@@ -9,56 +9,19 @@ so every parameter name stays a checkpoint key (``blocks.3.ffn.key.weight``, ``.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from rwkv_peft.peft.config import json_fields
-from rwkv_peft.peft.lora import LoraConfig, LoraLinear
-from rwkv_peft.peft.miss import MissConfig, MissLinear, miss_check
-from rwkv_peft.peft.state import StateConfig, add_time_state
+from rwkv_peft.peft.registry import adapter_keys, get_method, key_aliases, saved_buffers
 
-METHODS = ("miss", "lora", "pissa", "state", "full")
-FLAGS = {"miss": "--miss_config", "lora": "--lora_config", "pissa": "--lora_config", "state": "--peft_config"}
-FOREIGN_SUFFIXES = (".disha", ".bone")  # RWKV-PEFT's names for the MiSS tensor
-
-
-@dataclass
-class FullConfig:
-    """Full fine-tuning: every parameter trains; ``load`` starts from a saved (partial) state dict."""
-
-    load: str = ""
-    train_parts: tuple[str, ...] = ()
-
-    @classmethod
-    def from_json(cls, text: str) -> FullConfig:
-        return cls(**json_fields(cls, text, "--peft_config"))
-
-
-PeftConfig = MissConfig | LoraConfig | StateConfig | FullConfig
-
-
-def _check_method(method: str) -> None:
-    if method not in METHODS:
-        raise ValueError(f"--peft: expected one of {'|'.join(METHODS)}, got {method!r}")
+PeftConfig = Any  # the config class of the method's registry record (MissConfig, LoraConfig, ...)
 
 
 def parse_peft_config(method: str, json_text: str | None) -> PeftConfig:
     """The config for ``--peft METHOD`` from the JSON of its flag (--miss_config, --lora_config; '' = defaults)."""
-    _check_method(method)
-    text = json_text or ""
-    if method == "miss":
-        return MissConfig.from_json(text)
-    if method in ("lora", "pissa"):
-        return LoraConfig.from_json(text, pissa=method == "pissa")
-    if method == "state":
-        return StateConfig.from_json(text)
-    return FullConfig.from_json(text)
-
-
-def default_config(method: str) -> PeftConfig:
-    return parse_peft_config(method, "")
+    return get_method(method).parse(json_text or "")
 
 
 def target_linears(model: nn.Module, parts: tuple[str, ...], flag: str) -> list[tuple[str, nn.Module, str]]:
@@ -80,9 +43,8 @@ def target_linears(model: nn.Module, parts: tuple[str, ...], flag: str) -> list[
 
 
 def is_adapted(model: nn.Module) -> bool:
-    return any(isinstance(m, (MissLinear, LoraLinear)) for m in model.modules()) or any(
-        n.endswith(".time_state") for n, _ in model.named_parameters()
-    )
+    keys = adapter_keys()
+    return any(n.rpartition(".")[2] in keys for n, _ in model.named_parameters())
 
 
 def param_report(model: nn.Module) -> str:
@@ -97,33 +59,21 @@ def apply_peft(model: nn.Module, method: str, cfg: PeftConfig | None = None) -> 
 
     All targets are checked before any module is replaced, so a bad setting leaves the model as it was.
     """
-    _check_method(method)
-    cfg = default_config(method) if cfg is None else cfg
+    m = get_method(method)
+    cfg = m.parse("") if cfg is None else cfg
     if is_adapted(model):
         raise ValueError(f"--peft {method}: the model already has adapters")
-    if method == "full":
-        model.requires_grad_(True)
-    else:
-        flag = FLAGS[method]
-        if method == "miss":
-            targets = target_linears(model, cfg.parts, flag)
-            for name, parent, attr in targets:
-                miss_check(*getattr(parent, attr).weight.shape, cfg, name)
-        elif method in ("lora", "pissa"):
-            targets = target_linears(model, cfg.parts, flag)
-        model.requires_grad_(False)
-        for name, p in model.named_parameters():
-            if model.train_part(name) in cfg.train_parts:
-                p.requires_grad_(True)
-        if method == "miss":
-            for name, parent, attr in targets:
-                setattr(parent, attr, MissLinear(getattr(parent, attr), cfg, name))
-        elif method in ("lora", "pissa"):
-            pissa = method == "pissa" or cfg.pissa
-            for name, parent, attr in targets:
-                setattr(parent, attr, LoraLinear(getattr(parent, attr), cfg, name, pissa=pissa))
-        else:
-            add_time_state(model)
+    targets = target_linears(model, cfg.parts, m.flag) if m.layer is not None else []
+    for name, parent, attr in targets if m.check is not None else ():
+        m.check(*getattr(parent, attr).weight.shape, cfg, name)
+    model.requires_grad_(False)
+    for name, p in model.named_parameters():
+        if model.train_part(name) in cfg.train_parts:
+            p.requires_grad_(True)
+    for name, parent, attr in targets:
+        setattr(parent, attr, m.layer(getattr(parent, attr), cfg, name))
+    if m.attach is not None:
+        m.attach(model, cfg)
     if cfg.load:
         n = load_adapter(model, cfg.load)
         print(f"loaded {n} tensors from {cfg.load}")
@@ -131,19 +81,18 @@ def apply_peft(model: nn.Module, method: str, cfg: PeftConfig | None = None) -> 
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What ``rwkv-<epoch>.pth`` holds: trainable parameters plus PiSSA's initial factors (cpu copies)."""
+    """What ``rwkv-<epoch>.pth`` holds: trainable parameters plus the buffers methods save (cpu copies)."""
     sd = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+    keep = saved_buffers()
     for n, b in model.named_buffers():
-        if n.endswith((".pissa_A0", ".pissa_B0")):
+        if n.rpartition(".")[2] in keep:
             sd[n] = b.detach().to("cpu", copy=True)
     return sd
 
 
-def _rename_foreign(key: str) -> str:
-    for suffix in FOREIGN_SUFFIXES:
-        if key.endswith(suffix):
-            return key[: -len(suffix)] + ".miss"
-    return key
+def _rename_foreign(key: str, aliases: dict[str, str]) -> str:
+    path, _, leaf = key.rpartition(".")
+    return f"{path}.{aliases[leaf]}" if leaf in aliases else key
 
 
 @torch.no_grad()
@@ -159,7 +108,8 @@ def load_adapter(model: nn.Module, path_or_sd: str | os.PathLike | dict[str, tor
         from rwkv_peft.model import read_state_dict
 
         sd, where = read_state_dict(path_or_sd), str(path_or_sd)
-    sd = {_rename_foreign(k): v for k, v in sd.items()}
+    aliases = key_aliases()
+    sd = {_rename_foreign(k, aliases): v for k, v in sd.items()}
     targets = dict(model.named_parameters())
     targets.update(model.named_buffers())
     missing = [k for k in sd if k not in targets]
@@ -168,36 +118,32 @@ def load_adapter(model: nn.Module, path_or_sd: str | os.PathLike | dict[str, tor
         raise ValueError(f"{where}: no key matches the model (file has e.g. {sample}); wrong adapter or --peft?")
     if missing:
         raise ValueError(f"{where}: {len(missing)} key(s) not in the model, e.g. {missing[0]!r}")
+    buffers, kinds = saved_buffers(), {}  # per layer path: the saved buffers it gets, all or none
     for k, v in sd.items():
         if tuple(v.shape) != tuple(targets[k].shape):
             raise ValueError(f"{where}: {k} has shape {tuple(v.shape)}, the model expects {tuple(targets[k].shape)}")
-        if k.endswith((".pissa_A0", ".pissa_B0")) and k[:-2] + ("B0" if k.endswith("A0") else "A0") not in sd:
-            raise ValueError(f"{where}: {k} comes without its PiSSA partner; both pissa_A0 and pissa_B0 are needed")
+        path, _, leaf = k.rpartition(".")
+        if leaf in buffers:
+            kinds.setdefault(path, {})[leaf] = v
     modules = dict(model.named_modules())
+    for path, saved in kinds.items():
+        want = [b for b in buffers if hasattr(modules[path], b)]
+        if sorted(saved) != sorted(want):
+            raise ValueError(f"{where}: {path} has {sorted(saved)} but needs all of {want} to load them")
     for k, v in sd.items():
-        path, leaf = k.rsplit(".", 1)
-        if leaf == "pissa_A0":  # the frozen residual must match the saved initial factors
-            layer = modules[path]
-            layer.set_pissa_init(v.to(layer.pissa_A0), sd[f"{path}.pissa_B0"].to(layer.pissa_B0))
-        elif leaf != "pissa_B0":
+        if k.rpartition(".")[2] not in buffers:
             targets[k].copy_(v)
+    for path, saved in kinds.items():  # e.g. PiSSA: the frozen residual must match the saved initial factors
+        modules[path].load_buffers(saved)
     return len(sd)
 
 
 def adapter_config(model: nn.Module, method: str, cfg: PeftConfig) -> dict:
     """The content of ``adapter_config.json``: the method's settings and the base architecture."""
-    _check_method(method)
+    fields = {"method": method, "mode": None, "r": None, "mini_r": None, "alpha": None}
     arch = model.cfg
-    is_lora = isinstance(cfg, LoraConfig)
-    if is_lora and cfg.pissa:
-        method = "pissa"
-    return {
-        "method": method,
-        "mode": cfg.mode if isinstance(cfg, MissConfig) else None,
-        "r": cfg.r if isinstance(cfg, (MissConfig, LoraConfig)) else None,
-        "mini_r": cfg.mini_r if isinstance(cfg, MissConfig) else None,
-        "alpha": cfg.alpha if is_lora else None,
-        "parts": list(getattr(cfg, "parts", ())) if method != "full" else [],
+    return fields | get_method(method).describe(cfg) | {
+        "parts": list(getattr(cfg, "parts", ())),
         "train_parts": list(cfg.train_parts),
         "base": {
             "version": model.version,

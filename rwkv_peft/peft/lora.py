@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rwkv_peft.peft.config import as_tuple, check_train_parts, json_fields
+from rwkv_peft.peft.config import Fold, as_tuple, check_train_parts, json_fields
+
+PISSA_BUFFERS = ("pissa_A0", "pissa_B0")  # PiSSA's initial factors, saved with the adapter
 
 # RWKV-PEFT's lora_config / pissa_config key names
 _LEGACY_KEYS = {
@@ -73,6 +75,50 @@ def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torc
     return scale * (lora_b.float() @ lora_a.float())
 
 
+def lora_factors(weight: torch.Tensor, tensors: dict[str, torch.Tensor], config: dict, where: str, cfg_name: str,
+                 extra: dict[str, tuple[int, ...]] | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(lora_A, lora_B, alpha / r) of one linear's adapter, every tensor's shape checked against the weight.
+
+    ``extra``: the shapes of further tensors the method saves beside A and B (PiSSA's, DoRA's);
+    alpha comes from ``config`` (adapter_config.json or ``--lora_alpha``).
+    """
+    if "lora_A" not in tensors or "lora_B" not in tensors:
+        raise ValueError(f"{where}: needs both .lora_A and .lora_B, found {sorted(tensors)}")
+    out_f, in_f = weight.shape
+    r = tensors["lora_A"].shape[0]
+    expect = {"lora_A": (r, in_f), "lora_B": (out_f, r)} | (extra or {})
+    for s, t in tensors.items():
+        if tuple(t.shape) != expect[s]:
+            raise ValueError(f"{where}.{s}: shape {tuple(t.shape)} does not fit weight {out_f}x{in_f} "
+                             f"(expected {expect[s]} for r={r})")
+    if config.get("r") not in (None, r):
+        raise ValueError(f"{where}: {cfg_name} says r={config['r']} but lora_A has r={r}")
+    if config.get("alpha") is None:
+        raise ValueError(f"{where}: LoRA needs alpha: no {cfg_name} with \"alpha\" and no --lora_alpha flag")
+    return tensors["lora_A"], tensors["lora_B"], float(config["alpha"]) / r
+
+
+def lora_fold(weight: torch.Tensor, tensors: dict[str, torch.Tensor], config: dict, where: str,
+              cfg_name: str) -> Fold:
+    """Check one linear's LoRA (or PiSSA: with its initial factors) tensors; merge adds s B A (- s B0 A0)."""
+    pissa = [s for s in PISSA_BUFFERS if s in tensors]
+    if len(pissa) == 1:
+        raise ValueError(f"{where}: needs both .pissa_A0 and .pissa_B0, found {sorted(tensors)}")
+    if config.get("method") == "pissa" and not pissa:
+        raise ValueError(f"{where}: PiSSA adapter without .pissa_A0/.pissa_B0 (the initial factors)")
+    out_f, in_f = weight.shape
+    r = tensors["lora_A"].shape[0] if "lora_A" in tensors else 0
+    a, b, scale = lora_factors(weight, tensors, config, where, cfg_name,
+                               {"pissa_A0": (r, in_f), "pissa_B0": (out_f, r)})
+
+    def delta() -> torch.Tensor:
+        d = lora_delta(a, b, scale)
+        return d - lora_delta(tensors["pissa_A0"], tensors["pissa_B0"], scale) if pissa else d  # trained on W - s B0 A0
+
+    spec = {"r": a.shape[0], "alpha": config["alpha"]}
+    return Fold("pissa" if pissa else "lora", spec, lambda w: w + delta(), lambda w: w - delta())
+
+
 def pissa_factors(weight: torch.Tensor, r: int, scale: float, niter: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(A0, B0) with s * B0 A0 = the rank-r part of W from a randomised SVD (fixed seed, so reproducible)."""
     w = weight.float()
@@ -120,8 +166,9 @@ class LoraLinear(nn.Module):
         return F.linear(x, self.weight) + self.scale * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
 
     @torch.no_grad()
-    def set_pissa_init(self, a0: torch.Tensor, b0: torch.Tensor) -> None:
+    def load_buffers(self, saved: dict[str, torch.Tensor]) -> None:
         """Adopt saved PiSSA factors: the residual becomes W - s * B0 A0 for the loaded B0, A0."""
+        a0, b0 = saved["pissa_A0"].to(self.pissa_A0), saved["pissa_B0"].to(self.pissa_B0)
         w = self.weight.float() + lora_delta(self.pissa_A0, self.pissa_B0, self.scale)
         self.weight.copy_(w - lora_delta(a0, b0, self.scale))
         self.pissa_A0.copy_(a0)

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rwkv_peft.peft.config import as_tuple, check_train_parts, json_fields
+from rwkv_peft.peft.config import Fold, as_tuple, check_train_parts, json_fields
 
 MODES = ("balance", "mini", "bat_row", "bat_col")
-_ALIASES = {"bone": "balance", "bat": "bat_col"}  # RWKV-PEFT mode names
+MODE_ALIASES = {"bone": "balance", "bat": "bat_col"}  # RWKV-PEFT mode names
 _LEGACY_KEYS = {"bone_r": "r", "bone_load": "load", "bone_mode": "mode"}  # RWKV-PEFT's old bone_config
 
 
@@ -54,9 +54,9 @@ class MissConfig:
         """Parse the JSON users write for RWKV-PEFT (``bone`` -> balance, ``bat`` -> bat_col, with a note)."""
         raw = json_fields(cls, text, "--miss_config", _LEGACY_KEYS)
         mode = raw.get("mode", "balance")
-        if mode in _ALIASES:
-            print(f"note: --miss_config mode {mode!r} is RWKV-PEFT's name for {_ALIASES[mode]!r}")
-            raw["mode"] = _ALIASES[mode]
+        if mode in MODE_ALIASES:
+            print(f"note: --miss_config mode {mode!r} is RWKV-PEFT's name for {MODE_ALIASES[mode]!r}")
+            raw["mode"] = MODE_ALIASES[mode]
         return cls(**raw)
 
     def to_dict(self) -> dict:
@@ -155,6 +155,45 @@ def miss_unmerge(merged: torch.Tensor, adapter: torch.Tensor, mode: str) -> torc
         rhs = wb.permute(2, 0, 1, 3) - d[:, None]
         w = torch.linalg.solve((eye + d)[:, None], rhs, left=False).permute(1, 2, 0, 3)
     return w.reshape(merged.shape).to(merged.dtype)
+
+
+def miss_fold(weight: torch.Tensor, tensors: dict[str, torch.Tensor], config: dict, where: str,
+              cfg_name: str) -> Fold:
+    """Check one linear's MiSS tensor (``.miss``, or RWKV-PEFT's ``.disha`` / ``.bone``) against its weight.
+
+    The mode comes from ``config["mode"]`` (adapter_config.json or ``--mode``); without one, an
+    RWKV-PEFT tensor's rank says it (2-D r x out is balance, 3-D (in/r) x r x r is bat_col).
+    """
+    if len(tensors) != 1:
+        raise ValueError(f"{where}: one MiSS tensor per linear, found {sorted(tensors)}")
+    ((suffix, adapter),) = tensors.items()
+    where = f"{where}.{suffix}"
+    mode = config.get("mode")
+    if mode is None and suffix != "miss":
+        mode = "balance" if adapter.dim() == 2 else "bat_col"
+    if mode is None:
+        raise ValueError(f"{where} is a MiSS adapter but no mode is known: no {cfg_name} with \"mode\" beside it "
+                         "and no --mode flag")
+    mode = MODE_ALIASES.get(mode, mode)
+    if mode not in MODES:
+        raise ValueError(f"{where}: MiSS mode must be one of {'|'.join(MODES)}, got {mode!r}")
+    out_f, in_f = weight.shape
+    want_dim = 3 if mode.startswith("bat") else 2
+    if adapter.dim() != want_dim:
+        raise ValueError(f"{where}: mode {mode} needs a {want_dim}-D tensor, got shape {tuple(adapter.shape)} "
+                         f"(for weight {out_f}x{in_f})")
+    cfg = MissConfig(r=adapter.shape[-1] if want_dim == 3 else adapter.shape[0], mode=mode,
+                     mini_r=adapter.shape[1] if mode == "mini" else 1)
+    try:
+        miss_check(out_f, in_f, cfg, where)
+    except ValueError as e:
+        raise ValueError(str(e).removeprefix("--miss_config: module ")) from None
+    expected = miss_shape(out_f, in_f, cfg)
+    if tuple(adapter.shape) != expected:
+        raise ValueError(f"{where}: shape {tuple(adapter.shape)} does not fit weight {out_f}x{in_f} "
+                         f"in mode {mode} (expected {expected})")
+    spec = {"mode": mode, "r": cfg.r} | ({"mini_r": cfg.mini_r} if mode == "mini" else {})
+    return Fold("miss", spec, lambda w: miss_merge(w, adapter, mode), lambda w: miss_unmerge(w, adapter, mode))
 
 
 def _shard_sum(x: torch.Tensor, r: int) -> torch.Tensor:

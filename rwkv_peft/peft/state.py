@@ -1,4 +1,4 @@
-"""State tuning: a trainable initial WKV state per layer and head; the base stays fully frozen.
+"""State tuning (a trainable initial WKV state per layer and head, the base frozen) and full fine-tuning.
 
 The model's time-mix uses ``att.time_state`` (H, N, N), indexed [value, key], as the initial
 WKV state whenever it exists and no state is passed in.
@@ -33,7 +33,16 @@ class StateConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
-def add_time_state(model: nn.Module) -> int:
+class FullConfig(StateConfig):
+    """Full fine-tuning: every parameter trains; ``load`` starts from a saved (partial) state dict."""
+
+
+def train_everything(model: nn.Module, cfg: FullConfig) -> None:
+    """Full fine-tuning's adapter: none; every parameter of the model trains."""
+    model.requires_grad_(True)
+
+
+def add_time_state(model: nn.Module, cfg: StateConfig | None = None) -> int:
     """Give every block's time-mix a zero (fp32) ``time_state`` parameter; returns how many were added."""
     for i, block in enumerate(model.blocks):
         att = block.att

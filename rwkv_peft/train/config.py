@@ -7,6 +7,9 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from rwkv_peft.ops import OPS
+from rwkv_peft.peft.registry import METHODS, get_method
+
 STRATEGIES = ("deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3",
               "deepspeed_stage_2_offload", "deepspeed_stage_3_offload")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -87,19 +90,24 @@ class TrainConfig:
     @property
     def peft_json(self) -> str:
         """The JSON text of the flag that configures ``--peft`` (plus --train_parts when given)."""
-        text = {"miss": self.miss_config, "lora": self.lora_config, "pissa": self.lora_config}.get(
-            self.peft, self.peft_config)
+        flag = get_method(self.peft).flag
+        text = getattr(self, flag.removeprefix("--"))
         if not self.train_parts:
             return text
         try:
             obj = json.loads(text) if text.strip() else {}
         except json.JSONDecodeError as e:
-            raise ValueError(f"--{self.peft}_config: not valid JSON ({e.msg}): {text!r}") from None
+            raise ValueError(f"{flag}: not valid JSON ({e.msg}): {text!r}") from None
         obj["train_parts"] = [p for p in self.train_parts.replace(",", " ").split() if p]
         return json.dumps(obj)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _flag_users(flag: str) -> str:
+    """The methods configured by ``flag``, e.g. lora|pissa|dora for --lora_config."""
+    return "|".join(name for name, m in METHODS.items() if m.flag == flag)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,12 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
         "precision": "|".join(PRECISIONS),
         "accelerator": "auto (gpu if CUDA is available) | cpu | gpu",
         "devices": "processes per node; launch with torchrun/deepspeed for > 1",
-        "peft": "miss | lora | pissa | state | full",
-        "miss_config": 'JSON, e.g. {"r":64,"mode":"balance"}',
-        "lora_config": 'JSON, e.g. {"r":32,"alpha":32}',
-        "peft_config": "JSON for --peft state|full",
+        "peft": " | ".join(METHODS),
+        "miss_config": f'JSON for --peft {_flag_users("--miss_config")}, e.g. {{"r":64,"mode":"balance"}}',
+        "lora_config": f'JSON for --peft {_flag_users("--lora_config")}, e.g. {{"r":32,"alpha":32}}',
+        "peft_config": f"JSON for --peft {_flag_users('--peft_config')}",
         "train_parts": "extra trainable groups, comma separated: emb,head,ln,time",
-        "op": "WKV kernel: auto | cuda | cpu | torch",
+        "op": f"WKV kernel: {' | '.join(OPS)}",
         "train_type": "'' (the whole ctx_len at once) | infctx (chunks of --chunk_ctx, state carried, exact gradients)",
         "chunk_ctx": "tokens per chunk with --train_type infctx (memory of one chunk's activations)",
         "quant": "none | int8 | nf4: keep the frozen base linears quantized (bitsandbytes)",
@@ -175,6 +183,7 @@ def _positive(cfg: TrainConfig, *names: str, minimum: int = 1) -> None:
 
 def check_config(cfg: TrainConfig) -> None:
     """Cheap checks of every flag and input path, so bad input fails in a second, not after model loading."""
+    get_method(cfg.peft)
     if cfg.strategy not in STRATEGIES:
         raise ValueError(f"--strategy: expected one of {'|'.join(STRATEGIES)}, got {cfg.strategy!r}")
     if cfg.precision not in PRECISIONS:

@@ -378,7 +378,7 @@ def train(cfg: TrainConfig, dataset=None) -> dict:
         if last_saved is not None:
             say(f"adapter: {last_saved} (also {proj / 'rwkv-final.pth'}); log {proj / 'train_log.jsonl'}; "
                 f"curve {proj / 'loss.png'}")
-            if cfg.peft != "state":  # a learned start state has no weight to fold into
+            if merge_command(cfg, proj):  # a learned start state has no weight to fold into
                 say(f"merge:   {merge_command(cfg, proj)}")
         if evaluator is not None and evaluator.best_step is not None:
             kept = f" (kept as {proj / BEST_FILE})" if cfg.save_best else ""
@@ -421,10 +421,14 @@ def evaluate(evaluator, engine, model, step: int, cfg: TrainConfig, proj: Path, 
 
 
 def merge_command(cfg: TrainConfig, proj: Path) -> str:
-    """The command that folds this run's adapter into its base (the short one for the demo's paths)."""
+    """The command that folds this run's adapter into its base (the short one for the demo's paths; '' if none)."""
+    from rwkv_peft.peft.registry import get_method
+
+    script = get_method(cfg.peft).merge_script
+    if script is None:
+        return ""
     if Path(cfg.load_model) == Path("out/demo/base.pth") and proj == Path("out/demo/miss"):
         return "sh scripts/merge_miss.sh"
-    script = "merge_lora" if cfg.peft in ("lora", "pissa") else "merge_miss"
     return (f"python merge/{script}.py --base_model {cfg.load_model} --peft_checkpoint {proj / 'rwkv-final.pth'} "
             f"--output {proj / 'merged.pth'}")
 

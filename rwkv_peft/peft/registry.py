@@ -1,0 +1,147 @@
+"""Every PEFT method as one record: the trainer, inject, the merge and the benchmark look methods up here.
+
+Like peft's ``register_peft_method`` (name -> config class, tuner class, key prefix), but a record
+here also says how the method's adapter folds into a weight and what the merge CLI needs, so
+adding a method is one record plus one module with its math (config, layer, merge, unmerge side
+by side, as ``miss.py`` and ``lora.py``); nothing else in the package names a method.
+
+A linear-adapting method gives ``layer`` (and optionally ``check``, run on every target before
+any module is replaced); a whole-model method gives ``attach``. ``keys`` are the adapter key
+suffixes it owns (``blocks.3.ffn.key.<suffix>``), RWKV-PEFT's names included; ``fold`` checks
+one linear's tensors against its weight and says how they merge and unmerge (``config.Fold``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from torch import nn
+
+from rwkv_peft.peft.config import Fold
+from rwkv_peft.peft.lora import PISSA_BUFFERS, LoraConfig, LoraLinear, lora_fold
+from rwkv_peft.peft.miss import MODE_ALIASES, MODES, MissConfig, MissLinear, miss_check, miss_fold, miss_shape
+from rwkv_peft.peft.state import FullConfig, StateConfig, add_time_state, train_everything
+
+Shapes = list[tuple[int, int]]  # (out, in) of every adapted linear
+
+
+@dataclass(frozen=True)
+class MergeFlag:
+    """A flag of the merge CLI that overrides adapter_config.json's ``key`` (argparse keyword arguments)."""
+
+    flag: str
+    key: str
+    kwargs: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One ``--peft`` method: how to configure, attach, save, fold and benchmark it."""
+
+    name: str
+    flag: str  # the trainer flag holding its JSON config
+    parse: Callable[[str], Any]  # that JSON ('' = defaults) -> the config
+    layer: Callable[[nn.Linear, Any, str], nn.Module] | None = None  # adapts one target linear
+    check: Callable[[int, int, Any, str], None] | None = None  # (out, in, cfg, name): before any change
+    attach: Callable[[nn.Module, Any], Any] | None = None  # whole-model methods (state, full)
+    describe: Callable[[Any], dict] = lambda cfg: {}  # its fields of adapter_config.json
+    keys: tuple[str, ...] = ()  # adapter key suffixes it owns
+    required: tuple[str, ...] = ()  # suffixes that tell it apart from a method sharing its other keys
+    key_aliases: Mapping[str, str] = field(default_factory=dict)  # foreign suffix -> ours
+    buffers: tuple[str, ...] = ()  # buffers saved with the adapter (all or none per layer)
+    fold: Callable[..., Fold] | None = None  # (weight, {suffix: tensor}, config, where, cfg_name) -> Fold
+    no_fold: str = ""  # why its adapter cannot be merged (said to the user)
+    merge_script: str | None = None  # merge/<script>.py folds its adapters
+    merge_flags: tuple[MergeFlag, ...] = ()
+    params: Callable[[Any, Shapes], int] | None = None  # trainable parameters on these linears
+    matched: Callable[[Shapes, int], dict] | None = None  # the JSON config nearest a parameter budget
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _matched_lora(shapes: Shapes, budget: int, fixed: int = 0) -> dict:
+    """The rank whose r * (out + in) (+ ``fixed``) is nearest ``budget``, with alpha = 2 r."""
+    r = max(1, round((budget - fixed) / sum(o + i for o, i in shapes)))
+    return {"r": r, "alpha": 2 * r}
+
+
+_ALPHA_FLAG = MergeFlag("--lora_alpha", "alpha", {"type": float, "help": "LoRA/PiSSA alpha "
+                                                  "(overrides adapter_config.json)"})
+_LORA = {
+    "flag": "--lora_config", "keys": ("lora_A", "lora_B", *PISSA_BUFFERS), "buffers": PISSA_BUFFERS,
+    "fold": lora_fold, "merge_script": "merge_lora", "merge_flags": (_ALPHA_FLAG,),
+    "params": lambda cfg, shapes: cfg.r * sum(o + i for o, i in shapes),
+    "matched": _matched_lora,
+}
+
+_RECORDS = (
+    Method(
+        "miss", "--miss_config", MissConfig.from_json, layer=MissLinear, check=miss_check,
+        describe=lambda cfg: {"mode": cfg.mode, "r": cfg.r, "mini_r": cfg.mini_r},
+        keys=("miss", "disha", "bone"), key_aliases={"disha": "miss", "bone": "miss"}, fold=miss_fold,
+        merge_script="merge_miss",
+        merge_flags=(MergeFlag("--mode", "mode", {"choices": [*MODES, *MODE_ALIASES],
+                                                  "help": "MiSS mode (overrides adapter_config.json)"}),),
+        params=lambda cfg, shapes: sum(_numel(miss_shape(o, i, cfg)) for o, i in shapes),
+    ),
+    Method(
+        "lora", parse=LoraConfig.from_json, layer=lambda lin, cfg, name: LoraLinear(lin, cfg, name, pissa=cfg.pissa),
+        describe=lambda cfg: {"method": "pissa" if cfg.pissa else "lora", "r": cfg.r, "alpha": cfg.alpha}, **_LORA,
+    ),
+    Method(
+        "pissa", parse=lambda text: LoraConfig.from_json(text, pissa=True),
+        layer=lambda lin, cfg, name: LoraLinear(lin, cfg, name, pissa=True),
+        describe=lambda cfg: {"method": "pissa", "r": cfg.r, "alpha": cfg.alpha}, **_LORA,
+    ),
+    Method(
+        "state", "--peft_config", StateConfig.from_json, attach=add_time_state, keys=("time_state",),
+        no_fold="a state-tuning adapter (time_state) has no weights to fold into the base; "
+                "load it as the initial state instead",
+    ),
+    Method("full", "--peft_config", FullConfig.from_json, attach=train_everything, merge_script="merge_miss"),
+)
+
+METHODS: Mapping[str, Method] = MappingProxyType({m.name: m for m in _RECORDS})
+
+
+def get_method(name: str) -> Method:
+    """The record for ``--peft name``; a ValueError naming the flag and the choices otherwise."""
+    if name not in METHODS:
+        raise ValueError(f"--peft: expected one of {'|'.join(METHODS)}, got {name!r}")
+    return METHODS[name]
+
+
+def saved_buffers() -> tuple[str, ...]:
+    """Buffer names saved with an adapter (PiSSA's initial factors)."""
+    return tuple(dict.fromkeys(b for m in _RECORDS for b in m.buffers))
+
+
+def key_aliases() -> dict[str, str]:
+    """Foreign adapter key suffixes (RWKV-PEFT's) -> ours."""
+    return {k: v for m in _RECORDS for k, v in m.key_aliases.items()}
+
+
+def adapter_keys() -> set[str]:
+    """Every adapter key suffix some method owns (a model with such a parameter is already adapted)."""
+    return {k for m in _RECORDS for k in m.keys}
+
+
+def method_for_keys(found: set[str]) -> Method | None:
+    """The method whose adapter one linear's key suffixes ``found`` are; the first that could own
+    them (to report what is missing) when none has all it requires; None when none could."""
+    owners = [m for m in _RECORDS if m.keys and found <= set(m.keys)]
+    complete = [m for m in owners if set(m.required) <= found]
+    return (complete or owners or [None])[0]
+
+
+def merge_flags() -> tuple[MergeFlag, ...]:
+    """The merge CLI's override flags, each once."""
+    return tuple({f.flag: f for m in _RECORDS for f in m.merge_flags}.values())
