@@ -1,8 +1,9 @@
-"""Fold a LoRA or PiSSA adapter into an RWKV checkpoint.
+"""Fold a LoRA, PiSSA or DoRA adapter into an RWKV checkpoint.
 
 python merge/merge_lora.py --base_model BASE.pth --peft_checkpoint OUT/rwkv-N.pth --output MERGED.pth
 (alpha from adapter_config.json beside the checkpoint, or --lora_alpha; PiSSA's initial factors
-pissa_A0/pissa_B0 are read from the adapter itself; --unmerge inverts)
+pissa_A0/pissa_B0 and DoRA's lora_magnitude_vector are read from the adapter itself; --unmerge inverts
+LoRA and PiSSA)
 """
 
 import sys

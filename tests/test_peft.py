@@ -221,7 +221,7 @@ def test_invalid_settings_leave_model_untouched():
     with pytest.raises(ValueError, match=r"--miss_config: parts"):
         apply_peft(model, "miss", MissConfig(parts=("head",)))
     with pytest.raises(ValueError, match=r"--peft"):
-        apply_peft(model, "dora", None)
+        apply_peft(model, "vera", None)
     assert not any(isinstance(m, MissLinear) for m in model.modules())
     assert all(p.requires_grad for p in model.parameters())
     apply_peft(model, "miss", miss_cfg("balance"))

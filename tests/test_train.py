@@ -201,9 +201,9 @@ def test_bad_input_is_one_line_before_heavy_work(files, tmp_path, case):
 
 
 @pytest.mark.parametrize("peft,config", [("lora", '{"r":4,"alpha":8}'), ("pissa", '{"r":4,"alpha":8}'),
-                                         ("state", "")])
+                                         ("dora", '{"r":4,"alpha":8}'), ("state", "")])
 def test_baselines_train_through_deepspeed(files, tmp_path: Path, peft: str, config: str) -> None:
-    """LoRA, PiSSA (its SVD factors must survive DeepSpeed's parameter broadcast) and state tuning
+    """LoRA, PiSSA (its SVD factors must survive DeepSpeed's parameter broadcast), DoRA and state tuning
     train in the same loop; the saved adapter holds exactly the method's tensors."""
     out = tmp_path / peft
     flag = "peft_config" if peft == "state" else "lora_config"
@@ -215,7 +215,7 @@ def test_baselines_train_through_deepspeed(files, tmp_path: Path, peft: str, con
         assert sum(seen[-2:]) < sum(seen[:2])
     leaves = {k.rsplit(".", 1)[-1] for k in adapter(out)}
     want = {"lora": {"lora_A", "lora_B"}, "pissa": {"lora_A", "lora_B", "pissa_A0", "pissa_B0"},
-            "state": {"time_state"}}[peft]
+            "dora": {"lora_A", "lora_B", "lora_magnitude_vector"}, "state": {"time_state"}}[peft]
     assert leaves == want
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["method"] == peft

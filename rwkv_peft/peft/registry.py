@@ -21,6 +21,7 @@ from typing import Any
 from torch import nn
 
 from rwkv_peft.peft.config import Fold
+from rwkv_peft.peft.dora import DoraConfig, DoraLinear, dora_fold
 from rwkv_peft.peft.lora import PISSA_BUFFERS, LoraConfig, LoraLinear, lora_fold
 from rwkv_peft.peft.miss import MODE_ALIASES, MODES, MissConfig, MissLinear, miss_check, miss_fold, miss_shape
 from rwkv_peft.peft.state import FullConfig, StateConfig, add_time_state, train_everything
@@ -73,7 +74,7 @@ def _matched_lora(shapes: Shapes, budget: int, fixed: int = 0) -> dict:
     return {"r": r, "alpha": 2 * r}
 
 
-_ALPHA_FLAG = MergeFlag("--lora_alpha", "alpha", {"type": float, "help": "LoRA/PiSSA alpha "
+_ALPHA_FLAG = MergeFlag("--lora_alpha", "alpha", {"type": float, "help": "LoRA/PiSSA/DoRA alpha "
                                                   "(overrides adapter_config.json)"})
 _LORA = {
     "flag": "--lora_config", "keys": ("lora_A", "lora_B", *PISSA_BUFFERS), "buffers": PISSA_BUFFERS,
@@ -100,6 +101,14 @@ _RECORDS = (
         "pissa", parse=lambda text: LoraConfig.from_json(text, pissa=True),
         layer=lambda lin, cfg, name: LoraLinear(lin, cfg, name, pissa=True),
         describe=lambda cfg: {"method": "pissa", "r": cfg.r, "alpha": cfg.alpha}, **_LORA,
+    ),
+    Method(
+        "dora", "--lora_config", DoraConfig.from_json, layer=DoraLinear,
+        describe=lambda cfg: {"r": cfg.r, "alpha": cfg.alpha},
+        keys=("lora_A", "lora_B", "lora_magnitude_vector"), required=("lora_magnitude_vector",), fold=dora_fold,
+        merge_script="merge_lora", merge_flags=(_ALPHA_FLAG,),
+        params=lambda cfg, shapes: sum(cfg.r * (o + i) + o for o, i in shapes),
+        matched=lambda shapes, budget: _matched_lora(shapes, budget, sum(o for o, _ in shapes)),
     ),
     Method(
         "state", "--peft_config", StateConfig.from_json, attach=add_time_state, keys=("time_state",),

@@ -1,0 +1,85 @@
+"""DoRA (weight-decomposed low-rank adaptation): a magnitude per output row times LoRA's direction.
+
+With V = W + s * B A (s = alpha / r, A: (r, in), B: (out, r)) and the L2 norm of each of V's rows,
+i.e. over the input dimension (peft's ``DoraLinearLayer.get_weight_norm`` on an nn.Linear weight):
+
+    W' = m / ||V||_row * V,     m: (out,), initialised to ||W||_row so W' = W at step 0.
+
+The layer computes y = m / ||V|| * (x W^T + s x A^T B^T) and treats ||V|| as a constant in
+backward (DoRA paper, section 4.3, as peft does). Merging writes W'; unmerging needs ||V||,
+which a merged file does not keep: ``dora_unmerge`` takes it (the layer or caller that merged
+has it), and a file merge cannot be undone from the merged file and the adapter alone.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rwkv_peft.peft.config import Fold
+from rwkv_peft.peft.lora import LoraConfig, LoraLinear, lora_delta, lora_factors
+
+MAGNITUDE = "lora_magnitude_vector"  # peft's name for m in a saved adapter
+
+
+class DoraConfig(LoraConfig):
+    """DoRA settings: LoRA's (``--lora_config '{"r":8,"alpha":16}'``), without PiSSA's initialisation."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.pissa:
+            raise ValueError("--lora_config: pissa does not apply to --peft dora")
+
+
+def dora_weight_norm(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """||W + s B A|| of each output row (over the input dimension), fp32, shape (out,)."""
+    return torch.linalg.vector_norm(weight.float() + lora_delta(lora_a, lora_b, scale), dim=1)
+
+
+def dora_merge(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, magnitude: torch.Tensor,
+               scale: float) -> torch.Tensor:
+    """W' = m / ||W + s B A||_row * (W + s B A), in fp32."""
+    v = weight.float() + lora_delta(lora_a, lora_b, scale)
+    return v * (magnitude.float() / torch.linalg.vector_norm(v, dim=1))[:, None]
+
+
+def dora_unmerge(merged: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, magnitude: torch.Tensor,
+                 scale: float, weight_norm: torch.Tensor) -> torch.Tensor:
+    """W from W' and the row norms ||W + s B A|| the merge divided by (``dora_weight_norm`` of the base), fp32."""
+    return merged.float() * (weight_norm.float() / magnitude.float())[:, None] - lora_delta(lora_a, lora_b, scale)
+
+
+def dora_fold(weight: torch.Tensor, tensors: dict[str, torch.Tensor], config: dict, where: str,
+              cfg_name: str) -> Fold:
+    """Check one linear's lora_A, lora_B and magnitude against its weight; merge writes W'."""
+    a, b, scale = lora_factors(weight, tensors, config, where, cfg_name, {MAGNITUDE: (weight.shape[0],)})
+    if MAGNITUDE not in tensors:
+        raise ValueError(f"{where}: a DoRA adapter needs .{MAGNITUDE}, found {sorted(tensors)}")
+    m = tensors[MAGNITUDE]
+    return Fold("dora", {"r": a.shape[0], "alpha": config["alpha"]}, lambda w: dora_merge(w, a, b, m, scale),
+                no_unmerge="DoRA rescales each row of W + sBA to its magnitude and the merged file does not keep "
+                           "the norms it divided by, so the base cannot be recovered from it (keep the base file)")
+
+
+class DoraLinear(LoraLinear):
+    """A frozen nn.Linear weight, LoRA's ``lora_A`` / ``lora_B`` and the magnitude ``lora_magnitude_vector`` (out,)."""
+
+    def __init__(self, base: nn.Linear, cfg: DoraConfig, name: str = "linear"):
+        super().__init__(base, cfg, name)
+        norm = dora_weight_norm(self.weight.detach(), self.lora_A.detach(), self.lora_B.detach(), self.scale)
+        self.lora_magnitude_vector = nn.Parameter(norm.to(self.weight.dtype))
+
+    def weight_norm(self) -> torch.Tensor:
+        """||W + s B A||_row for the current A, B (a constant for autograd, as in the DoRA paper)."""
+        with torch.no_grad():
+            return dora_weight_norm(self.weight, self.lora_A, self.lora_B, self.scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.lora_magnitude_vector / self.weight_norm()).to(x.dtype) * super().forward(x)
+
+    def merged_weight(self) -> torch.Tensor:
+        m = self.lora_magnitude_vector.detach()
+        return dora_merge(self.weight, self.lora_A.detach(), self.lora_B.detach(), m, self.scale).to(self.weight.dtype)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, scale={self.scale:g}, dora=True"
