@@ -78,9 +78,12 @@ class Evaluator:
         """The eval record of ``step``; sets ``improved`` when its loss is the best so far."""
         from rwkv_peft.eval import heldout_loss
 
+        device = next(model.parameters()).device
+        if self.samples[0]["input_ids"].device != device:  # once: they stay on the model's device
+            self.samples = [{k: v.to(device) for k, v in s.items()} for s in self.samples]
         loss = heldout_loss(model, self.samples, batch_size=self.batch)
         if torch.distributed.is_initialized():  # identical on every rank; averaged so all agree bit for bit
-            t = torch.tensor([loss], dtype=torch.float64)
+            t = torch.tensor([loss], dtype=torch.float64, device=device)  # nccl reduces device tensors only
             torch.distributed.all_reduce(t)
             loss = float(t) / torch.distributed.get_world_size()
         self.improved = loss < self.best_loss
