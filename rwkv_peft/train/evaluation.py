@@ -69,10 +69,15 @@ class Evaluator:
         return step % self.every == 0 or step == steps_total
 
     def remember(self, records: list[dict]) -> None:
-        """Take the best step from a resumed run's log."""
+        """Take the best step from a resumed run's log (read by rank 0, shared with every rank so that
+        all agree on when --save_best saves: a collective under ZeRO-3)."""
         for r in records:
             if "eval_loss" in r and r["eval_loss"] < self.best_loss:
                 self.best_step, self.best_loss = r["step"], r["eval_loss"]
+        if torch.distributed.is_initialized():
+            best = [(self.best_step, self.best_loss)]
+            torch.distributed.broadcast_object_list(best, src=0)
+            self.best_step, self.best_loss = best[0]
 
     def run(self, model: nn.Module, step: int) -> dict:
         """The eval record of ``step``; sets ``improved`` when its loss is the best so far."""
