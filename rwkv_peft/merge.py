@@ -569,7 +569,7 @@ def adapted_model(
     edits = plan_edits(model.state_dict(), adapter, cfg, str(base_path), str(adapter_path))
     method, peft_cfg = peft_config_from_edits(edits, cfg, model)
     if method == "full":
-        model.load_state_dict(adapter, strict=False)
+        load_adapter(model, adapter)
     else:
         apply_peft(model, method, peft_cfg)
         load_adapter(model, adapter)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.util
 import io
 import os
@@ -52,8 +53,12 @@ def load_runtime(path: str | os.PathLike, version: str = "x070", strategy: str =
     if path.suffix != ".pth":
         raise ValueError(f"{path}: the rwkv runtime loads .pth files only")
     module = runtime_module(version == "x070")
-    with _runtime_env(), contextlib.redirect_stdout(io.StringIO()):
-        return module.RWKV(str(path.with_suffix("")), strategy)
+    gc.freeze()  # its loader calls gc.collect() per layer: skip re-scanning the caller's whole heap each time
+    try:
+        with _runtime_env(), contextlib.redirect_stdout(io.StringIO()):
+            return module.RWKV(str(path.with_suffix("")), strategy)
+    finally:
+        gc.unfreeze()
 
 
 @torch.no_grad()

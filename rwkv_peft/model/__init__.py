@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from rwkv_peft.model import rwkv5, rwkv6
-from rwkv_peft.model.checkpoint import read_state_dict, tensor_shape, write_state_dict
+from rwkv_peft.model.checkpoint import block_count, fits, read_state_dict, tensor_shape, write_state_dict
 from rwkv_peft.model.rwkv5 import RWKV5, RWKV5Config, init_rwkv5_
 from rwkv_peft.model.rwkv6 import RWKV6, RWKV6Config, init_rwkv6_
 from rwkv_peft.model.rwkv7 import RWKV7, RWKV7Config, init_rwkv7_
@@ -35,6 +35,9 @@ __all__ = [
     "init_model",
     "load_model",
     "save_model",
+    "checkpoint_state_dict",
+    "fits",
+    "to_stored",
     "read_state_dict",
     "write_state_dict",
 ]
@@ -63,24 +66,34 @@ def detect_version(sd: Mapping[str, torch.Tensor], name: str = "checkpoint") -> 
 
 
 def _config_x070(sd: Mapping[str, torch.Tensor], name: str) -> RWKV7Config:
-    """Architecture of an x070 checkpoint, read from its tensor shapes."""
+    """Architecture of an x070 checkpoint, read from its tensor shapes.
+
+    Each low-rank width is read from the first layer that has its tensor: released files have no
+    ``blocks.0.att.v0/v1/v2`` (layer 0 has no value residual), and their widths differ per path.
+    """
     vocab_size, n_embd = tensor_shape(sd, "emb.weight", name)
-    layers = {int(k.split(".")[1]) for k in sd if k.startswith("blocks.")}
+    n_layer = block_count(sd)
     n_head, head_size = tensor_shape(sd, "blocks.0.att.r_k", name)
     if n_head * head_size != n_embd:
         raise ValueError(
             f"{name}: blocks.0.att.r_k is {n_head}x{head_size}, expected heads x head_size = {n_embd}"
         )
+
+    def width(leaf: str) -> int:  # 0 (the default) when no layer has it: check_state_dict says so
+        keys = (f"blocks.{i}.att.{leaf}" for i in range(n_layer))
+        return next((sd[k].shape[-1] for k in keys if k in sd), 0)
+
     return RWKV7Config(
-        n_layer=max(layers) + 1,
+        n_layer=n_layer,
         n_embd=n_embd,
         vocab_size=vocab_size,
         head_size=head_size,
         dim_ffn=tensor_shape(sd, "blocks.0.ffn.key.weight", name)[0],
-        d_decay=tensor_shape(sd, "blocks.0.att.w1", name)[1],
-        d_aaa=tensor_shape(sd, "blocks.0.att.a1", name)[1],
-        d_mv=tensor_shape(sd, "blocks.0.att.v1", name)[1],
-        d_gate=tensor_shape(sd, "blocks.0.att.g1", name)[1],
+        d_decay=width("w1"),
+        d_aaa=width("a1"),
+        d_mv=width("v1"),
+        d_gate=width("g1"),
+        layer0_vres=any(f"blocks.0.att.{v}" in sd for v in ("v0", "v1", "v2")),
     )
 
 
@@ -128,14 +141,14 @@ def init_model(cfg: RWKVConfig, seed: int = 0, op: str = "auto") -> RWKVModel:
 
 
 def check_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], name: str) -> None:
-    """One error listing every missing, unexpected and mis-shaped key."""
+    """One error naming the file, listing every missing, unexpected and mis-shaped key."""
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = [k for k in want if k not in sd]
     extra = [k for k in sd if k not in want]
     shapes = [
         f"{k} {tuple(sd[k].shape)} (expected {want[k]})"
         for k in want
-        if k in sd and tuple(sd[k].shape) != want[k]
+        if k in sd and not fits(tuple(sd[k].shape), want[k], k)
     ]
     problems = []
     for label, items in (("missing", missing), ("unexpected", extra), ("wrong shape", shapes)):
@@ -156,7 +169,11 @@ def load_model(
     dtype: torch.dtype | None = torch.float32,
     op: str = "auto",
 ) -> RWKVModel:
-    """Model from an official checkpoint; ``dtype=None`` keeps each tensor's stored dtype."""
+    """Model from an official checkpoint; ``dtype=None`` keeps each tensor's stored dtype.
+
+    ``model.layout`` remembers each key's stored shape and dtype, in file order, so that
+    ``save_model`` and the trainer's checkpoints give the file back with exactly its key set.
+    """
     if isinstance(path_or_state_dict, Mapping):
         sd, name = path_or_state_dict, "state dict"
     else:
@@ -164,9 +181,36 @@ def load_model(
     cfg = config_from_state_dict(sd, name)
     model = build_model(cfg, op, device="meta")
     check_state_dict(model, sd, name)
-    sd = {k: v.to(device=device, dtype=dtype or v.dtype, copy=True) for k, v in sd.items()}
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    layout = {k: (tuple(v.shape), v.dtype) for k, v in sd.items()}
+    sd = {k: v.reshape(shapes[k]).to(device=device, dtype=dtype or v.dtype, copy=True) for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
+    model.layout = layout
     return model
+
+
+def to_stored(model: nn.Module, key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (parameter ``key`` of ``model``) in the shape its checkpoint stores it in."""
+    stored = (getattr(model, "layout", None) or {}).get(key)
+    return tensor if stored is None else tensor.reshape(stored[0])
+
+
+def checkpoint_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The model's weights as a checkpoint (cpu): a loaded model's exactly in its file's layout."""
+    sd = model.state_dict()
+    layout = getattr(model, "layout", None)
+    if layout is None:
+        return {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in sd.items()}
+    extra, missing = [k for k in sd if k not in layout], [k for k in layout if k not in sd]
+    if extra or missing:
+        raise ValueError(
+            f"the model's tensors differ from the checkpoint it was loaded from (extra: {extra[:3]}, "
+            f"missing: {missing[:3]}); save adapters with trainable_state_dict, or merge them first"
+        )
+    return {
+        k: sd[k].detach().reshape(shape).to("cpu", dtype or stored).contiguous()
+        for k, (shape, stored) in layout.items()
+    }
 
 
 def save_model(
@@ -174,10 +218,13 @@ def save_model(
     path: str | os.PathLike,
     dtype: torch.dtype | None = None,
 ) -> None:
-    """Write the official key layout (.pth or .safetensors), atomically."""
-    sd = model_or_state_dict
-    if isinstance(sd, nn.Module):
-        sd = sd.state_dict()
-    write_state_dict(
-        {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in sd.items()}, path
-    )
+    """Write the official key layout (.pth or .safetensors), atomically.
+
+    A loaded model is written with its file's keys, order, shapes and dtypes (``dtype`` overrides
+    the dtypes); a fresh one with its own keys.
+    """
+    if isinstance(model_or_state_dict, nn.Module):
+        sd = checkpoint_state_dict(model_or_state_dict, dtype)
+    else:
+        sd = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in model_or_state_dict.items()}
+    write_state_dict(sd, path)

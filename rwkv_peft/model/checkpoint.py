@@ -57,6 +57,25 @@ def tensor_shape(sd: Mapping[str, torch.Tensor], key: str, name: str) -> tuple[i
     return tuple(sd[key].shape)
 
 
+def block_count(sd: Mapping[str, torch.Tensor]) -> int:
+    """Number of layers: one more than the highest ``blocks.<i>.`` index (0 when there is none)."""
+    return 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
+
+
+def fits(stored: tuple[int, ...], want: tuple[int, ...], key: str) -> bool:
+    """Whether a tensor stored as ``stored`` loads into a parameter of shape ``want``.
+
+    The official runtime squeezes size-1 dimensions out of the per-channel vectors (every key not
+    ending in ``weight``/``bias``: ``x_r``, ``time_mix_k``, ``time_decay``, ``time_faaaa``...),
+    so files differing only there (e.g. x052 ``time_decay`` stored (H, N, 1)) are the same model.
+    """
+    if stored == want:
+        return True
+    if key.rpartition(".")[2] in ("weight", "bias"):
+        return False
+    return [d for d in stored if d != 1] == [d for d in want if d != 1]
+
+
 def write_state_dict(sd: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
     """Write ``sd`` to ``path`` (.pth, or .safetensors by name) via a temp file and rename."""
     path = Path(path)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rwkv_peft.model.checkpoint import tensor_shape
+from rwkv_peft.model.checkpoint import block_count, tensor_shape
 from rwkv_peft.model.rwkv7 import RWKV7, token_shift
 from rwkv_peft.ops import wkv6
 
@@ -50,20 +50,25 @@ class RWKV6Config:
 
 
 def read_common(sd: Mapping[str, torch.Tensor], name: str) -> dict[str, int]:
-    """Architecture fields shared by x060 and x052, read from tensor shapes (heads from time_faaaa)."""
+    """Architecture fields shared by x060 and x052, read from tensor shapes.
+
+    Heads come from ``time_faaaa``'s first dimension, as the runtime reads them; it may carry
+    trailing size-1 dimensions (stored (H, N) or (H, N, 1)).
+    """
     vocab_size, n_embd = tensor_shape(sd, "emb.weight", name)
     dim_att = tensor_shape(sd, "blocks.0.att.key.weight", name)[0]
     bonus = tensor_shape(sd, "blocks.0.att.time_faaaa", name)
-    if len(bonus) != 2 or bonus[0] * bonus[1] != dim_att:
+    n_head = bonus[0] if bonus else 0
+    if not n_head or math.prod(bonus) != dim_att or dim_att % n_head:
         raise ValueError(
             f"{name}: blocks.0.att.time_faaaa is {bonus}, expected (heads, head_size) with "
             f"heads x head_size = dim_att {dim_att}"
         )
     return dict(
-        n_layer=max(int(k.split(".")[1]) for k in sd if k.startswith("blocks.")) + 1,
+        n_layer=block_count(sd),
         n_embd=n_embd,
         vocab_size=vocab_size,
-        head_size=bonus[1],
+        head_size=dim_att // n_head,
         dim_ffn=tensor_shape(sd, "blocks.0.ffn.key.weight", name)[0],
         dim_att=dim_att,
     )
@@ -175,6 +180,7 @@ class RWKV6(nn.Module):
     # Small per-block tensors grouped as the "time" train part (token-shift mixes, decay, bonus, LoRAs).
     time_params = ("time_maa_x", "time_maa_w", "time_maa_k", "time_maa_v", "time_maa_r", "time_maa_g",
                    "time_maa_w1", "time_maa_w2", "time_decay", "time_decay_w1", "time_decay_w2", "time_faaaa")
+    unused_params = ()
     train_part = RWKV7.train_part  # same grouping rule, driven by this class's time_params
     set_op = RWKV7.set_op
     forward = RWKV7.forward  # forward_state below differs: no value residual to carry

@@ -19,10 +19,13 @@ class RWKV7Config:
     vocab_size: int
     head_size: int = 64
     dim_ffn: int = 0  # 0: 4 * n_embd
-    d_decay: int = 0  # widths of the low-rank w / a / v / g paths; 0: RWKV-LM's defaults
+    d_decay: int = 0  # widths of the low-rank w / a / v / g paths; 0: RWKV-LM's current defaults
     d_aaa: int = 0
     d_mv: int = 0
     d_gate: int = 0
+    # Layer 0 never uses the value residual: released checkpoints store no v0/v1/v2 there, while
+    # RWKV-LM's trainer creates unused ones, so its raw outputs have them. True: keep them too.
+    layer0_vres: bool = False
 
     def __post_init__(self) -> None:
         C = self.n_embd
@@ -36,7 +39,7 @@ class RWKV7Config:
         self.d_decay = self.d_decay or width(2.5 * C**0.5)
         self.d_aaa = self.d_aaa or width(2.5 * C**0.5)
         self.d_mv = self.d_mv or width(1.7 * C**0.5)
-        self.d_gate = self.d_gate or width(0.6 * C**0.8)
+        self.d_gate = self.d_gate or width(5 * C**0.5)
 
     @property
     def n_head(self) -> int:
@@ -55,14 +58,16 @@ class TimeMix(nn.Module):
         self.layer_id, self.op = layer_id, op
         self.n_head, self.head_size = cfg.n_head, cfg.head_size
         C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
-        for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "v0", "k_k", "k_a"):
+        for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "k_k", "k_a"):
             setattr(self, name, nn.Parameter(torch.zeros(1, 1, C)))
         self.w1 = nn.Parameter(torch.zeros(C, cfg.d_decay))
         self.w2 = nn.Parameter(torch.zeros(cfg.d_decay, C))
         self.a1 = nn.Parameter(torch.zeros(C, cfg.d_aaa))
         self.a2 = nn.Parameter(torch.zeros(cfg.d_aaa, C))
-        self.v1 = nn.Parameter(torch.zeros(C, cfg.d_mv))
-        self.v2 = nn.Parameter(torch.zeros(cfg.d_mv, C))
+        if layer_id > 0 or cfg.layer0_vres:  # value residual: mixes in layer 0's value from layer 1 on
+            self.v0 = nn.Parameter(torch.zeros(1, 1, C))
+            self.v1 = nn.Parameter(torch.zeros(C, cfg.d_mv))
+            self.v2 = nn.Parameter(torch.zeros(cfg.d_mv, C))
         self.g1 = nn.Parameter(torch.zeros(C, cfg.d_gate))
         self.g2 = nn.Parameter(torch.zeros(cfg.d_gate, C))
         self.r_k = nn.Parameter(torch.zeros(H, N))
@@ -157,6 +162,8 @@ class RWKV7(nn.Module):
     # Small per-block tensors grouped as the "time" train part (token-shift mixes, decay, LoRAs).
     time_params = ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "w1", "w2", "a0", "a1", "a2",
                    "v0", "v1", "v2", "g1", "g2", "k_k", "k_a", "r_k")
+    # Kept only to give the checkpoint back as it came (layer0_vres): never used, never trained.
+    unused_params = ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")
 
     def __init__(self, cfg: RWKV7Config, op: str = "auto"):
         super().__init__()
@@ -170,6 +177,8 @@ class RWKV7(nn.Module):
     def train_part(self, name: str) -> str | None:
         """Which ``train_parts`` group (emb, head, ln, time) a parameter name belongs to, if any."""
         leaf = name.rsplit(".", 1)[-1]
+        if name in self.unused_params:
+            return None
         if name == "emb.weight":
             return "emb"
         if name == "head.weight":
@@ -237,11 +246,14 @@ def init_rwkv7_(model: RWKV7) -> RWKV7:
         decay = -6 + 6 * (n / (C - 1)) ** (1 + r01**0.3)
         att.w0.copy_((decay + 0.5 + zigzag * 2.5).view(1, 1, C))
         att.a0.copy_((-0.19 + zigzag * 0.3 + linear * 0.4).view(1, 1, C))
-        att.v0.copy_((0.73 - linear * 0.4).view(1, 1, C))
         att.k_k.copy_((0.71 - linear * 0.1).view(1, 1, C))
         att.k_a.fill_(1.02)
         att.r_k.fill_(-0.04)
-        for lo, hi in ((att.w1, att.w2), (att.a1, att.a2), (att.v1, att.v2), (att.g1, att.g2)):
+        pairs = [(att.w1, att.w2), (att.a1, att.a2), (att.g1, att.g2)]
+        if hasattr(att, "v0"):
+            att.v0.copy_((0.73 - linear * 0.4).view(1, 1, C))
+            pairs.append((att.v1, att.v2))
+        for lo, hi in pairs:
             lo.zero_()
             ortho(hi, 0.1)
         att.receptance.weight.uniform_(-0.5 / C**0.5, 0.5 / C**0.5)

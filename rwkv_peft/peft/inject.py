@@ -81,8 +81,17 @@ def apply_peft(model: nn.Module, method: str, cfg: PeftConfig | None = None) -> 
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What ``rwkv-<epoch>.pth`` holds: trainable parameters plus the buffers methods save (cpu copies)."""
-    sd = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+    """What ``rwkv-<epoch>.pth`` holds: trainable parameters plus the buffers methods save (cpu copies).
+
+    Base tensors (train_parts, full) keep the shape the base checkpoint stores them in.
+    """
+    from rwkv_peft.model import to_stored
+
+    sd = {
+        n: to_stored(model, n, p.detach()).to("cpu", copy=True)
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
     keep = saved_buffers()
     for n, b in model.named_buffers():
         if n.rpartition(".")[2] in keep:
@@ -99,14 +108,15 @@ def _rename_foreign(key: str, aliases: dict[str, str]) -> str:
 def load_adapter(model: nn.Module, path_or_sd: str | os.PathLike | dict[str, torch.Tensor]) -> int:
     """Copy a saved adapter (or any partial state dict) into the model; returns the number of tensors loaded.
 
-    Every key must name a parameter or buffer of the model with the same shape: a load that silently
-    matches nothing (or only part of the file) is an error naming the file and key.
+    Every key must name a parameter or buffer of the model with the same shape (or the shape the
+    base checkpoint stores it in): a load that silently matches nothing (or only part of the file)
+    is an error naming the file and key.
     """
+    from rwkv_peft.model import fits, read_state_dict
+
     if isinstance(path_or_sd, dict):
         sd, where = path_or_sd, "adapter state dict"
     else:
-        from rwkv_peft.model import read_state_dict
-
         sd, where = read_state_dict(path_or_sd), str(path_or_sd)
     aliases = key_aliases()
     sd = {_rename_foreign(k, aliases): v for k, v in sd.items()}
@@ -120,7 +130,7 @@ def load_adapter(model: nn.Module, path_or_sd: str | os.PathLike | dict[str, tor
         raise ValueError(f"{where}: {len(missing)} key(s) not in the model, e.g. {missing[0]!r}")
     buffers, kinds = saved_buffers(), {}  # per layer path: the saved buffers it gets, all or none
     for k, v in sd.items():
-        if tuple(v.shape) != tuple(targets[k].shape):
+        if not fits(tuple(v.shape), tuple(targets[k].shape), k):
             raise ValueError(f"{where}: {k} has shape {tuple(v.shape)}, the model expects {tuple(targets[k].shape)}")
         path, _, leaf = k.rpartition(".")
         if leaf in buffers:
@@ -132,7 +142,7 @@ def load_adapter(model: nn.Module, path_or_sd: str | os.PathLike | dict[str, tor
             raise ValueError(f"{where}: {path} has {sorted(saved)} but needs all of {want} to load them")
     for k, v in sd.items():
         if k.rpartition(".")[2] not in buffers:
-            targets[k].copy_(v)
+            targets[k].copy_(v.reshape(targets[k].shape))
     for path, saved in kinds.items():  # e.g. PiSSA: the frozen residual must match the saved initial factors
         modules[path].load_buffers(saved)
     return len(sd)
