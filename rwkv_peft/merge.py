@@ -566,7 +566,7 @@ def adapted_model(
     cfg = _resolve_config(Path(adapter_path), config)
     model = load_model(base_path, dtype=torch.float32, op=op)
     adapter = read_state_dict(adapter_path)
-    edits = plan_edits(model.state_dict(), adapter, cfg, str(base_path), str(adapter_path))
+    edits = plan_edits(read_state_dict(base_path), adapter, cfg, str(base_path), str(adapter_path))  # stored shapes
     method, peft_cfg = peft_config_from_edits(edits, cfg, model)
     if method == "full":
         load_adapter(model, adapter)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from released_layouts import LAYOUTS, X070_0B1, key_shapes, write_checkpoint
 
-from rwkv_peft.merge import merge_adapter, unmerge_adapter
+from rwkv_peft.merge import adapted_model, merge_adapter, unmerge_adapter
 from rwkv_peft.model import load_model, save_model
 from rwkv_peft.peft import adapter_config, apply_peft, parse_peft_config, trainable_state_dict
 from rwkv_peft.runtime import load_runtime, runtime_logits
@@ -107,10 +107,10 @@ def test_loads_with_runtime_parity(name: str, dt: str, files: dict, tmp_path: Pa
     torch.testing.assert_close(ours, rnn, atol=TOL, rtol=0)
 
 
-def train_miss(path: Path, out: Path, mode: str, steps: int = 3) -> tuple[Path, torch.nn.Module]:
+def train_miss(path: Path, out: Path, mode: str, steps: int = 3, **extra) -> tuple[Path, torch.nn.Module]:
     """MiSS trained the trainer's way (fp32 model, apply_peft, AdamW on the LM loss, adapter + config)."""
     model = load_model(path, op="torch")
-    cfg = parse_peft_config("miss", json.dumps({"r": 32, "mode": mode}))
+    cfg = parse_peft_config("miss", json.dumps({"r": 32, "mode": mode, **extra}))
     apply_peft(model, "miss", cfg)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     idx = torch.randint(0, model.cfg.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
@@ -177,6 +177,24 @@ def test_saved_and_train_parts_keep_the_key_set(name: str, dt: str, files: dict,
     assert not {"blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2"} & set(sd)  # unused: never trained
     with pytest.raises(ValueError, match="differ from the checkpoint"):
         save_model(model, tmp_path / "adapted.pth")  # adapter tensors are not base keys
+
+
+@pytest.mark.parametrize("name", ["x070_layer0_v", "x052_h_n_1"])
+def test_train_parts_adapter_merges_and_verifies(name: str, files: dict, tmp_path: Path) -> None:
+    """train_parts tensors go out in the base's stored shapes; merge and --verify's adapted model agree."""
+    base = files[name, "fp32"]
+    adapter, adapted = train_miss(base, tmp_path / "miss", "balance", train_parts=["time", "ln"])
+    layout = {k: s for k, s, _ in stored(base)}
+    saved = load(adapter)
+    assert all(layout[k] == tuple(v.shape) for k, v in saved.items() if not k.endswith(".miss"))
+    parts = {k for k in layout if adapted.train_part(k) in ("time", "ln")}
+    assert {k for k in saved if not k.endswith(".miss")} == parts
+    merged = merge_adapter(base, adapter, tmp_path / "merged.pth")
+    assert stored(merged) == stored(base)
+    toks = tokens(LAYOUTS[name][2]["V"])
+    want = logits(adapted, toks)
+    torch.testing.assert_close(logits(adapted_model(base, adapter), toks), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(load_model(merged, op="torch"), toks), want, atol=1e-5, rtol=0)
 
 
 def test_unknown_layout_is_one_error_naming_the_file_and_problem(files: dict, tmp_path: Path) -> None:
