@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from rwkv_peft.model import config_from_state_dict, detect_version, read_state_dict
+from rwkv_peft.model.checkpoint import all_finite
 from rwkv_peft.peft.config import Fold
 from rwkv_peft.peft.registry import METHODS, adapter_keys, merge_flags, method_for_keys
 
@@ -290,13 +291,6 @@ def _trim_heap() -> None:
         trim(0)
 
 
-def _finite(t: torch.Tensor) -> bool:
-    """No NaN/inf in ``t``: one fp32 sum (NaN and inf propagate) instead of a slow elementwise isfinite."""
-    if not t.is_floating_point() or bool(torch.isfinite(t.sum(dtype=torch.float32))):
-        return True
-    return bool(torch.isfinite(t).all())  # the sum may overflow on huge but finite values
-
-
 class _Slot:
     """Stands in for one tensor while pickling the .pth header (no data needed)."""
 
@@ -434,7 +428,7 @@ def write_edited(
             src = base[k]
             if k in edits:
                 new = edits[k].apply(src, unmerge).to(src.dtype)
-                if not _finite(new):  # checked after the cast, which can overflow too (fp16)
+                if not all_finite(new):  # checked after the cast, which can overflow too (fp16)
                     raise ValueError(
                         f"{name}: {k} would contain NaN/inf after {'unmerging' if unmerge else 'merging'} "
                         f"{edits[k].source} (check the adapter's values)"

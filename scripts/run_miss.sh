@@ -4,7 +4,7 @@
 # With none set it runs the embedded demo end to end (a few minutes on a laptop CPU): creates a tiny
 # RWKV-7 base, generates arithmetic word problems, trains MiSS on them, then merges the adapter.
 LOAD_MODEL=${LOAD_MODEL:-out/demo/base.pth}   # base .pth; the demo creates it when absent
-DATA_FILE=${DATA_FILE:-out/demo/demo.jsonl}   # the demo generates it when absent
+DATA_FILE=${DATA_FILE:-out/demo/demo.jsonl}   # a file, or the PREFIX of PREFIX.bin/.idx; the demo makes its own
 DATA_TYPE=${DATA_TYPE:-sft}                   # binidx | jsonl | sft | chat
 EVAL_DATA=${EVAL_DATA:-}                      # held-out file in the DATA_TYPE format; empty: none (the demo makes one)
 EVAL_EVERY=${EVAL_EVERY:-50}                  # with EVAL_DATA: held-out loss + generations every N steps
@@ -26,6 +26,7 @@ EPOCH_SAVE=${EPOCH_SAVE:-1}
 LR_INIT=${LR_INIT:-3e-2}
 LR_FINAL=${LR_FINAL:-3e-3}
 WARMUP_STEPS=${WARMUP_STEPS:-0}
+STRICT=${STRICT:-0}                           # 1: a malformed jsonl line stops the run
 STRATEGY=${STRATEGY:-deepspeed_stage_1}
 PRECISION=${PRECISION:-}                      # empty: bf16 on GPU, fp32 on CPU
 ACCELERATOR=${ACCELERATOR:-}                  # empty: gpu if CUDA is available, else cpu
@@ -54,8 +55,7 @@ if [ ! -f "$LOAD_MODEL" ]; then
     python -m rwkv_peft.tools.init_model --version x070 --n_layer "$DEMO_LAYERS" --n_embd "$DEMO_EMBD" \
         --vocab_size 65536 --out "$LOAD_MODEL"
 fi
-if [ ! -f "$DATA_FILE" ]; then
-    [ "$DATA_FILE" = out/demo/demo.jsonl ] || { echo "error: DATA_FILE=$DATA_FILE not found" >&2; exit 1; }
+if [ "$DATA_FILE" = out/demo/demo.jsonl ] && [ ! -f "$DATA_FILE" ]; then  # others: the trainer checks
     mkdir -p out/demo
     echo "[demo] generating arithmetic word problems: $DATA_FILE"
     python -m rwkv_peft.data.demo --out "$DATA_FILE" --n 3000 --seed 0
@@ -69,7 +69,8 @@ if [ "$DEVICES" -gt 1 ]; then
 else
     set -- python -m rwkv_peft.train
 fi
-"$@" --load_model "$LOAD_MODEL" --data_file "$DATA_FILE" --data_type "$DATA_TYPE" --proj_dir "$PROJ_DIR" \
+"$@" --load_model "$LOAD_MODEL" --data_file "$DATA_FILE" --data_type "$DATA_TYPE" --strict "$STRICT" \
+    --proj_dir "$PROJ_DIR" \
     --peft "$PEFT" --miss_config "$MISS_CONFIG" --lora_config "$LORA_CONFIG" --peft_config "$PEFT_CONFIG" \
     ${TRAIN_PARTS:+--train_parts "$TRAIN_PARTS"} \
     --ctx_len "$CTX_LEN" --micro_bsz "$MICRO_BSZ" --accumulate_grad_batches "$ACCUMULATE" \

@@ -4,15 +4,40 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
+from rwkv_peft.files import atomic_path, check_zip
+
+
+def load_checked(path: str | os.PathLike, mmap: bool = False) -> object:
+    """``torch.load(weights_only=True)`` of a file whose zip CRCs were verified first; never unpickles
+    objects. Every failure (missing, truncated, corrupt, holds objects) is a ValueError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint file not found")
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"  # torch's format since 1.6; older files are one pickle stream
+    if is_zip:
+        check_zip(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and is_zip)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"{path}: refused to load: the file holds Python objects, not only tensors "
+            f"(weights_only load failed: {first})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: not a readable .pth checkpoint (truncated or corrupt: {first})") from None
+
 
 def read_state_dict(path: str | os.PathLike, mmap: bool = True) -> dict[str, torch.Tensor]:
-    """Load a checkpoint as a plain dict of tensors; never unpickles objects."""
+    """Load a checkpoint as a plain dict of tensors, integrity-checked (zip CRCs; safetensors header and
+    size); never unpickles objects."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint file not found")
@@ -24,30 +49,24 @@ def read_state_dict(path: str | os.PathLike, mmap: bool = True) -> dict[str, tor
         except Exception as e:  # safetensors raises its own error types
             raise ValueError(f"{path}: not a readable .safetensors file ({e})") from None
     else:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except pickle.UnpicklingError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(
-                f"{path}: refused to load: the file holds Python objects, not only tensors "
-                f"(weights_only load failed: {first})"
-            ) from None
-        except RuntimeError as e:
-            if mmap and "mmap" in str(e):  # legacy (non-zip) format cannot be memory-mapped
-                return read_state_dict(path, mmap=False)
-            first = str(e).strip().splitlines()[0]
-            raise ValueError(
-                f"{path}: not a readable .pth checkpoint (truncated or corrupt: {first})"
-            ) from None
-        except (EOFError, OSError, ValueError) as e:
-            raise ValueError(
-                f"{path}: not a readable .pth checkpoint (truncated or corrupt: {e})"
-            ) from None
+        sd = load_checked(path, mmap=mmap)
     if not isinstance(sd, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()
     ):
         raise ValueError(f"{path}: expected a dict of name -> tensor, got {type(sd).__name__}")
     return sd
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN/inf in ``t``: one fp32 sum (NaN and inf propagate) instead of a slow elementwise isfinite."""
+    if not t.is_floating_point() or bool(torch.isfinite(t.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(t).all())  # the sum may overflow on huge but finite values
+
+
+def first_nonfinite(sd: Mapping[str, torch.Tensor]) -> str | None:
+    """The first key of ``sd`` whose tensor holds NaN/inf, or None."""
+    return next((k for k, v in sd.items() if not all_finite(v)), None)
 
 
 def tensor_shape(sd: Mapping[str, torch.Tensor], key: str, name: str) -> tuple[int, ...]:
@@ -81,17 +100,12 @@ def write_state_dict(sd: dict[str, torch.Tensor], path: str | os.PathLike) -> Pa
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"{path}: output directory {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
             save_file({k: v.contiguous() for k, v in sd.items()}, tmp)
         else:
-            torch.save(sd, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            with open(tmp, "wb") as f:  # a file object: the archive's inner name is "archive", not the temp's
+                torch.save(sd, f)
     return path

@@ -30,6 +30,7 @@ class TrainConfig:
     chat_template: str = ""
     too_long: str = "truncate"
     magic_prime: int = 0
+    strict: int = 0
     ctx_len: int = 512
     micro_bsz: int = 1
     epoch_steps: int = 100
@@ -126,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "separator, separator_in_content)",
         "too_long": "chat with --dataload pad: truncate | drop conversations longer than ctx_len+1 tokens",
         "sft_field": "two jsonl field names: prompt response",
+        "strict": "1: a malformed jsonl line is an error (file:line); 0: skipped and counted in the data summary",
         "epoch_steps": "optimizer steps per 'epoch' (RWKV-LM's mini-epoch)",
         "lr_schedule": "cos (warmup, cosine lr_init->lr_final) | wsd (warmup, stable, decay) | const",
         "wsd_decay": "fraction of the run spent decaying with --lr_schedule wsd",
@@ -192,8 +194,9 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--accelerator: expected one of {'|'.join(ACCELERATORS)}, got {cfg.accelerator!r}")
     if cfg.lr_schedule not in ("cos", "wsd", "const"):
         raise ValueError(f"--lr_schedule: expected cos|wsd|const, got {cfg.lr_schedule!r}")
-    if cfg.grad_cp not in (0, 1) or cfg.resume not in (0, 1) or cfg.save_best not in (0, 1):
-        raise ValueError("--grad_cp, --resume and --save_best take 0 or 1")
+    for flag in ("grad_cp", "resume", "save_best", "strict"):
+        if getattr(cfg, flag) not in (0, 1):
+            raise ValueError(f"--{flag}: expected 0 or 1, got {getattr(cfg, flag)}")
     _positive(cfg, "ctx_len", "micro_bsz", "epoch_steps", "epoch_count", "epoch_save",
               "accumulate_grad_batches", "devices", "num_nodes", "max_bad_steps")
     _positive(cfg, "epoch_begin", "warmup_steps", "random_seed", minimum=0)

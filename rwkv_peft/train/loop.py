@@ -12,10 +12,12 @@ import os
 import socket
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
+from rwkv_peft import files
 from rwkv_peft.train import progress
 from rwkv_peft.train.config import ARCH_FLAGS, TrainConfig, parse_args
 from rwkv_peft.train.ds_config import build_ds_config, check_supported
@@ -25,6 +27,11 @@ from rwkv_peft.train.schedule import lr_at
 
 STATE_FILE = "trainer_state.pt"
 BEST_FILE = "rwkv-best.pth"
+FINAL_FILE = "rwkv-final.pth"
+
+
+class RunFailed(Exception):
+    """The run did not train (NaN/inf losses, a diverged adapter): exit non-zero, no rwkv-final.pth."""
 
 
 class L2Wrap(torch.autograd.Function):
@@ -105,8 +112,10 @@ def import_deepspeed(on_gpu: bool):
 
 
 def check_architecture(cfg: TrainConfig):
-    """Read the checkpoint's architecture (mmap: cheap) and refuse flags that contradict it."""
+    """Read the checkpoint (CRC-checked, memory-mapped), refuse flags that contradict its architecture
+    and a base holding NaN/inf (it could only train into NaN steps)."""
     from rwkv_peft.model import config_from_state_dict, read_state_dict
+    from rwkv_peft.model.checkpoint import first_nonfinite
 
     sd = read_state_dict(cfg.load_model)
     arch = config_from_state_dict(sd, f"--load_model {cfg.load_model}")
@@ -115,6 +124,10 @@ def check_architecture(cfg: TrainConfig):
         if given and given != actual:
             raise ValueError(f"--{name} {given} contradicts --load_model {cfg.load_model}, which has "
                              f"{name} {actual} (the architecture comes from the checkpoint; drop the flag)")
+    bad = first_nonfinite(sd)
+    if bad is not None:
+        raise ValueError(f"--load_model {cfg.load_model}: base tensor {bad} holds NaN/inf; nothing can be "
+                         "trained on it (re-download or re-export the base)")
     return sd, arch
 
 
@@ -165,16 +178,19 @@ def load_optimizer_state(opt: torch.optim.Optimizer, state: list[dict], where: P
 
 
 def latest_checkpoint(proj_dir: Path) -> dict | None:
+    """trainer_state.pt (CRC-checked, tensors only), or None; a damaged one is an error naming it."""
+    from rwkv_peft.model.checkpoint import load_checked
+
     path = proj_dir / STATE_FILE
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    state = load_checked(path)
+    need = {"epoch": int, "step": int, "adapter": str, "optimizer": list, "rng": list}
+    wrong = [k for k, t in need.items() if not isinstance(state, dict) or not isinstance(state.get(k), t)]
+    if wrong or Path(state["adapter"]).name != state["adapter"]:
+        raise ValueError(f"{path}: not a trainer state of this trainer (bad or missing "
+                         f"{', '.join(wrong) or 'adapter'}); delete it to start fresh")
+    return state
 
 
 def get_batch(ds, step_in_epoch: int, micro: int, cfg: TrainConfig, device: str) -> dict[str, torch.Tensor]:
@@ -186,14 +202,28 @@ def get_batch(ds, step_in_epoch: int, micro: int, cfg: TrainConfig, device: str)
 
 
 def train(cfg: TrainConfig, dataset=None) -> dict:
-    """Run the whole job; returns the summary (with the trained ``model``). ``dataset`` overrides --data_file."""
+    """Run the whole job; returns the summary (with the trained ``model``). ``dataset`` overrides --data_file.
+
+    Inputs and the output directory are checked before anything heavy; the process that writes (rank 0)
+    holds ``--proj_dir``'s lock for the whole run and first removes temps left there by killed runs."""
     t_start = time.time()
     on_gpu = cfg.accelerator in ("gpu", "cuda") or (cfg.accelerator == "auto" and torch.cuda.is_available())
     if on_gpu and not torch.cuda.is_available():
         raise ValueError(f"--accelerator {cfg.accelerator}: no CUDA device is available; use --accelerator cpu")
     check_supported(cfg, on_gpu)
     check_loggers(cfg)
+    proj = Path(cfg.proj_dir)
+    writer = int(os.environ.get("RANK", "0")) == 0
+    if writer:
+        files.check_writable_dir(proj, "--proj_dir")
     base_sd, arch = check_architecture(cfg)
+    with files.dir_lock(proj) if writer else nullcontext():
+        if writer:
+            files.note_removed(files.remove_stale_temps(proj))
+        return _train_locked(cfg, dataset, base_sd, arch, on_gpu, t_start)
+
+
+def _train_locked(cfg: TrainConfig, dataset, base_sd: dict, arch, on_gpu: bool, t_start: float) -> dict:
     from rwkv_peft.peft import adapter_config, apply_peft, load_adapter, parse_peft_config, trainable_state_dict
 
     peft_cfg = parse_peft_config(cfg.peft, cfg.peft_json)
@@ -221,7 +251,8 @@ def train(cfg: TrainConfig, dataset=None) -> dict:
                                 samples_per_epoch, cfg.random_seed, rank=rank, world_size=world,
                                 tokenizer=cfg.tokenizer, sft_field=cfg.sft_field,
                                 sft_template=cfg.sft_template or None, magic_prime=cfg.magic_prime,
-                                chat_template=cfg.chat_template or None, too_long=cfg.too_long)
+                                chat_template=cfg.chat_template or None, too_long=cfg.too_long,
+                                strict=bool(cfg.strict))
     evaluator = None
     if cfg.eval_data:
         from rwkv_peft.train.evaluation import Evaluator
@@ -269,10 +300,13 @@ def train(cfg: TrainConfig, dataset=None) -> dict:
         say(f"model: {arch_line} | {report}")
         say(f"training: {steps_total} steps x {tokens_per_step} tokens ({world} process(es), "
             f"{cfg.strategy}, {cfg.precision}, {device})")
-        progress.write_text_atomic(proj / "adapter_config.json",
-                                   json.dumps(adapter_config(model, cfg.peft, peft_cfg), indent=2) + "\n")
-        progress.write_text_atomic(proj / "train_config.json", json.dumps(effective, indent=2) + "\n")
+        files.write_text(proj / "adapter_config.json",
+                         json.dumps(adapter_config(model, cfg.peft, peft_cfg), indent=2) + "\n")
+        files.write_text(proj / "train_config.json", json.dumps(effective, indent=2) + "\n")
         progress.truncate_log(proj / "train_log.jsonl", step if resume_state else -1)
+        if (proj / FINAL_FILE).is_file() and step < steps_total:  # an earlier run's; this one may fail
+            (proj / FINAL_FILE).unlink()
+            say(f"note: removed {proj / FINAL_FILE} of an earlier run; this run writes its own when it completes")
     run_log = RunLog(cfg, proj, effective) if is_main else None
     if evaluator is not None and resume_state is not None:
         evaluator.remember(progress.read_log(proj / "train_log.jsonl") if is_main else [])
@@ -287,8 +321,9 @@ def train(cfg: TrainConfig, dataset=None) -> dict:
     note = bar.write if bar is not None else say
     if evaluator is not None and step == 0:
         evaluate(evaluator, engine, model, step, cfg, proj, run_log, note)
-    bad_in_row, bad_total, tokens_seen, t_loop = 0, 0, 0, time.time()
-    last_saved, finished = None, True
+    bad_in_row, bad_total, steps_run, steps_trained, tokens_seen, t_loop = 0, 0, 0, 0, 0, time.time()
+    last_saved = proj / str(resume_state["adapter"]) if resume_state is not None else None
+    failure = None
     for epoch in range(start_epoch, cfg.epoch_begin + cfg.epoch_count):
         dataset.set_epoch(epoch)
         first_step = step - (epoch - cfg.epoch_begin) * cfg.epoch_steps
@@ -315,18 +350,19 @@ def train(cfg: TrainConfig, dataset=None) -> dict:
                     losses.append(loss.detach().float())
                 engine.backward(loss)
                 engine.step()  # steps the optimizer at the accumulation boundary only
+            steps_run += 1
             if bad_micro:
                 bad_in_row, bad_total = bad_in_row + 1, bad_total + 1
                 if bad_in_row >= cfg.max_bad_steps:
-                    say(f"\nstopping: {bad_in_row} steps in a row with NaN/inf loss at step {step} "
-                        f"(lower --lr_init, use --precision fp32, or check the data)")
-                    finished = False
+                    failure = (f"stopped at step {step}: {bad_in_row} steps in a row with NaN/inf loss; "
+                               + nonfinite_cause(model, cfg, params, steps_trained))
                     break
                 if not losses:
                     step += 1
                     continue
             else:
                 bad_in_row = 0
+            steps_trained += 1
             loss_val = torch.stack(losses).mean()
             dist.all_reduce(loss_val)
             loss_val = loss_val.item() / world
@@ -349,25 +385,46 @@ def train(cfg: TrainConfig, dataset=None) -> dict:
                         + (f" best eval {shown['eval']}" if shown else ""))
             if evaluator is not None and evaluator.due(step, steps_total):
                 evaluate(evaluator, engine, model, step, cfg, proj, run_log, note)
-        if not finished:
+        if failure:
             break
         last = epoch == cfg.epoch_begin + cfg.epoch_count - 1
-        if (epoch + 1 - cfg.epoch_begin) % cfg.epoch_save == 0 or last:
-            last_saved = save_checkpoint(engine, model, proj, epoch, step, is_main, world, trainable_state_dict)
+        if ((epoch + 1 - cfg.epoch_begin) % cfg.epoch_save == 0 or last) and bad_in_row:
+            say(f"note: epoch {epoch} not saved: its last step had a NaN/inf loss")  # suspect weights
+        elif (epoch + 1 - cfg.epoch_begin) % cfg.epoch_save == 0 or last:
+            try:
+                last_saved = save_checkpoint(engine, model, proj, epoch, step, is_main, world,
+                                             trainable_state_dict) or last_saved
+            except RunFailed as e:
+                failure = str(e)
+                break
             if is_main:
                 progress.plot_loss(proj / "train_log.jsonl", proj / "loss.png",
                                    f"{cfg.peft} on {Path(cfg.load_model).name}")
     if bar is not None:
         bar.close()
+    if failure is None and steps_run and not steps_trained:
+        failure = f"every one of the {steps_run} steps had a NaN/inf loss; " + nonfinite_cause(model, cfg, params, 0)
+    elif failure is None and bad_in_row:
+        failure = (f"the last {bad_in_row} step(s) had NaN/inf loss; "
+                   + nonfinite_cause(model, cfg, params, steps_trained))
+    if failure is not None:
+        if run_log is not None:
+            run_log.close()
+        kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved"
+        raise RunFailed(f"{failure}; {kept}; no {FINAL_FILE} written")
     if is_main and last_saved is not None:
-        final = proj / "rwkv-final.pth"
-        _atomic_copy(last_saved, final)
+        if steps_run == 0:  # resumed after the last checkpoint: finish what the killed run did not
+            title = f"{cfg.peft} on {Path(cfg.load_model).name}"
+            progress.plot_loss(proj / "train_log.jsonl", proj / "loss.png", title)
+            if evaluator is not None:
+                progress.plot_eval(proj / "train_log.jsonl", proj / "eval.png", title)
+        files.copy_file(last_saved, proj / FINAL_FILE)
     wall = time.time() - t_start
     summary = {"trainable_params": n_train, "total_params": n_all, "tokens": tokens_seen, "steps": step,
                "skipped_steps": bad_total, "wall_s": round(wall, 1),
                "train_tok_s": round(tokens_seen / max(time.time() - t_loop, 1e-9), 1),
                "peak_mem_mb": round(progress.peak_memory_mb(device), 1),
-               "adapter": str(last_saved) if last_saved else None, "completed": finished, "model": model}
+               "adapter": str(last_saved) if last_saved else None, "model": model}
     if evaluator is not None:
         summary.update(best_step=evaluator.best_step, best_eval_loss=evaluator.best_loss)
     if is_main:
@@ -376,7 +433,7 @@ def train(cfg: TrainConfig, dataset=None) -> dict:
             f"({summary['train_tok_s']:.0f} tok/s) | peak memory {summary['peak_mem_mb']:.0f} MiB"
             + (f" | {bad_total} NaN/inf steps skipped" if bad_total else ""))
         if last_saved is not None:
-            say(f"adapter: {last_saved} (also {proj / 'rwkv-final.pth'}); log {proj / 'train_log.jsonl'}; "
+            say(f"adapter: {last_saved} (also {proj / FINAL_FILE}); log {proj / 'train_log.jsonl'}; "
                 f"curve {proj / 'loss.png'}")
             if merge_command(cfg, proj):  # a learned start state has no weight to fold into
                 say(f"merge:   {merge_command(cfg, proj)}")
@@ -433,10 +490,18 @@ def merge_command(cfg: TrainConfig, proj: Path) -> str:
             f"--output {proj / 'merged.pth'}")
 
 
-def _atomic_copy(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    tmp.write_bytes(src.read_bytes())
-    os.replace(tmp, dst)
+def nonfinite_cause(model: torch.nn.Module, cfg: TrainConfig, params: list, steps_trained: int) -> str:
+    """Which input made the loss NaN/inf (the base was checked finite before training): the adapter, the
+    run's divergence after finite steps, or from the first step on the data or the arithmetic."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    bad = next((names[id(p)] for p in params if not torch.isfinite(p).all()), None)
+    if bad is not None:
+        return f"the adapter diverged ({bad} is NaN/inf): lower --lr_init (it is {cfg.lr_init:g})"
+    if steps_trained:
+        return (f"the loss was finite for {steps_trained} step(s), then NaN/inf: the run diverged; "
+                f"lower --lr_init (it is {cfg.lr_init:g})")
+    hint = "" if cfg.precision == "fp32" else f", or use --precision fp32 instead of {cfg.precision}"
+    return f"NaN/inf from the first step with a finite base and adapter: check --data_file{hint}"
 
 
 def gathered_trainable(engine, model, trainable_state_dict) -> dict[str, torch.Tensor]:
@@ -461,17 +526,17 @@ def save_checkpoint(engine, model, proj: Path, epoch: int, step: int, is_main: b
     gathered_opt, gathered_rng = [None] * world, [None] * world
     dist.all_gather_object(gathered_opt, opt_state)
     dist.all_gather_object(gathered_rng, rng)
-    if not is_main:
-        return None
     if bad:
-        print(f"\nnot saving epoch {epoch}: NaN/inf in {bad[0]} (and {len(bad) - 1} more)", flush=True)
+        raise RunFailed(f"epoch {epoch} not saved: the adapter diverged ({bad[0]} is NaN/inf): lower --lr_init")
+    if not is_main:
         return None
     path = proj / f"rwkv-{epoch}.pth"
     from rwkv_peft.model import write_state_dict
 
     write_state_dict(sd, path)
-    _atomic_save({"epoch": epoch, "step": step, "adapter": path.name, "optimizer": gathered_opt,
-                  "rng": gathered_rng}, proj / STATE_FILE)
+    with files.atomic_path(proj / STATE_FILE) as tmp, open(tmp, "wb") as f:
+        torch.save({"epoch": epoch, "step": step, "adapter": path.name, "optimizer": gathered_opt,
+                    "rng": gathered_rng}, f)
     return path
 
 
@@ -479,6 +544,6 @@ def main(argv: list[str] | None = None) -> dict:
     """CLI entry: bad input ends in one line on stderr (SystemExit), not a traceback."""
     try:
         return train(parse_args(argv))
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+    except (ValueError, OSError, RunFailed) as e:
+        raise SystemExit(f"error: {files.describe(e)}") from None
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+import sys
 from pathlib import Path
+
+from rwkv_peft import files
 
 
 def append_log(path: Path, record: dict) -> None:
@@ -13,26 +14,35 @@ def append_log(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def truncate_log(path: Path, last_step: int) -> None:
-    """Keep only records up to ``last_step`` (a resumed run rewrites the steps after its checkpoint)."""
-    if not path.is_file():
-        return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    write_text_atomic(path, "".join(line + "\n" for line in keep))
-
-
 def read_log(path: Path) -> list[dict]:
+    """The records of ``train_log.jsonl``. A torn last line (the run was killed or the disk filled while
+    appending) is dropped with a note; any other line that is not a JSON object is an error naming it."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text(errors="replace").split("\n")
+    records = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        last = not any(x.strip() for x in lines[i:])
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            if last:
+                print(f"note: {path}:{i}: dropped a torn last line ({e})", file=sys.stderr)
+                break
+            raise ValueError(f"{path}:{i}: not a log record ({e}); fix or delete the line") from None
+        records.append(record)
+    return records
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def truncate_log(path: Path, last_step: int) -> None:
+    """Keep only records up to ``last_step`` (a resumed run rewrites the steps after its checkpoint);
+    ``last_step`` < 0 starts an empty log without reading the old one."""
+    keep = [r for r in read_log(path) if r.get("step", 0) <= last_step] if last_step >= 0 else []
+    files.write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def plot_loss(log_path: Path, png_path: Path, title: str = "") -> None:
@@ -71,14 +81,11 @@ def _save_figure(fig, ax, png_path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{png_path.name}.", suffix=".png", dir=png_path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp)
-        os.replace(tmp, png_path)
+        with files.atomic_path(png_path) as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
 
 
 def plot_eval(log_path: Path, png_path: Path, title: str = "") -> None:

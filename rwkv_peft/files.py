@@ -1,0 +1,336 @@
+"""Every file the project writes or must trust: atomic writes, temp cleanup, the run lock, zip CRC checks.
+
+An output is written to a temp name beside its target, ``.<stem>.<pid>-<host>.<random>.tmp<suffix>`` (the
+suffix kept for readers that go by it), and renamed
+over the target only once complete (and synced), so a reader sees the old file or the new one, never part of
+one. An exception removes the temp; SIGINT/SIGTERM remove every live temp of the process before it stops; a
+temp whose process is gone (SIGKILL, power loss) is removed by ``remove_stale_temps`` at the next run in that
+directory. One run at a time per output directory: ``dir_lock``.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import fnmatch
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+import zipfile
+import zlib
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+LOCK_NAME = ".rwkv_peft.lock"
+PAUSE_ENV = "RWKV_PEFT_PAUSE_BEFORE_RENAME"
+_HOST = re.sub(r"\W", "_", socket.gethostname().split(".")[0]) or "host"
+_TEMP_RE = re.compile(r"^\.(?P<stem>.*)\.(?P<pid>\d+)-(?P<host>\w+)\.[0-9a-f]{8}\.tmp(?P<suffix>(\.[^.]*)?)$")
+
+_live: set[Path] = set()  # temps (and the lock) this process must remove if a signal ends it
+_previous_handlers: dict[int, object] = {}
+_pauses: Counter = Counter()
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+def _remove_live() -> None:
+    for p in list(_live):
+        try:
+            p.unlink()
+        except OSError:
+            pass
+        _live.discard(p)
+
+
+def _on_signal(signum: int, frame) -> None:
+    """Remove live temps and the lock, then do what the signal did before (KeyboardInterrupt, or die)."""
+    _remove_live()
+    previous = _previous_handlers.get(signum)
+    if callable(previous):
+        previous(signum, frame)
+        return
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def _install_handlers() -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return  # only the main thread may set handlers; its own will clean up
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        current = signal.getsignal(sig)
+        if current is not _on_signal:
+            _previous_handlers[sig] = current
+            signal.signal(sig, _on_signal)
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+def temp_name(path: Path) -> Path:
+    """A fresh temp name beside ``path`` carrying this process's pid and host (see remove_stale_temps)."""
+    return path.with_name(f".{path.stem}.{os.getpid()}-{_HOST}.{secrets.token_hex(4)}.tmp{path.suffix}")
+
+
+def _fsync(path: Path | str, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some file systems cannot sync a directory
+        if not directory or e.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _pause_before_rename(path: Path) -> None:
+    """Test hook for kill tests: ``RWKV_PEFT_PAUSE_BEFORE_RENAME=GLOB[#N]`` stops the N-th (default first)
+    write whose file name matches GLOB just before its rename, after printing one line to stderr."""
+    spec = os.environ.get(PAUSE_ENV)
+    if not spec:
+        return
+    pattern, _, nth = spec.partition("#")
+    if not fnmatch.fnmatchcase(path.name, pattern):
+        return
+    _pauses[pattern] += 1
+    if _pauses[pattern] == int(nth or 1):
+        print(f"paused before rename: {path}", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(3600)
+
+
+def _write_error(e: BaseException, path: Path, tmp: Path) -> BaseException:
+    """torch's zip writer reports a failed write (a full disk) as a RuntimeError about stream positions;
+    turn it into the OSError it is, naming the target instead of the temp."""
+    if isinstance(e, OSError):
+        if e.filename in (None, str(tmp), tmp):
+            return OSError(e.errno, e.strerror or str(e), str(path))
+        return e
+    if isinstance(e, RuntimeError) and any(s in str(e) for s in ("inline_container", "write failed", "writing file")):
+        try:
+            full = shutil.disk_usage(path.parent).free < (1 << 20)
+        except OSError:
+            full = False
+        if full:
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return OSError(errno.EIO, f"write failed ({str(e).strip().splitlines()[0]})", str(path))
+    return e
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path beside ``path`` to write; on success it is synced and renamed to ``path``.
+
+    On any exception (or SIGINT/SIGTERM) the temp is removed and the target is left as it was. Write
+    errors come out as OSError naming ``path`` (a full disk is ENOSPC even when torch's writer hit it).
+    """
+    path = Path(path)
+    tmp = temp_name(path)
+    _install_handlers()
+    _live.add(tmp)
+    try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # umask applies, unlike mkstemp
+        yield tmp
+        _fsync(tmp)
+        _pause_before_rename(path)
+        os.replace(tmp, path)
+    except BaseException as e:
+        err = _write_error(e, path, tmp)
+        tmp.unlink(missing_ok=True)
+        if err is e:
+            raise
+        raise err from None
+    finally:
+        _live.discard(tmp)
+    _fsync(path.parent, directory=True)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temps(directory: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Remove the temps (of ``name``, or any) in ``directory`` left by processes of this host that no
+    longer run; returns what was removed."""
+    directory, removed = Path(directory), []
+    if not directory.is_dir():
+        return removed
+    for p in directory.iterdir():
+        m = _TEMP_RE.match(p.name)
+        if not m or (name is not None and m["stem"] + m["suffix"] != name) or m["host"] != _HOST:
+            continue
+        if int(m["pid"]) != os.getpid() and not _alive(int(m["pid"])):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def note_removed(removed: list[Path]) -> None:
+    if removed:
+        print(f"note: removed {len(removed)} temp file(s) left by killed runs in {removed[0].parent} "
+              f"(e.g. {removed[0].name})", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- checks before heavy work
+
+
+def check_writable_dir(directory: str | os.PathLike, flag: str, create: bool = True) -> None:
+    """One-line error unless files can be created in ``directory`` (or, with ``create``, in the nearest
+    existing parent that would hold it): missing, not a directory, read-only or no permission."""
+    directory = Path(directory)
+    d = directory
+    while not d.exists():
+        if not create or d == d.parent:
+            raise FileNotFoundError(f"{flag} {directory}: directory {d} does not exist")
+        d = d.parent
+    if not d.is_dir():
+        raise NotADirectoryError(f"{flag} {directory}: {d} is not a directory")
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag} {directory}: cannot write in {d} (read-only file system or no permission)")
+
+
+def check_free_space(directory: str | os.PathLike, need: int, flag: str) -> None:
+    """One-line error when the file system of ``directory`` has less than ``need`` bytes free."""
+    free = shutil.disk_usage(directory).free
+    if free < need:
+        raise OSError(errno.ENOSPC, f"needs about {need / 2**20:.1f} MiB, only {free / 2**20:.1f} MiB free",
+                      f"{flag} {directory}")
+
+
+def describe(e: BaseException) -> str:
+    """One line for an expected failure: the file, then the cause."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+# ----------------------------------------------------------------------------- one run per directory
+
+
+@contextmanager
+def dir_lock(directory: str | os.PathLike, flag: str = "--proj_dir") -> Iterator[Path]:
+    """Hold ``directory``/.rwkv_peft.lock (flock, with our pid in it) for the duration; another live holder
+    is an error naming its pid; a lock left by a dead process is taken over with a note."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK_NAME
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.read(fd, 200).decode(errors="replace").strip() or "unknown pid"
+            os.close(fd)
+            raise ValueError(f"{flag} {directory}: another run is using it ({owner}; lock {path}); "
+                             f"wait for it to finish or choose another {flag}") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder removed the file as we opened it: take the new one
+    previous = os.read(fd, 200).decode(errors="replace").strip()
+    if previous:
+        print(f"note: {path}: taking over the lock left by {previous}, which no longer runs", file=sys.stderr)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    _install_handlers()
+    _live.add(path)
+    try:
+        yield path
+    finally:
+        _live.discard(path)
+        path.unlink(missing_ok=True)
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------- integrity of what we read
+
+
+def _record_crc(fd: int, start: int, size: int) -> int:
+    """CRC-32 of ``size`` bytes at ``start``, read in chunks (no mmap: a checked file adds nothing to RSS)."""
+    crc, done, step = 0, 0, 4 << 20
+    buf = bytearray(min(step, size))
+    view = memoryview(buf)
+    while done < size:
+        n = os.preadv(fd, [view[:min(step, size - done)]], start + done)
+        if n <= 0:
+            raise EOFError
+        crc = zlib.crc32(view[:n], crc)
+        done += n
+    return crc
+
+
+def check_zip(path: str | os.PathLike) -> None:
+    """Verify the CRC-32 of every record of a zip checkpoint (torch's .pth format), in a few threads (reads
+    and zlib release the GIL). ValueError naming the file and the first bad record: bit rot, a torn copy."""
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable .pth checkpoint (truncated or corrupt: {e})") from None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        length = os.fstat(fd).st_size
+
+        def bad(info: zipfile.ZipInfo) -> str | None:
+            if info.compress_type != zipfile.ZIP_STORED:  # torch stores; other writers may deflate
+                try:
+                    with zipfile.ZipFile(path) as z:
+                        z.read(info)  # checks the CRC itself
+                except (zipfile.BadZipFile, zlib.error):
+                    return info.filename
+                return None
+            head = os.pread(fd, 30, info.header_offset)
+            if len(head) < 30 or head[:4] != b"PK\x03\x04":
+                return info.filename
+            n, m = struct.unpack_from("<HH", head, 26)
+            start = info.header_offset + 30 + n + m
+            if start + info.file_size > length:
+                return info.filename
+            try:
+                return None if _record_crc(fd, start, info.file_size) == info.CRC else info.filename
+            except EOFError:
+                return info.filename
+
+        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+            failed = [b for b in pool.map(bad, infos) if b]
+    finally:
+        os.close(fd)
+    if failed:
+        raise ValueError(f"{path}: corrupt: CRC-32 mismatch in record {failed[0].partition('/')[2] or failed[0]}"
+                         + (f" and {len(failed) - 1} more" if len(failed) > 1 else "")
+                         + " (the file changed after it was written: bit rot or a damaged copy)")

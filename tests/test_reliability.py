@@ -1,0 +1,315 @@
+"""Nothing lost, nothing silently wrong: kills, corrupt files, full and read-only disks, shared directories.
+
+Kills are aimed, not timed: RWKV_PEFT_PAUSE_BEFORE_RENAME=GLOB[#N] makes a subprocess stop just before
+the N-th rename of a file matching GLOB and say so on stderr; the test then sends SIGKILL (or SIGTERM).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import perturbed_model
+
+from rwkv_peft import files
+from rwkv_peft.data import BinIdxWriter, largest_magic_prime
+from rwkv_peft.model import read_state_dict, save_model
+from rwkv_peft.train import main
+from rwkv_peft.train import progress as progress_mod
+
+VOCAB, CTX = 256, 16
+ROOT = Path(__file__).resolve().parents[1]
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, str]:
+    """A tiny fp32 x070 base and a learnable binidx token stream."""
+    d = tmp_path_factory.mktemp("rel")
+    base = d / "base.pth"
+    save_model(perturbed_model(n_layer=1, n_embd=64, vocab=VOCAB, head_size=32, seed=3), base)
+    succ = np.random.default_rng(0).permutation(VOCAB)
+    ids, t = [], 1
+    for _ in range(3000):
+        ids.append(t)
+        t = int(succ[t])
+    w = BinIdxWriter(str(d / "data"))
+    w.add_document(np.asarray(ids, dtype=np.uint16))
+    w.close()
+    return {"base": str(base), "data": str(d / "data"), "n_tokens": len(ids), "dir": str(d)}
+
+
+def flags(data: dict, out: Path, **kw) -> list[str]:
+    f = {"load_model": data["base"], "data_file": data["data"], "data_type": "binidx", "proj_dir": str(out),
+         "peft": "miss", "miss_config": '{"r":8}', "ctx_len": CTX, "micro_bsz": 4, "epoch_steps": 2,
+         "epoch_count": 2, "lr_init": 1e-2, "lr_final": 1e-3, "op": "torch", "progress": 0,
+         "accelerator": "cpu", "random_seed": 1, "magic_prime": largest_magic_prime(data["n_tokens"], CTX)}
+    f.update(kw)
+    return [x for k, v in f.items() for x in (f"--{k}", str(v))]
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory) -> Path:
+    """The uninterrupted run every killed-and-resumed run must equal."""
+    out = tmp_path_factory.mktemp("reference")
+    main(flags(data, out))
+    return out
+
+
+def leftovers(d: Path) -> list[str]:
+    """Temps and locks: what a finished (or cleaned-up) run must not leave behind."""
+    return sorted(p.name for p in d.iterdir() if p.name.startswith("."))
+
+
+def sub_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    return {**env, "PYTHONPATH": str(ROOT), **extra}
+
+
+def run_until_paused(cmd: list[str], target: str, timeout: float = 240) -> subprocess.Popen:
+    """Start ``cmd`` with the pause hook aimed at ``target`` and return once it waits before that rename."""
+    p = subprocess.Popen(cmd, cwd=ROOT, env=sub_env(**{files.PAUSE_ENV: target}), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    deadline, seen = time.time() + timeout, []
+    while time.time() < deadline:
+        line = p.stderr.readline()
+        if not line and p.poll() is not None:
+            break
+        seen.append(line)
+        if line.startswith("paused before rename:"):
+            return p
+    p.kill()
+    raise AssertionError(f"never paused before {target}:\n{''.join(seen)[-3000:]}")
+
+
+def kill(p: subprocess.Popen, sig: int = signal.SIGKILL) -> int:
+    p.send_signal(sig)
+    rc = p.wait(timeout=60)
+    p.stderr.close()
+    return rc
+
+
+def adapter_equal(a: Path, b: Path) -> bool:
+    x, y = read_state_dict(a), read_state_dict(b)
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def one_line_error(e: pytest.ExceptionInfo, *needles: str) -> str:
+    msg = str(e.value)
+    assert msg.startswith("error: ") and "\n" not in msg, msg
+    for n in needles:
+        assert n in msg, msg
+    return msg
+
+
+# ----------------------------------------------------------------------------- kills during training
+
+
+def test_killed_training_resumes_to_the_uninterrupted_result(data, reference, tmp_path, capfd):
+    """SIGKILL after the last trainer_state.pt, before rwkv-final.pth's rename (a kill there once lost
+    rwkv-final.pth for good): --resume 1 ends with every output, equal to the uninterrupted run's."""
+    out = tmp_path / "run"
+    p = run_until_paused([sys.executable, "-m", "rwkv_peft.train", *flags(data, out)], "rwkv-final.pth")
+    assert kill(p) == -signal.SIGKILL
+    left = leftovers(out)
+    assert files.LOCK_NAME in left and any(".tmp" in n for n in left)  # what a kill leaves
+    with open(out / "train_log.jsonl", "a") as f:  # and a record torn by the kill
+        f.write('{"step": 9, "lo')
+    main(flags(data, out, resume=1))
+    err = capfd.readouterr().err
+    assert "taking over the lock" in err and "removed 1 temp file" in err and "torn last line" in err
+    assert leftovers(out) == []
+    assert adapter_equal(out / "rwkv-final.pth", reference / "rwkv-final.pth")
+    assert [r["loss"] for r in progress_mod.read_log(out / "train_log.jsonl")] == \
+        [r["loss"] for r in progress_mod.read_log(reference / "train_log.jsonl")]
+    assert (out / "loss.png").stat().st_size > 1000 and (out / "adapter_config.json").is_file()
+
+
+def test_second_run_on_a_busy_proj_dir_is_refused(data, tmp_path):
+    out = tmp_path / "busy"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom rwkv_peft.files import dir_lock\n"
+                               "with dir_lock(sys.argv[1]):\n print('locked', flush=True)\n time.sleep(600)",
+                               str(out)], cwd=ROOT, env=sub_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SystemExit) as e:
+            main(flags(data, out))
+        one_line_error(e, "--proj_dir", "another run is using it", f"pid {holder.pid}")
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    assert sorted(p.name for p in out.iterdir()) == [files.LOCK_NAME]  # the refused run wrote nothing
+
+
+# ----------------------------------------------------------------------------- bad inputs, one line each
+
+
+def flip(src: str | Path, dst: Path, where: float = 0.5, n: int = 64) -> Path:
+    b = bytearray(Path(src).read_bytes())
+    i = int(len(b) * where)
+    b[i:i + n] = bytes(x ^ 0xFF for x in b[i:i + n])
+    dst.write_bytes(bytes(b))
+    return dst
+
+
+def test_bit_rot_in_the_base_is_named_before_training(data, tmp_path):
+    bad = flip(data["base"], tmp_path / "rotten.pth")
+    with pytest.raises(SystemExit) as e:
+        main(flags(data, tmp_path / "out", load_model=bad))
+    one_line_error(e, str(bad), "CRC-32 mismatch")
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_base_is_named_before_training(data, tmp_path):
+    sd = read_state_dict(data["base"], mmap=False)
+    sd["blocks.0.ffn.value.weight"][3, 5] = float("inf")
+    save_model(sd, tmp_path / "nan.pth")
+    with pytest.raises(SystemExit) as e:
+        main(flags(data, tmp_path / "out", load_model=tmp_path / "nan.pth"))
+    one_line_error(e, "nan.pth", "blocks.0.ffn.value.weight", "NaN/inf")
+    assert not (tmp_path / "out").exists()
+
+
+class _Evil:
+    def __reduce__(self):
+        return os.system, ("touch pwned",)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "pickle", "not_a_state"])
+def test_damaged_trainer_state_is_one_line_and_runs_nothing(data, reference, tmp_path, damage, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    state = out / "trainer_state.pt"
+    if damage == "truncated":
+        state.write_bytes((reference / "trainer_state.pt").read_bytes()[:5000])
+    elif damage == "pickle":
+        torch.save({"epoch": 0, "payload": _Evil()}, state)
+    else:
+        torch.save({"epoch": torch.zeros(1)}, state)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(flags(data, out, resume=1))
+    one_line_error(e, str(state), {"truncated": "truncated or corrupt", "pickle": "refused to load",
+                                   "not_a_state": "not a trainer state"}[damage])
+    assert not (tmp_path / "pwned").exists()
+    assert leftovers(out) == []
+
+
+def test_diverging_lr_fails_and_keeps_the_last_good_checkpoint(data, tmp_path):
+    """lr 1e6 after a sane epoch: non-zero exit naming the cause, no rwkv-final.pth, rwkv-0.pth kept."""
+    out = tmp_path / "out"
+    main(flags(data, out, epoch_count=1))
+    good = (out / "rwkv-0.pth").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        main(flags(data, out, epoch_count=3, epoch_begin=0, resume=1, lr_init=1e6, lr_final=1e6, max_bad_steps=2))
+    one_line_error(e, "diverged", "--lr_init", "rwkv-0.pth", "no rwkv-final.pth")
+    assert not (out / "rwkv-final.pth").exists() and (out / "rwkv-0.pth").read_bytes() == good
+    assert leftovers(out) == []
+
+
+def test_run_whose_every_step_was_skipped_fails(data, tmp_path, monkeypatch):
+    import rwkv_peft.train.loop as loop
+
+    monkeypatch.setattr(loop, "masked_loss", lambda logits, *a: logits.sum() * float("nan"))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        main(flags(data, out))
+    one_line_error(e, "every one of the 4 steps had a NaN/inf loss", "check --data_file")
+    assert not (out / "rwkv-final.pth").exists()
+
+
+def test_strict_makes_a_bad_data_line_an_error(data, tmp_path, capfd):
+    good = json.dumps({"text": "abc"})
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("\n".join([good, "{not json", *[good] * 20]) + "\n")
+    base = tmp_path / "world.pth"  # the World tokenizer needs the full vocab
+    save_model(perturbed_model(n_layer=1, n_embd=32, vocab=65536, head_size=32), base)
+    kw = dict(load_model=base, data_file=jsonl, data_type="jsonl", magic_prime=0, ctx_len=4, micro_bsz=1,
+              epoch_steps=1, epoch_count=1)
+    with pytest.raises(SystemExit) as e:
+        main(flags(data, tmp_path / "strict", strict=1, **kw))
+    one_line_error(e, f"{jsonl}:2: not JSON")
+    main(flags(data, tmp_path / "lenient", **kw))
+    assert "skipped 1 lines: 1 not JSON (first at line 2)" in capfd.readouterr().err
+
+
+def test_log_reader_drops_only_a_torn_last_line(tmp_path, capsys):
+    log = tmp_path / "train_log.jsonl"
+    log.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    assert [r["step"] for r in progress_mod.read_log(log)] == [1, 2]
+    assert f"{log}:3: dropped a torn last line" in capsys.readouterr().err
+    log.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.0}\n')
+    with pytest.raises(ValueError, match=rf"{log}:2: not a log record"):
+        progress_mod.read_log(log)
+    progress_mod.truncate_log(log, -1)  # a fresh run does not even read it
+    assert log.read_text() == ""
+
+
+# ----------------------------------------------------------------------------- read-only and full disks
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(where: Path, options: str):
+    """A small tmpfs (root only; skipped elsewhere): a real full or read-only file system."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    where.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def test_read_only_proj_dir_is_one_line_before_loading(data, tmp_path):
+    with mounted_tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
+        with pytest.raises(SystemExit) as e:
+            main(flags(data, ro / "out"))
+        one_line_error(e, "--proj_dir", "read-only file system or no permission")
+
+
+def test_full_disk_during_training_is_one_line_and_leaves_no_temp(data, tmp_path):
+    with mounted_tmpfs(tmp_path / "full", "size=48k") as full:
+        out = full / "out"
+        with pytest.raises(SystemExit) as e:
+            main(flags(data, out))
+        one_line_error(e, str(out), "No space left on device")
+        assert leftovers(out) == [] and not (out / "rwkv-final.pth").exists()
+
+
+# ----------------------------------------------------------------------------- the scripts
+
+
+def script_env(**kw: str) -> dict[str, str]:
+    venv = Path(sys.executable).parent
+    return sub_env(PATH=f"{venv}{os.pathsep}{os.environ['PATH']}", VIRTUAL_ENV=sys.prefix, ACCELERATOR="cpu",
+                   OP="torch", CTX_LEN=str(CTX), MICRO_BSZ="2", EPOCH_STEPS="1", EPOCH_COUNT="1", VERIFY="0", **kw)
+
+
+def test_readme_binidx_example_runs_and_a_failed_step_stops_the_script(data, tmp_path):
+    """`DATA_FILE=prefix DATA_TYPE=binidx sh scripts/run_miss.sh` (the README's example) trains and merges;
+    a base the trainer refuses stops the script before the merge."""
+    env = script_env(LOAD_MODEL=data["base"], DATA_FILE=data["data"], DATA_TYPE="binidx",
+                     PROJ_DIR=str(tmp_path / "run"), OUTPUT=str(tmp_path / "merged.pth"))
+    r = subprocess.run(["sh", "scripts/run_miss.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert (tmp_path / "run" / "rwkv-final.pth").is_file() and read_state_dict(tmp_path / "merged.pth")
+    sd = read_state_dict(data["base"], mmap=False)
+    sd["emb.weight"][0, 0] = float("nan")
+    save_model(sd, tmp_path / "nan.pth")
+    env.update(LOAD_MODEL=str(tmp_path / "nan.pth"), PROJ_DIR=str(tmp_path / "nan"), OUTPUT=str(tmp_path / "m2.pth"))
+    r = subprocess.run(["sh", "scripts/run_miss.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "emb.weight holds NaN/inf" in r.stderr and "[merge]" not in r.stdout
+    assert not (tmp_path / "m2.pth").exists()
