@@ -146,7 +146,7 @@ def test_eval_flags_fail_in_one_line(run, tmp_path):
     for extra, msg in ((["--eval_every", "3"], "--eval_every: needs --eval_data FILE"),
                        (["--eval_data", run["eval"]], "--eval_data: set --eval_every N"),
                        (["--eval_data", "nope.jsonl", "--eval_every", "2"], "--eval_data nope.jsonl: nope.jsonl.bin"),
-                       (["--save_best", "2"], "--save_best take 0 or 1")):
+                       (["--save_best", "2"], "--save_best: expected 0 or 1")):
         with pytest.raises(SystemExit, match=msg):
             main(base + extra)
     assert not os.listdir(tmp_path)
