@@ -19,30 +19,44 @@ _ANSWER = re.compile(r"####\s*([-+]?[\d,]*\.?\d+)")
 
 
 @torch.no_grad()
-def heldout_loss(model: nn.Module, samples: Sequence[dict[str, torch.Tensor]], batch_size: int = 8) -> float:
-    """Token-level mean cross-entropy over the masked (answer) tokens of ``samples``.
+def heldout_sums(
+    model: nn.Module, samples: Sequence[dict[str, torch.Tensor]], batch_size: int = 8
+) -> tuple[list[float], list[float]]:
+    """Per sample: (sum of masked cross-entropy, number of masked tokens).
 
-    Samples are the trainer's dicts (input_ids, targets, mask), so the loss is the training loss
-    of unseen data; tokens are pooled over all samples (not a mean of per-sample means) so long
-    answers weigh as much as they do in training.
+    Samples are the trainer's dicts (input_ids, targets, mask), so this is the training loss of unseen
+    data; the per-sample sums let a benchmark pair two models sample by sample.
     """
     if not samples:
-        raise ValueError("heldout_loss: no samples")
+        raise ValueError("heldout_sums: no samples")
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0.0
+    sums: list[float] = []
+    counts: list[float] = []
     for i in range(0, len(samples), batch_size):
         batch = samples[i : i + batch_size]
         idx = torch.stack([s["input_ids"] for s in batch])
         targets = torch.stack([s["targets"] for s in batch])
         mask = torch.stack([s["mask"] for s in batch])
         keep = int(mask.nonzero()[:, 1].max()) + 1 if mask.any() else 1  # skip the all-padding tail
-        total += float(masked_ce_sum(model(idx[:, :keep]), targets[:, :keep], mask[:, :keep]))
-        count += float(mask.sum())
+        logits = model(idx[:, :keep])
+        for j in range(len(batch)):
+            sums.append(float(masked_ce_sum(logits[j : j + 1], targets[j : j + 1, :keep], mask[j : j + 1, :keep])))
+            counts.append(float(mask[j].sum()))
     model.train(was_training)
-    if count == 0:
+    return sums, counts
+
+
+def heldout_loss(model: nn.Module, samples: Sequence[dict[str, torch.Tensor]], batch_size: int = 8) -> float:
+    """Token-level mean cross-entropy over the masked (answer) tokens of ``samples``.
+
+    Tokens are pooled over all samples (not a mean of per-sample means), so long answers weigh as
+    much as they do in training.
+    """
+    sums, counts = heldout_sums(model, samples, batch_size)
+    if sum(counts) == 0:
         raise ValueError("heldout_loss: every sample's loss mask is empty")
-    return total / count
+    return sum(sums) / sum(counts)
 
 
 def _cat_states(states: list[list]) -> list:

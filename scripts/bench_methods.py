@@ -1,17 +1,22 @@
-"""Small-scale reproduction of the MiSS method comparison: pre-train a tiny RWKV-7, fine-tune it with every method.
+"""Small-scale reproduction of the MiSS method comparison, strong enough to decide: seeds, tuned lrs, paired tests.
 
-    python scripts/bench_methods.py --text TEXT.txt --sft GSM8K.jsonl [--quick] [--out results/bench_methods]
+    python scripts/bench_methods.py --text TEXT.txt --sft GSM8K.jsonl [--quick] [--out DIR] [--cache DIR]
+    python scripts/bench_methods.py --report DIR/results.json      # tables, plots and verdicts again
 
-1. Pre-train a freshly initialised RWKV-7 on the plain-text corpus (full training through our trainer).
-2. Fine-tune that base on the SFT set (split into train / held-out by --seed) with MiSS balance, bat_row,
-   bat_col, mini, LoRA, PiSSA and full fine-tuning: same steps, same lr grid, trainable parameters matched
-   to MiSS balance where the method allows. Identical base weights (file hash, and every fresh adapter scores
-   the base's held-out loss) and identical data (hash of every sample each run drew) are asserted.
-3. Report held-out loss over steps, final held-out loss, greedy exact match of `#### N`, step time, peak
-   memory and trainable parameters: results.json, table.md and two PNGs in --out.
+1. Base: a fresh RWKV-7 pre-trained by our trainer on the plain text plus the SFT *training* records as plain
+   text (question, worked answer), so it knows the domain's tokens before fine-tuning; cached by a content hash
+   of everything that determines it (--cache, outside the repository).
+2. Fine-tuning on the SFT set (held-out split fixed by --split_seed) with MiSS balance, bat_row, bat_col, mini,
+   LoRA, PiSSA and full fine-tuning at matched trainable parameters. Each method's lr grid grows (x3 down or up)
+   until its best lr (by training loss, never held-out loss) is interior; then --seeds seeds (adapter init and
+   data order) at that lr. Identical base (file hash; every fresh adapter scores the base's held-out loss) and
+   identical samples per seed (every sample each run drew is fingerprinted) are asserted.
+3. Held-out loss per sample at every evaluation step, greedy exact match, a paired test per claim, and time per
+   step / peak memory from a separate side-by-side run (methods interleaved round by round).
 
-Each training run is a forked child calling the trainer's main(argv) (no re-import per run; its peak RSS
-is measured alone); the parent does no torch compute until every run has finished.
+Every run is a forked child (training through the trainer's train(), evaluation through rwkv_peft.eval), so the
+parent never computes with torch and each child's memory is its own. A finished run leaves result.json / eval.json
+beside its outputs and is not redone when the benchmark is started again with the same --out.
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ import importlib
 import json
 import math
 import os
-import resource
+import shutil
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -36,9 +42,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked runs tokenize
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rwkv_peft.data import DEFAULT_SFT_TEMPLATE, DocDataset, GetDataset, render_sft  # noqa: E402
+from rwkv_peft.data import DEFAULT_SFT_TEMPLATE, render_sft  # noqa: E402
 from rwkv_peft.peft.registry import METHODS as REGISTRY  # noqa: E402
 from rwkv_peft.peft.registry import saved_buffers  # noqa: E402
+from rwkv_peft.train.progress import write_text_atomic  # noqa: E402
 
 WORLD_VOCAB = 65536
 END = "<|end|>"  # id 0 of a trained BPE, RWKV's end-of-document token
@@ -46,7 +53,7 @@ END = "<|end|>"  # id 0 of a trained BPE, RWKV's end-of-document token
 
 @dataclass(frozen=True)
 class Setting:
-    """Sizes of one benchmark run; the presets below, each field overridable by its flag."""
+    """Sizes of one benchmark; the presets below, each field overridable by its flag."""
 
     vocab: int  # 65536: the World tokenizer; smaller: a byte-level BPE trained on the training text
     n_layer: int
@@ -57,7 +64,10 @@ class Setting:
     pretrain_lr: float
     ft_steps: int
     eval_every: int
-    lrs: tuple[float, ...]
+    lrs: tuple[float, ...]  # the adapters' starting lr grid
+    full_lrs: tuple[float, ...]  # full fine-tuning's starting lr grid
+    max_grid: int  # most lrs one method's grid may grow to
+    seeds: int  # training seeds per method at its chosen lr (adapter init + data order)
     miss_r: int
     mini_r: int
     n_heldout: int
@@ -66,16 +76,35 @@ class Setting:
     n_sft_train: int  # 0: all the rest after the held-out split
     text_chars: int  # 0: the whole corpus
     threads: int  # torch threads in each run (0: torch's default); 1 is fastest for tiny models on a busy CPU
+    time_steps: int  # steps per run of the side-by-side timing
+    time_rounds: int  # interleaved rounds of the side-by-side timing
 
 
 PRESETS = {
-    "full": Setting(4096, 2, 128, 192, 4, 600, 3e-3, 100, 20, (1e-3, 3e-3, 1e-2), 16, 8, 64, 32, 160, 0, 0, 1),
-    "quick": Setting(1024, 2, 64, 128, 4, 80, 3e-3, 40, 10, (3e-3,), 8, 8, 24, 8, 64, 2000, 300_000, 1),
-    "tiny": Setting(320, 1, 64, 64, 2, 4, 3e-3, 4, 2, (3e-3,), 8, 8, 4, 2, 8, 64, 20_000, 1),
+    "full": Setting(4096, 4, 256, 192, 4, 600, 3e-3, 40, 20, (3e-3, 1e-2, 3e-2), (3e-4, 1e-3, 3e-3), 6, 3,
+                    16, 16, 64, 32, 128, 0, 0, 1, 8, 2),
+    "quick": Setting(1024, 2, 64, 128, 4, 60, 3e-3, 20, 10, (3e-3, 1e-2), (1e-3, 3e-3), 3, 2,
+                     8, 8, 24, 8, 48, 2000, 300_000, 1, 4, 1),
+    "tiny": Setting(320, 1, 64, 64, 2, 4, 3e-3, 4, 2, (1e-3, 3e-3), (1e-3, 3e-3), 3, 2,
+                    8, 8, 4, 2, 8, 64, 20_000, 1, 3, 1),
 }
 MISS_MODES = ("balance", "bat_row", "bat_col", "mini")
 # MiSS's modes, every registered method that can be matched to a parameter budget, and full fine-tuning
 METHODS = (*(f"miss_{m}" for m in MISS_MODES), *(n for n, m in REGISTRY.items() if m.matched), "full")
+# the claims' methods first (a run cut short still decides the main ones), full fine-tuning last
+RUN_ORDER = ("miss_balance", "lora", "pissa", "miss_bat_row", "miss_mini", "miss_bat_col")
+# (claim, method, reference, what is compared): the claim is "method's held-out loss is below reference's"
+CLAIMS = (
+    ("MiSS beats LoRA at equal parameters", "miss_balance", "lora", "final"),
+    ("MiSS converges faster than LoRA (first evaluation)", "miss_balance", "lora", "first"),
+    ("MiSS beats PiSSA at equal parameters", "miss_balance", "pissa", "final"),
+    ("Bat beats balance (bat_row, peft's \"bat\")", "miss_bat_row", "miss_balance", "final"),
+    ("Bat beats balance (bat_col, RWKV-PEFT's \"bat\")", "miss_bat_col", "miss_balance", "final"),
+    ("mini at ~4 % of balance's parameters stays below balance (paper: 38.0 % vs 48.7 %)", "miss_balance",
+     "miss_mini", "final"),
+    ("DoRA vs MiSS", "miss_balance", "dora", "final"),
+)
+ALPHA = 0.05
 
 
 # ---------------------------------------------------------------- data
@@ -100,7 +129,7 @@ def split_sft(path: Path, n_heldout: int, n_train: int, seed: int, out: Path) ->
     rest = order[n_heldout:] if not n_train else order[n_heldout : n_heldout + n_train]
     files = out / "sft_train.jsonl", out / "sft_heldout.jsonl"
     for file, rows in zip(files, ([records[i] for i in rest], held), strict=True):
-        atomic_write(file, "".join(json.dumps(r) + "\n" for r in rows))
+        write_text_atomic(file, "".join(json.dumps(r) + "\n" for r in rows))
     return files[0], files[1], held
 
 
@@ -137,28 +166,28 @@ def train_bpe(texts: list[str], vocab: int, out: Path) -> Path:
     if tok.token_to_id(END) != 0 or tok.get_vocab_size() > vocab:
         raise RuntimeError(f"BPE: expected {END} at id 0 and <= {vocab} ids")
     path = out / "tokenizer.json"
-    tok.save(str(path))
+    tmp = out / f".tokenizer.json.{os.getpid()}.tmp"
+    tok.save(str(tmp))
+    os.replace(tmp, path)  # atomic: another benchmark process sharing --out may be reading it
     return path
 
 
 def prepare_data(args: argparse.Namespace, s: Setting, out: Path) -> dict:
-    """Split the SFT set, pick/train the tokenizer, tokenize the corpus into binidx."""
+    """Split the SFT set; the pre-training corpus = the text plus the SFT training records; tokenizer; binidx."""
     from rwkv_peft.data.make_binidx import make_binidx
 
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
-    train, held, held_records = split_sft(args.sft, s.n_heldout, s.n_sft_train, args.seed, data)
-    docs = text_chunks(args.text, s.text_chars)
-    if s.vocab == WORLD_VOCAB:
-        tokenizer = "world"
-    else:
-        sft_text = [f"{r['question']}\n{r['answer']}" for r in map(json.loads, train.read_text().splitlines())]
-        tokenizer = str(train_bpe(docs + sft_text, s.vocab, data))
+    train, held, held_records = split_sft(args.sft, s.n_heldout, s.n_sft_train, args.split_seed, data)
+    sft_text = [f"{r['question']}\n{r['answer']}" for r in map(json.loads, train.read_text().splitlines())]
+    docs = text_chunks(args.text, s.text_chars) + sft_text  # never a held-out record
+    tokenizer = "world" if s.vocab == WORLD_VOCAB else str(train_bpe(docs, s.vocab, data))
     corpus = data / "corpus.jsonl"
-    atomic_write(corpus, "".join(json.dumps({"text": d}) + "\n" for d in docs))
+    write_text_atomic(corpus, "".join(json.dumps({"text": d}) + "\n" for d in docs))
     stats = make_binidx(str(corpus), str(data / "corpus"), tokenizer, progress=False)
     return {"sft_train": train, "sft_heldout": held, "heldout_records": held_records, "tokenizer": tokenizer,
-            "corpus": data / "corpus", "corpus_tokens": stats.tokens}
+            "corpus": data / "corpus", "corpus_tokens": stats.tokens, "n_text_docs": len(docs) - len(sft_text),
+            "n_sft_docs": len(sft_text)}
 
 
 # ---------------------------------------------------------------- methods at matched parameters
@@ -201,20 +230,15 @@ def peft_flags(spec: dict) -> list[str]:
     return [REGISTRY[spec["peft"]].flag, config] if spec["config"] else []
 
 
-# ---------------------------------------------------------------- running the trainer
+# ---------------------------------------------------------------- forked runs
 
 
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+def sha256_of(*paths: Path, extra: str = "") -> str:
+    h = hashlib.sha256(extra.encode())
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()
 
 
@@ -226,30 +250,14 @@ def _rss_kb(field: str) -> int:
     return 0
 
 
-def _record_samples(path: Path) -> None:
-    """Make every sample the trainer draws append (epoch, index, sha1 of its token ids) to ``path``."""
-    for cls in (DocDataset, GetDataset):
-        original = cls.__getitem__
-
-        def getitem(self, i, _original=original):
-            item = _original(self, i)
-            digest = hashlib.sha1(item["input_ids"].numpy().tobytes() + item["mask"].numpy().tobytes()).hexdigest()
-            with open(path, "a") as f:
-                f.write(f"{self.epoch} {i} {digest}\n")
-            return item
-
-        cls.__getitem__ = getitem
-
-
-def run_forked(module: str, argv: list[str], run_dir: Path, threads: int = 0) -> dict:
-    """Run ``module.main(argv)`` in a forked child (log in run_dir/stdout.log); wall time and memory.
+def fork_call(fn: Callable[[], dict], run_dir: Path, threads: int) -> dict:
+    """``fn()`` in a forked child (stdout/stderr to run_dir/stdout.log); its result plus wall time and memory.
 
     The parent must not have run torch ops before: a fork after OpenMP was used can deadlock the child.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
-    log, samples, mem = run_dir / "stdout.log", run_dir / "samples.txt", run_dir / "memory.json"
-    samples.unlink(missing_ok=True)
-    (run_dir / "argv.json").write_text(json.dumps(argv))
+    log, ret = run_dir / "stdout.log", run_dir / f"child.{os.getpid()}.json"  # one per benchmark process
+    ret.unlink(missing_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
     t0 = time.perf_counter()
@@ -265,9 +273,9 @@ def run_forked(module: str, argv: list[str], run_dir: Path, threads: int = 0) ->
                 import torch
 
                 torch.set_num_threads(threads)
-            _record_samples(samples)
-            sys.modules[module].main(argv)
-            mem.write_text(json.dumps({"rss_start_kb": start, "hwm_kb": _rss_kb("VmHWM")}))
+            result = fn()
+            result["peak_over_start_mb"] = (_rss_kb("VmHWM") - start) / 1024
+            write_text_atomic(ret, json.dumps(result))
             code = 0
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1
@@ -278,13 +286,68 @@ def run_forked(module: str, argv: list[str], run_dir: Path, threads: int = 0) ->
             sys.stderr.flush()
             os._exit(code)
     _, status, usage = os.wait4(pid, 0)
-    wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
         tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
-        raise RuntimeError(f"trainer run in {run_dir} failed (exit {os.waitstatus_to_exitcode(status)}):\n{tail}")
-    m = json.loads(mem.read_text())
-    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
-            "peak_rss_mb": usage.ru_maxrss / 1024, "peak_over_start_mb": (m["hwm_kb"] - m["rss_start_kb"]) / 1024}
+        raise RuntimeError(f"run in {run_dir} failed (exit {code}):\n{tail}")
+    result = json.loads(ret.read_text())
+    ret.unlink()
+    return {**result, "wall_s": time.perf_counter() - t0, "cpu_s": usage.ru_utime + usage.ru_stime,
+            "peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+def cached(run_dir: Path, name: str, key: dict, compute: Callable[[], dict]) -> dict:
+    """run_dir/name if it was written for the same key (a finished run), else compute() and write it."""
+    path = run_dir / name
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old.get("key") == key:
+            return old
+    result = {**compute(), "key": key}
+    write_text_atomic(path, json.dumps(result))
+    return result
+
+
+class RecordingDataset:
+    """The trainer's dataset, unchanged, fingerprinting every sample it hands out (epoch, index, sha1)."""
+
+    def __init__(self, ds, path: Path):
+        self.ds, self.path = ds, path
+        path.unlink(missing_ok=True)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.ds.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.ds[i]
+        digest = hashlib.sha1(item["input_ids"].numpy().tobytes() + item["mask"].numpy().tobytes()).hexdigest()
+        with open(self.path, "a") as f:
+            f.write(f"{self.ds.epoch} {i} {digest}\n")
+        return item
+
+
+def train_run(argv: list[str], run_dir: Path) -> Callable[[], dict]:
+    """The trainer on argv, its data set wrapped in a RecordingDataset (samples.txt in run_dir)."""
+
+    def run() -> dict:
+        from rwkv_peft.data import build_dataset
+        from rwkv_peft.model import config_from_state_dict, read_state_dict
+        from rwkv_peft.train.config import parse_args
+        from rwkv_peft.train.loop import train
+
+        cfg = parse_args(argv)
+        vocab = config_from_state_dict(read_state_dict(cfg.load_model), cfg.load_model).vocab_size
+        ds = build_dataset(cfg.data_file, cfg.data_type, cfg.dataload, cfg.ctx_len, vocab,
+                           cfg.epoch_steps * cfg.accumulate_grad_batches * cfg.micro_bsz, cfg.random_seed,
+                           tokenizer=cfg.tokenizer, sft_field=cfg.sft_field, sft_template=cfg.sft_template or None,
+                           magic_prime=cfg.magic_prime)
+        train(cfg, dataset=RecordingDataset(ds, run_dir / "samples.txt"))
+        return {}
+
+    return run
 
 
 def common_flags(s: Setting, tokenizer: str, seed: int) -> list[str]:
@@ -304,13 +367,11 @@ def read_log(run_dir: Path) -> list[dict]:
 def step_seconds(log: list[dict], tokens_per_step: int) -> float | None:
     """Median step time from the trainer's log (its per-step tokens/s), skipping the first (warm-up) step."""
     ts = [tokens_per_step / r["tok_s"] for r in log if isinstance(r.get("tok_s"), (int, float)) and r["tok_s"] > 0]
-    if not ts:
-        ts = [r["step_time"] for r in log if isinstance(r.get("step_time"), (int, float))]
     return float(np.median(ts[1:] if len(ts) > 1 else ts)) if ts else None
 
 
 def sample_digest(path: Path, epochs: int, per_epoch: int) -> tuple[str, str]:
-    """(hash of all samples drawn in the run's epochs, hash of the first batch): the data-order fingerprint."""
+    """(hash of all samples drawn in the run's epochs, hash of the first sample): the data-order fingerprint."""
     rows = {}
     for line in path.read_text().splitlines():
         e, i, d = line.split()
@@ -329,7 +390,128 @@ def latest_checkpoint(run_dir: Path) -> Path:
     return found[-1]
 
 
-# ---------------------------------------------------------------- evaluation
+# ---------------------------------------------------------------- base (cached by content hash)
+
+
+def pretrained_base(a: argparse.Namespace, s: Setting, data: dict, out: Path) -> tuple[Path, str, dict]:
+    """The pre-trained base: from --cache if a run with the same inputs finished before, else trained now."""
+    recipe = {k: getattr(s, k) for k in ("vocab", "n_layer", "n_embd", "ctx_len", "micro_bsz", "pretrain_steps",
+                                         "pretrain_lr")}
+    corpus = Path(str(data["corpus"]))
+    tok = [Path(data["tokenizer"])] if data["tokenizer"] != "world" else []
+    key = sha256_of(corpus.with_suffix(".bin"), corpus.with_suffix(".idx"), *tok,
+                    extra=json.dumps({**recipe, "seed": a.base_seed}, sort_keys=True))[:16]
+    cache = a.cache.resolve() / key
+    base, meta = cache / "base.pth", cache / "base.json"
+    if base.is_file() and meta.is_file():
+        info = json.loads(meta.read_text())
+        if sha256_of(base) == info["sha256"]:
+            print(f"base: cached {base} (sha256 {info['sha256'][:12]})", flush=True)
+            return base, info["sha256"], info
+    work = out / "runs" / "pretrain"
+    shutil.rmtree(work, ignore_errors=True)
+    init = work / "init.pth"
+    init_argv = ["--n_layer", str(s.n_layer), "--n_embd", str(s.n_embd), "--vocab_size", str(s.vocab),
+                 "--dtype", "fp32", "--seed", str(a.base_seed), "--out", str(init)]
+    init_main = importlib.import_module("rwkv_peft.tools.init_model").main
+    fork_call(lambda: init_main(init_argv) or {}, work / "init", s.threads)
+    epochs = max(1, math.ceil(s.pretrain_steps / 100))
+    steps = math.ceil(s.pretrain_steps / epochs)
+    argv = ["--load_model", str(init), "--proj_dir", str(work), "--data_file", str(corpus), "--data_type", "binidx",
+            "--dataload", "get", "--peft", "full", "--epoch_steps", str(steps), "--epoch_count", str(epochs),
+            "--lr_init", str(s.pretrain_lr), "--lr_final", str(s.pretrain_lr / 10)]
+    st = fork_call(train_run(argv + common_flags(s, data["tokenizer"], a.base_seed), work), work, s.threads)
+    log = read_log(work)
+    info = {"sha256": sha256_of(latest_checkpoint(work)), "recipe": recipe, "steps": epochs * steps,
+            "tokens": epochs * steps * s.ctx_len * s.micro_bsz, "wall_s": st["wall_s"],
+            "final_train_loss": log[-1].get("loss"), "cache_key": key,
+            "train_loss_curve": [(r["step"], r["loss"]) for r in log if isinstance(r.get("loss"), (int, float))]}
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cache / f"base.pth.tmp{os.getpid()}"
+    shutil.copyfile(latest_checkpoint(work), tmp)
+    os.replace(tmp, base)
+    write_text_atomic(meta, json.dumps(info))
+    print(f"base: pre-trained {info['steps']} steps in {st['wall_s']:.0f}s, final train loss "
+          f"{info['final_train_loss']:.3f}, cached {base}", flush=True)
+    return base, info["sha256"], info
+
+
+# ---------------------------------------------------------------- fine-tuning: adaptive lr grid, then seeds
+
+
+def lr_key(lr: float) -> str:
+    return f"{lr:.3g}"
+
+
+def fine_tune(a, s: Setting, data: dict, base: Path, base_hash: str, sp: dict, lr: float, seed: int,
+              out: Path) -> dict:
+    """One fine-tuning run (cached); its training-loss tail, samples fingerprint and log step time.
+
+    A run the trainer stops for NaN/inf losses is recorded as diverged, not fatal; any other failure is.
+    """
+    if sha256_of(base) != base_hash:
+        raise RuntimeError(f"{base} changed during the benchmark")
+    run_dir = out / "runs" / sp["name"] / f"lr{lr_key(lr)}_s{seed}"
+    epochs = s.ft_steps // s.eval_every
+    argv = ["--load_model", str(base), "--proj_dir", str(run_dir), "--data_file", str(data["sft_train"]),
+            "--data_type", "sft", "--peft", sp["peft"], *peft_flags(sp), "--epoch_steps", str(s.eval_every),
+            "--epoch_count", str(epochs), "--lr_init", str(lr), "--lr_final", str(lr / 10)]
+    argv += common_flags(s, data["tokenizer"], seed)
+
+    fresh = []
+
+    def compute() -> dict:
+        fresh.append(True)
+        for old in run_dir.glob("rwkv-*.pth"):
+            old.unlink()
+        try:
+            st = fork_call(train_run(argv, run_dir), run_dir, s.threads)
+        except RuntimeError:
+            if "NaN/inf" not in (run_dir / "stdout.log").read_text(errors="replace"):
+                raise
+            print(f"  {sp['name']} lr {lr:g} seed {seed}: stopped on NaN/inf losses (diverged)", flush=True)
+            return {"diverged": True, "train_loss_tail": math.inf}
+        log = read_log(run_dir)
+        losses = [r["loss"] for r in log if isinstance(r.get("loss"), (int, float))]
+        data_hash, first = sample_digest(run_dir / "samples.txt", epochs, s.eval_every * s.micro_bsz)
+        tail = float(np.mean(losses[-max(1, len(losses) // 4):])) if losses else math.inf
+        return {"diverged": not math.isfinite(tail), "train_loss_tail": tail, "data_hash": data_hash,
+                "first_sample": first, "log_step_s": step_seconds(log, s.ctx_len * s.micro_bsz),
+                "wall_s": st["wall_s"], "train_loss_curve": [(r["step"], r["loss"]) for r in log if "loss" in r]}
+
+    res = cached(run_dir, "result.json", {"argv": argv, "base": base_hash}, compute)
+    print(f"  {sp['name']} lr {lr:g} seed {seed}: train loss (last quarter) {res['train_loss_tail']:.4f}"
+          f"{'' if fresh else ' (finished before)'}", flush=True)
+    return {**res, "run_dir": str(run_dir), "lr": lr, "seed": seed}
+
+
+def tune_lr(a, s: Setting, data: dict, base: Path, base_hash: str, sp: dict, out: Path) -> dict:
+    """Grow the grid x3 past an edge winner until the best lr (by training loss, seed 0) is interior."""
+    grid = sorted(s.full_lrs if sp["peft"] == "full" else s.lrs)
+    runs: dict[str, dict] = {}
+    while True:
+        for lr in grid:
+            if lr_key(lr) not in runs:
+                runs[lr_key(lr)] = fine_tune(a, s, data, base, base_hash, sp, lr, 0, out)
+        best = min(grid, key=lambda x: runs[lr_key(x)]["train_loss_tail"])
+        low, high = best == grid[0], best == grid[-1]
+        if not (low or high) or len(grid) >= s.max_grid:
+            break
+        grid = ([float(lr_key(grid[0] / 3))] if low else []) + grid + ([float(lr_key(grid[-1] * 3))] if high else [])
+    status = "interior" if not (low or high) else f"at the {'lower' if low else 'upper'} edge (grid cap {s.max_grid})"
+    print(f"{sp['name']}: grid {[float(lr_key(x)) for x in grid]}, chosen lr {best:g} ({status})", flush=True)
+    return {"grid": grid, "lr": best, "status": status, "runs": runs}
+
+
+# ---------------------------------------------------------------- evaluation (forked, cached per run)
+
+
+def heldout_samples(data: dict, s: Setting) -> list[dict]:
+    from rwkv_peft.data import DocDataset, load_sft
+
+    docs, starts, _ = load_sft(str(data["sft_heldout"]), s.vocab, s.ctx_len, data["tokenizer"])
+    ds = DocDataset(docs, lambda *_: None, s.ctx_len, len(docs), 0, loss_start=starts)
+    return [ds[i] for i in range(len(docs))]  # DocDataset's first epoch visits every document once
 
 
 def load_adapted(base: Path, spec: dict, adapter: Path | None):
@@ -360,6 +542,142 @@ def generate_answers(model, tokenizer: str, records: list[dict], s: Setting) -> 
     return [tok.decode(ids) for ids in greedy_generate(model, prompts, s.max_new_tokens)]
 
 
+def evaluate_base(data: dict, s: Setting, base: Path, base_hash: str, out: Path) -> dict:
+    """The base's per-sample held-out losses and greedy answers."""
+
+    def compute() -> dict:
+        from rwkv_peft.eval import heldout_sums
+
+        model = load_adapted(base, {"peft": "full", "config": {}}, None)
+        sums, counts = heldout_sums(model, heldout_samples(data, s))
+        answers = generate_answers(model, data["tokenizer"], data["heldout_records"][: s.n_gen], s)
+        return {"sums": sums, "counts": counts, "answers": answers}
+
+    run_dir = out / "runs" / "base_eval"
+    key = {"base": base_hash, "n_gen": s.n_gen, "n_heldout": s.n_heldout}
+    return cached(run_dir, "eval.json", key, lambda: fork_call(compute, run_dir, s.threads))
+
+
+def check_fresh_adapter(data: dict, s: Setting, base: Path, base_hash: str, sp: dict, base_loss: float,
+                        out: Path) -> None:
+    """A freshly initialised adapter (PiSSA's residual included) must score the base's held-out loss."""
+
+    def compute() -> dict:
+        from rwkv_peft.eval import heldout_loss
+
+        return {"loss": heldout_loss(load_adapted(base, sp, None), heldout_samples(data, s))}
+
+    run_dir = out / "runs" / sp["name"]
+    key = {"base": base_hash, "config": sp["config"], "n_heldout": s.n_heldout}
+    fresh = cached(run_dir, "fresh.json", key, lambda: fork_call(compute, run_dir / "fresh", s.threads))["loss"]
+    if not math.isclose(fresh, base_loss, rel_tol=1e-4):
+        raise RuntimeError(f"{sp['name']}: a fresh adapter scores {fresh:.6f}, the base {base_loss:.6f}")
+
+
+def evaluate_run(data: dict, s: Setting, sp: dict, run: dict, base: Path, base_hash: str) -> dict:
+    """Per-sample held-out loss sums of every checkpoint of a run, and the final one's greedy answers."""
+    run_dir = Path(run["run_dir"])
+    epochs = s.ft_steps // s.eval_every
+
+    def compute() -> dict:
+        from rwkv_peft.eval import heldout_sums
+
+        held = heldout_samples(data, s)
+        sums = {str((e + 1) * s.eval_every): heldout_sums(load_adapted(base, sp, run_dir / f"rwkv-{e}.pth"), held)[0]
+                for e in range(epochs)}
+        final = run_dir / f"rwkv-{epochs - 1}.pth"
+        answers = generate_answers(load_adapted(base, sp, final), data["tokenizer"],
+                                   data["heldout_records"][: s.n_gen], s)
+        return {"sums": sums, "answers": answers, "trainable_params": adapter_params(final)}
+
+    key = {"train": run["key"], "base": base_hash, "n_gen": s.n_gen, "n_heldout": s.n_heldout}
+    res = cached(run_dir, "eval.json", key, lambda: fork_call(compute, run_dir / "eval", s.threads))
+    if res["trainable_params"] != sp["params_expected"]:
+        raise RuntimeError(f"{sp['name']}: adapter has {res['trainable_params']} parameters, "
+                           f"expected {sp['params_expected']}")
+    return res
+
+
+# ---------------------------------------------------------------- side-by-side timing
+
+
+def time_methods(a, s: Setting, data: dict, base: Path, specs: list[dict], chosen: dict, out: Path) -> dict:
+    """Each method's median step time and peak memory over --time_rounds interleaved rounds of short runs."""
+    per: dict[str, dict[str, list]] = {sp["name"]: {"step_s": [], "peak_over_start_mb": []} for sp in specs}
+    for r in range(s.time_rounds):
+        for sp in (specs if r % 2 == 0 else specs[::-1]):  # alternate the order: no method always runs first
+            run_dir = out / "timing" / f"{sp['name']}_r{r}"
+            shutil.rmtree(run_dir, ignore_errors=True)
+            argv = ["--load_model", str(base), "--proj_dir", str(run_dir), "--data_file", str(data["sft_train"]),
+                    "--data_type", "sft", "--peft", sp["peft"], *peft_flags(sp), "--epoch_steps", str(s.time_steps),
+                    "--epoch_count", "1", "--lr_init", str(chosen[sp["name"]]), "--lr_final",
+                    str(chosen[sp["name"]])] + common_flags(s, data["tokenizer"], 0)
+            st = fork_call(train_run(argv, run_dir), run_dir, s.threads)
+            per[sp["name"]]["step_s"].append(step_seconds(read_log(run_dir), s.ctx_len * s.micro_bsz))
+            per[sp["name"]]["peak_over_start_mb"].append(st["peak_over_start_mb"])
+            shutil.rmtree(run_dir, ignore_errors=True)
+    return {name: {"step_ms": 1000 * float(np.median(v["step_s"])), "step_ms_rounds": [1000 * x for x in v["step_s"]],
+                   "peak_over_start_mb": float(np.max(v["peak_over_start_mb"]))} for name, v in per.items()}
+
+
+# ---------------------------------------------------------------- statistics and verdicts
+
+
+def t_test_p(d: np.ndarray) -> tuple[float, float]:
+    """Two-sided one-sample t-test of mean(d) == 0: (t, p). Student's t via mpmath's incomplete beta."""
+    import mpmath
+
+    n = len(d)
+    sd = float(np.std(d, ddof=1)) if n > 1 else 0.0
+    if n < 2 or sd == 0.0:
+        return (math.copysign(math.inf, float(np.mean(d))) if np.mean(d) else 0.0), (0.0 if np.mean(d) else 1.0)
+    t = float(np.mean(d)) / (sd / math.sqrt(n))
+    df = n - 1
+    p = float(mpmath.betainc(df / 2, 0.5, 0, df / (df + t * t), regularized=True))
+    return t, p
+
+
+def compare(method: dict, reference: dict, point: str, tokens: float) -> dict:
+    """Paired comparison "method below reference": over seeds (loss per seed) and over held-out samples.
+
+    Seeds pair by data order (seed s of every method drew the same samples); samples pair by record, using
+    each sample's loss summed over its answer tokens and averaged over the seeds (the pooled held-out loss
+    is their sum over all tokens, so this tests exactly the reported difference).
+    """
+    key = "first" if point == "first" else "final"
+    a = np.array(method[f"{key}_sums_by_seed"])  # seeds x samples
+    b = np.array(reference[f"{key}_sums_by_seed"])
+    n = min(len(a), len(b))
+    per_seed = (a[:n].sum(1) - b[:n].sum(1)) / tokens
+    t_seed, p_seed = t_test_p(per_seed)
+    d_sample = (a[:n] - b[:n]).mean(0)
+    t_sample, p_sample = t_test_p(d_sample)
+    se_sample = float(np.std(d_sample, ddof=1)) * math.sqrt(len(d_sample)) / tokens  # of the pooled difference
+    diff = float(per_seed.mean())
+    if p_seed < ALPHA and p_sample < ALPHA and (per_seed < 0).all():
+        verdict = "supported"
+    elif p_seed < ALPHA and p_sample < ALPHA and (per_seed > 0).all():
+        verdict = "contradicted"
+    else:
+        verdict = "inconclusive"
+    return {"diff": diff, "per_seed_diff": per_seed.tolist(), "seeds": n, "t_seed": t_seed, "p_seed": p_seed,
+            "t_sample": t_sample, "p_sample": p_sample, "n_samples": int(a.shape[1]), "se_sample": se_sample,
+            "verdict": verdict}
+
+
+def claims_table(methods: dict[str, dict], tokens: float) -> list[dict]:
+    rows = []
+    for claim, m, ref, point in CLAIMS:
+        if m in methods and ref in methods:
+            rows.append({"claim": claim, "method": m, "reference": ref, "point": point,
+                         **compare(methods[m], methods[ref], point, tokens)})
+        else:
+            missing = ", ".join(x for x in (m, ref) if x not in methods)
+            rows.append({"claim": claim, "method": m, "reference": ref, "point": point,
+                         "verdict": f"not run ({missing} not in this benchmark)"})
+    return rows
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -367,62 +685,110 @@ def fmt_params(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
 
 
+def fmt_p(p: float) -> str:
+    return f"{p:.2g}" if p >= 1e-4 else "<1e-4"
+
+
+def report_markdown(res: dict) -> str:
+    """The tables of docs/benchmarks.md: methods (mean ± std over seeds), lr grids, claims with verdicts."""
+    base = res["base"]["heldout_loss"]
+    lines = ["| method | config | trainable params | chosen lr | lr grid (final) | held-out loss @ first eval "
+             "| final held-out loss (mean ± std) | per seed | exact match | step time (ms) "
+             "| peak memory over start (MB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["methods"]:
+        cfg = json.dumps(r["config"]).replace("|", "/") if r["config"] else "-"
+        grid = ", ".join(f"{lr:g}" + ("*" if lr == r["lr"] else "") for lr in r["grid"])
+        t = res["timing"].get(r["name"], {})
+        lines.append(
+            f"| {r['name']} | `{cfg}` | {fmt_params(r['trainable_params'])} | {r['lr']:g} | {grid}"
+            f"{'' if r['grid_status'] == 'interior' else ' (' + r['grid_status'] + ')'} | "
+            f"{r['first_mean']:.4f} ± {r['first_std']:.4f} | **{r['final_mean']:.4f} ± {r['final_std']:.4f}** | "
+            f"{', '.join(f'{x:.4f}' for x in r['final_by_seed'])} | {r['exact_hits']}/{r['n_gen_total']} | "
+            f"{t.get('step_ms', float('nan')):.0f} | {t.get('peak_over_start_mb', float('nan')):.0f} |")
+    lines.append(f"| base (no fine-tuning) | - | 0 | - | - | - | {base:.4f} | - | "
+                 f"{res['base']['exact_hits']}/{res['base']['n_gen']} | - | - |")
+    lines += ["", "Training loss (mean over the last quarter of steps, seed 0) at every lr of each method's final grid "
+              "(the lr is chosen by this, never by held-out loss; `div` = diverged):", "",
+              "| method | " + " | ".join(["lr: train loss"]) + " |", "|---|---|"]
+    for r in res["methods"]:
+        cells = ", ".join(f"{lr}: {'div' if not math.isfinite(v) else f'{v:.4f}'}"
+                          for lr, v in sorted(r["train_loss_by_lr"].items(), key=lambda kv: float(kv[0])))
+        lines.append(f"| {r['name']} | {cells} |")
+    lines += ["", "| claim | compared | difference in held-out loss (mean over seeds; < 0 favours the claim) "
+              "| per seed | paired t over seeds (t, p) | paired t over held-out samples (t, p) | verdict |",
+              "|---|---|---|---|---|---|---|"]
+    for c in res["claims"]:
+        if "diff" not in c:
+            lines.append(f"| {c['claim']} | {c['method']} vs {c['reference']} | - | - | - | - | {c['verdict']} |")
+            continue
+        at = "first eval" if c["point"] == "first" else "final"
+        lines.append(f"| {c['claim']} | {c['method']} − {c['reference']} ({at}) | {c['diff']:+.4f} | "
+                     f"{', '.join(f'{x:+.4f}' for x in c['per_seed_diff'])} | {c['t_seed']:.2f}, "
+                     f"{fmt_p(c['p_seed'])} (n={c['seeds']}) | {c['t_sample']:.2f}, {fmt_p(c['p_sample'])} "
+                     f"(n={c['n_samples']}) | **{c['verdict']}** |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(res: dict, out: Path) -> None:
-    """table.md, results.json and the two plots."""
+    """results.json, table.md and three plots: curves and final losses (error bars: std over seeds), claims."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    write_text_atomic(out / "results.json", json.dumps(res, indent=1) + "\n")
+    write_text_atomic(out / "table.md", report_markdown(res))
     rows = res["methods"]
     base = res["base"]["heldout_loss"]
-    lrs = res["setting"]["lrs"]
-    head = ("| method | config | trainable params | lr | held-out loss @ first eval | final held-out loss | vs base | "
-            "exact match | step time (ms) | peak RSS over start (MB) | "
-            + " | ".join(f"final loss @ lr {lr:g}" for lr in lrs) + " |")
-    lines = [head, "|" + "---|" * (10 + len(lrs))]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for r in rows:
-        cfg = json.dumps(r["config"]).replace("|", "/") if r["config"] else "-"
-        step = f"{r['step_ms']:.0f}" if r["step_ms"] is not None else "n/a"
-        by_lr = " | ".join(f"{r['final_loss_by_lr'][str(lr)]:.4f}" for lr in lrs)
-        lines.append(f"| {r['name']} | `{cfg}` | {fmt_params(r['trainable_params'])} | {r['lr']:g} | "
-                     f"{r['curve'][1][1]:.4f} | {r['final_heldout_loss']:.4f} | "
-                     f"{r['final_heldout_loss'] - base:+.4f} | "
-                     f"{r['exact_match']:.1%} ({r['exact_hits']}/{r['n_gen']}) | {step} | "
-                     f"{r['peak_over_start_mb']:.0f} | {by_lr} |")
-    lines.append(f"| base (no fine-tuning) | - | 0 | - | - | {base:.4f} | +0.0000 | "
-                 f"{res['base']['exact_match']:.1%} | - | - |" + " - |" * len(lrs))
-    atomic_write(out / "table.md", "\n".join(lines) + "\n")
-    atomic_write(out / "results.json", json.dumps(res, indent=1) + "\n")
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for r in rows:
-        steps, losses = zip(*r["curve"], strict=True)
+        steps = [0] + [int(x) for x in r["curve_steps"]]
+        mean, std = [base] + r["curve_mean"], [0.0] + r["curve_std"]
         label = f"{r['name']} ({fmt_params(r['trainable_params'])}, lr {r['lr']:g})"
         for ax, first in zip(axes, (0, 1), strict=True):  # right: without step 0, to see the adapters apart
-            ax.plot(steps[first:], losses[first:], marker="o", ms=3, label=label)
+            ax.errorbar(steps[first:], mean[first:], yerr=std[first:], marker="o", ms=3, capsize=3, label=label)
     for ax, title in zip(axes, ("from the base (step 0)", "zoom: after the first evaluation"), strict=True):
         ax.set_xlabel("fine-tuning step")
         ax.set_ylabel("held-out loss (answer tokens)")
-        ax.set_title(f"Held-out loss vs step, {title}", fontsize=10)
+        ax.set_title(f"Held-out loss vs step, {title}\nmean ± std over {res['seeds']} seeds", fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "heldout_loss_vs_step.png", dpi=90)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r, marker in zip(rows, "osD^vPX*", strict=False):  # matched methods share an x: tell them by marker
-        ax.scatter(r["trainable_params"], r["final_heldout_loss"], marker=marker, s=40, alpha=0.8,
-                   label=f"{r['name']}: {r['final_heldout_loss']:.3f} ({fmt_params(r['trainable_params'])})")
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for r, marker in zip(rows, "osD^vPX*h", strict=False):  # matched methods share an x: tell them by marker
+        ax.errorbar(r["trainable_params"], r["final_mean"], yerr=r["final_std"], fmt=marker, ms=6, capsize=4,
+                    alpha=0.85, label=f"{r['name']}: {r['final_mean']:.3f} ± {r['final_std']:.3f}")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel("final held-out loss")
-    ax.set_title(f"Final held-out loss vs trainable parameters (base: {base:.3f})")
+    ax.set_title(f"Final held-out loss vs trainable parameters, mean ± std over {res['seeds']} seeds "
+                 f"(base {base:.3f})", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "final_loss_vs_params.png", dpi=90)
+    plt.close(fig)
+
+    tested = [c for c in res["claims"] if "diff" in c]
+    fig, ax = plt.subplots(figsize=(9, 0.6 * len(tested) + 1.6))
+    for y, c in enumerate(tested):
+        color = {"supported": "tab:green", "contradicted": "tab:red"}.get(c["verdict"], "tab:gray")
+        ax.errorbar(c["diff"], y, xerr=1.96 * c["se_sample"], fmt="o", color=color, capsize=4)
+        ax.scatter(c["per_seed_diff"], [y] * len(c["per_seed_diff"]), marker="|", s=120, color=color, alpha=0.7)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(range(len(tested)), [f"{c['method']} − {c['reference']}"
+                                       f"{' (first eval)' if c['point'] == 'first' else ''}\n{c['verdict']}"
+                                       for c in tested], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("held-out loss difference (< 0: the claim's direction)")
+    ax.set_title("Per claim: mean over seeds ± 1.96 s.e. over held-out samples; ticks: each seed", fontsize=9)
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(out / "claims.png", dpi=90)
     plt.close(fig)
 
 
@@ -431,23 +797,32 @@ def write_report(res: dict, out: Path) -> None:
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Setting]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--text", type=Path, required=True, help="plain-text corpus for pre-training the base")
-    p.add_argument("--sft", type=Path, required=True, help="jsonl with question/answer ('#### N') records")
-    p.add_argument("--out", type=Path, default=ROOT / "results" / "bench_methods")
+    p.add_argument("--text", type=Path, help="plain-text corpus for pre-training the base")
+    p.add_argument("--sft", type=Path, help="jsonl with question/answer ('#### N') records")
+    p.add_argument("--out", type=Path, default=ROOT / "results" / "bench_methods",
+                   help="results and every run; a finished run found here is reused")
+    p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "rwkv-peft" / "bench_methods",
+                   help="pre-trained bases, by content hash")
+    p.add_argument("--report", type=Path, help="only rewrite table.md and the plots from this results.json")
     p.add_argument("--preset", choices=list(PRESETS), default="full")
     p.add_argument("--quick", action="store_true", help="same as --preset quick (CPU, a few minutes)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list from {','.join(METHODS)}")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--trainer", default="rwkv_peft.train", help="module whose main(argv) is the trainer CLI")
+    p.add_argument("--train_only", action="store_true",
+                   help="train and evaluate the --methods, then stop: several processes can share --out this way, "
+                        "a last run without it reuses their runs for the side-by-side timing and the report")
+    p.add_argument("--split_seed", type=int, default=0, help="seed of the held-out split")
+    p.add_argument("--base_seed", type=int, default=0, help="seed of the base's init and pre-training data order")
     for f in fields(Setting):
-        kind = float if f.name in ("pretrain_lr",) else int
-        if f.name == "lrs":
-            p.add_argument("--lrs", type=lambda t: tuple(float(x) for x in t.split(",")), help="comma list")
+        if f.name in ("lrs", "full_lrs"):
+            p.add_argument(f"--{f.name}", type=lambda t: tuple(float(x) for x in t.split(",")), help="comma list")
         else:
+            kind = float if f.name == "pretrain_lr" else int
             p.add_argument(f"--{f.name}", type=kind, help=f"override the preset's {f.name}")
     a = p.parse_args(argv)
     s = PRESETS["quick" if a.quick else a.preset]
     s = replace(s, **{f.name: getattr(a, f.name) for f in fields(Setting) if getattr(a, f.name) is not None})
+    if a.report is None and (a.text is None or a.sft is None):
+        p.error("--text and --sft are required (or --report RESULTS.json)")
     a.methods = [m for m in a.methods.split(",") if m]
     unknown = [m for m in a.methods if m not in METHODS]
     if unknown or not a.methods:
@@ -456,61 +831,76 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Setting]:
         p.error("--ft_steps must be a positive multiple of --eval_every, --pretrain_steps positive")
     if s.n_embd % 64:
         p.error("--n_embd must be a multiple of the head size 64")
+    if s.seeds < 1 or s.max_grid < 1 or not s.lrs or not s.full_lrs:
+        p.error("--seeds, --max_grid and the lr grids must be non-empty / positive")
     return a, s
 
 
-def main(argv: list[str] | None = None) -> dict:
-    a, s = parse_args(argv)
-    out = a.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-    for module in (a.trainer, "rwkv_peft.tools.init_model"):
-        importlib.import_module(module)  # once, here: every forked run reuses it
-    if a.trainer == "rwkv_peft.train":
-        importlib.import_module("rwkv_peft.train.loop").import_deepspeed(False)  # its CPU setup, once
-        # lazy imports each run would pay again (~10 s on a busy 2-core machine): deepspeed's optimizer
-        # check pulls in torch inductor, the trainer's loss plot pulls in pyplot
-        importlib.import_module("deepspeed.runtime.zero.muon.muon_optimizer")
+def warm_imports() -> None:
+    """Import once in the parent what every forked run would import again (no torch compute here)."""
+    importlib.import_module("rwkv_peft.train.loop").import_deepspeed(False)
+    importlib.import_module("deepspeed.runtime.zero.muon.muon_optimizer")  # pulled in lazily by deepspeed
+    importlib.import_module("rwkv_peft.tools.init_model")
     import matplotlib
 
     matplotlib.use("Agg")
     importlib.import_module("matplotlib.pyplot")
     import torch
 
-    from rwkv_peft.ops.build import load_cpu
-
     with torch.device("meta"):  # load_model builds on meta: pay its one-time lazy imports here (no compute)
         torch.nn.Embedding(2, 2)
+    from rwkv_peft.ops.build import load_cpu
 
     try:
         load_cpu()  # build/open the CPU kernel once (no compute), not in every run
     except Exception as e:  # runs fall back to the torch op, as the model's "auto" does
         print(f"note: CPU WKV kernel unavailable ({e})")
+
+
+def summarize(sp: dict, tuned: dict, runs: list[dict], evals: list[dict], s: Setting, counts: list[float]) -> dict:
+    """One method's numbers over seeds: curves mean ± std, final losses, answers, grid."""
+    tokens = sum(counts)
+    steps = sorted(evals[0]["sums"], key=int)
+    curves = np.array([[sum(ev["sums"][k]) / tokens for k in steps] for ev in evals])  # seeds x evals
+    answers = [x for ev in evals for x in ev["answers"]]
+    def std(x: np.ndarray) -> np.ndarray:
+        return x.std(0, ddof=1) if len(x) > 1 else np.zeros(x.shape[1:])
+
+    return {
+        "name": sp["name"], "peft": sp["peft"], "config": sp["config"],
+        "trainable_params": evals[0]["trainable_params"], "lr": tuned["lr"],
+        "grid": [float(lr_key(x)) for x in tuned["grid"]], "grid_status": tuned["status"],
+        "train_loss_by_lr": {k: v["train_loss_tail"] for k, v in tuned["runs"].items()},
+        "seeds": [r["seed"] for r in runs], "curve_steps": steps,
+        "curve_mean": curves.mean(0).tolist(), "curve_std": std(curves).tolist(),
+        "first_mean": float(curves[:, 0].mean()), "first_std": float(std(curves[:, 0])),
+        "final_mean": float(curves[:, -1].mean()), "final_std": float(std(curves[:, -1])),
+        "final_by_seed": curves[:, -1].tolist(),
+        "first_sums_by_seed": [ev["sums"][steps[0]] for ev in evals],
+        "final_sums_by_seed": [ev["sums"][steps[-1]] for ev in evals],
+        "answers": answers, "n_gen_total": len(answers), "data_hash_by_seed": [r["data_hash"] for r in runs],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a, s = parse_args(argv)
+    if a.report is not None:
+        res = json.loads(a.report.read_text())
+        res["claims"] = claims_table({m["name"]: m for m in res["methods"]}, res["heldout_tokens"])  # current tests
+        write_report(res, a.report.parent)
+        print(report_markdown(res))
+        return res
+    out = a.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    warm_imports()
     print(f"setting: {asdict(s)}", flush=True)
     data = prepare_data(a, s, out)
-    print(f"data: corpus {data['corpus_tokens']} tokens, tokenizer {data['tokenizer']}", flush=True)
+    print(f"data: corpus {data['corpus_tokens']} tokens ({data['n_text_docs']} text documents + "
+          f"{data['n_sft_docs']} SFT training records), tokenizer {data['tokenizer']}", flush=True)
 
-    # 1. pre-train the base: full training of a fresh model on the corpus
-    init = out / "init.pth"
-    init_argv = ["--n_layer", str(s.n_layer), "--n_embd", str(s.n_embd), "--vocab_size", str(s.vocab),
-                 "--dtype", "fp32", "--seed", str(a.seed), "--out", str(init)]
-    run_forked("rwkv_peft.tools.init_model", init_argv, out / "runs" / "init", s.threads)
-    pre_epochs = max(1, math.ceil(s.pretrain_steps / 100))
-    pre_steps = math.ceil(s.pretrain_steps / pre_epochs)
-    pre_dir = out / "runs" / "pretrain"
-    pre = run_forked(a.trainer, ["--load_model", str(init), "--proj_dir", str(pre_dir), "--data_file",
-                                  str(data["corpus"]), "--data_type", "binidx", "--dataload", "get", "--peft", "full",
-                                  "--epoch_steps", str(pre_steps), "--epoch_count", str(pre_epochs),
-                                  "--lr_init", str(s.pretrain_lr), "--lr_final", str(s.pretrain_lr / 10)]
-                      + common_flags(s, data["tokenizer"], a.seed), pre_dir, s.threads)
-    base = out / "base.pth"
-    os.replace(latest_checkpoint(pre_dir), base)
-    base_hash = sha256(base)
-    pre_log = read_log(pre_dir)
-    print(f"pre-trained base: {pre_epochs * pre_steps} steps, {pre['wall_s']:.0f}s, final train loss "
-          f"{pre_log[-1].get('loss')}, sha256 {base_hash[:12]}", flush=True)
-
-    # 2. fine-tune with every method and lr, same base file and data
+    # 1. the base: pre-trained on the text and the SFT training records, cached by content hash
+    base, base_hash, base_info = pretrained_base(a, s, data, out)
     from rwkv_peft.model import config_from_state_dict, read_state_dict
 
     base_sd = read_state_dict(base)
@@ -518,92 +908,56 @@ def main(argv: list[str] | None = None) -> dict:
     specs = [sp for sp in method_specs(target_shapes(base_sd, arch.n_layer), s,
                                        sum(v.numel() for v in base_sd.values())) if sp["name"] in a.methods]
     del base_sd
-    epochs = s.ft_steps // s.eval_every
-    runs: dict[str, dict[float, dict]] = {}
-    for sp in specs:
-        for lr in s.lrs:
-            if sha256(base) != base_hash:
-                raise RuntimeError(f"{base} changed during the benchmark")
-            run_dir = out / "runs" / f"{sp['name']}_lr{lr:g}"
-            stats = run_forked(a.trainer, ["--load_model", str(base), "--proj_dir", str(run_dir), "--data_file",
-                                            str(data["sft_train"]), "--data_type", "sft", "--peft", sp["peft"],
-                                            *peft_flags(sp), "--epoch_steps", str(s.eval_every), "--epoch_count",
-                                            str(epochs), "--lr_init", str(lr), "--lr_final", str(lr / 10)]
-                                + common_flags(s, data["tokenizer"], a.seed), run_dir, s.threads)
-            log = read_log(run_dir)
-            stats["data_hash"], stats["first_sample"] = sample_digest(run_dir / "samples.txt", epochs,
-                                                                      s.eval_every * s.micro_bsz)
-            stats["step_s"] = step_seconds(log, s.ctx_len * s.micro_bsz)
-            losses = [r["loss"] for r in log if isinstance(r.get("loss"), (int, float))]
-            stats["train_loss_tail"] = float(np.mean(losses[-max(1, len(losses) // 4):]))
-            runs.setdefault(sp["name"], {})[lr] = stats
-            print(f"{sp['name']} lr {lr:g}: {stats['wall_s']:.0f}s, train loss (last quarter) "
-                  f"{stats['train_loss_tail']:.4f}", flush=True)
-    hashes = {(st["data_hash"], st["first_sample"]) for per in runs.values() for st in per.values()}
-    if len(hashes) != 1:
-        raise RuntimeError(f"runs drew different data: {len(hashes)} distinct sample fingerprints")
 
-    # 3. evaluate: held-out loss curves (lr chosen by training loss, never by held-out loss), exact match
-    from rwkv_peft.data import load_sft
-    if s.threads:
-        torch.set_num_threads(s.threads)
-    from rwkv_peft.eval import exact_match, heldout_loss
+    # 2. per method: lr grid until the best lr is interior (seed 0), the other seeds at that lr, evaluation
+    base_eval = evaluate_base(data, s, base, base_hash, out)
+    counts = base_eval["counts"]
+    tokens = sum(counts)
+    from rwkv_peft.eval import exact_match
 
-    docs, starts, _ = load_sft(str(data["sft_heldout"]), s.vocab, s.ctx_len, data["tokenizer"])
-    ds = DocDataset(docs, lambda *_: None, s.ctx_len, len(docs), a.seed, loss_start=starts)
-    held = [ds[i] for i in range(len(docs))]
-    gen_records = data["heldout_records"][: s.n_gen]
-    golds = [r["answer"] for r in gen_records]
-    base_model = load_adapted(base, {"peft": "full", "config": {}}, None)
-    base_loss = heldout_loss(base_model, held)
-    base_em = exact_match(generate_answers(base_model, data["tokenizer"], gen_records, s), golds)
-    del base_model
-    results = []
-    for sp in specs:
-        fresh = heldout_loss(load_adapted(base, sp, None), held)
-        if not math.isclose(fresh, base_loss, rel_tol=1e-4):
-            raise RuntimeError(f"{sp['name']}: a fresh adapter scores {fresh:.6f}, the base {base_loss:.6f}")
-        per = runs[sp["name"]]
-        lr = min(per, key=lambda k: per[k]["train_loss_tail"])
-        run_dir = out / "runs" / f"{sp['name']}_lr{lr:g}"
-        curve = [(0, base_loss)]
-        for e in range(epochs):
-            loss = heldout_loss(load_adapted(base, sp, run_dir / f"rwkv-{e}.pth"), held)
-            curve.append(((e + 1) * s.eval_every, loss))
-        final_by_lr = {str(k): (curve[-1][1] if k == lr else heldout_loss(
-            load_adapted(base, sp, out / "runs" / f"{sp['name']}_lr{k:g}" / f"rwkv-{epochs - 1}.pth"), held))
-            for k in per}
-        final = load_adapted(base, sp, run_dir / f"rwkv-{epochs - 1}.pth")
-        answers = generate_answers(final, data["tokenizer"], gen_records, s)
-        em = exact_match(answers, golds)
-        n_params = adapter_params(run_dir / f"rwkv-{epochs - 1}.pth")
-        if n_params != sp["params_expected"]:
-            raise RuntimeError(f"{sp['name']}: adapter has {n_params} parameters, expected {sp['params_expected']}")
-        st = per[lr]
-        results.append({
-            "name": sp["name"], "peft": sp["peft"], "config": sp["config"], "trainable_params": n_params,
-            "lr": lr, "curve": curve, "final_heldout_loss": curve[-1][1], "final_loss_by_lr": final_by_lr,
-            "train_loss_tail_by_lr": {str(k): v["train_loss_tail"] for k, v in per.items()},
-            "exact_match": em, "exact_hits": round(em * len(golds)), "n_gen": len(golds),
-            "sample_answer": answers[0] if answers else "",
-            "step_ms": None if st["step_s"] is None else 1000 * st["step_s"],
-            "run_wall_s": st["wall_s"], "peak_rss_mb": st["peak_rss_mb"],
-            "peak_over_start_mb": st["peak_over_start_mb"],
-        })
-        print(f"{sp['name']}: lr {lr:g}, held-out {curve[-1][1]:.4f} (base {base_loss:.4f}), EM {em:.1%}", flush=True)
+    golds = [r["answer"] for r in data["heldout_records"][: s.n_gen]]
+    tuned, runs, methods = {}, {}, {}
+    for sp in sorted(specs, key=lambda x: RUN_ORDER.index(x["name"]) if x["name"] in RUN_ORDER else len(RUN_ORDER)
+                     + (x["name"] == "full")):
+        check_fresh_adapter(data, s, base, base_hash, sp, sum(base_eval["sums"]) / tokens, out)
+        t = tuned[sp["name"]] = tune_lr(a, s, data, base, base_hash, sp, out)
+        runs[sp["name"]] = [t["runs"][lr_key(t["lr"])]] + [
+            fine_tune(a, s, data, base, base_hash, sp, t["lr"], seed, out) for seed in range(1, s.seeds)]
+        if any(r["diverged"] for r in runs[sp["name"]]):
+            raise RuntimeError(f"{sp['name']}: a seed diverged at the chosen lr {t['lr']:g}")
+        evals = [evaluate_run(data, s, sp, r, base, base_hash) for r in runs[sp["name"]]]
+        m = summarize(sp, t, runs[sp["name"]], evals, s, counts)
+        m["exact_hits"] = sum(round(exact_match(ev["answers"], golds) * len(golds)) for ev in evals)
+        methods[sp["name"]] = m
+        print(f"{sp['name']}: lr {m['lr']:g}, held-out {m['final_mean']:.4f} ± {m['final_std']:.4f} "
+              f"(base {sum(base_eval['sums']) / tokens:.4f})", flush=True)
+    finished = [r for per in runs.values() for r in per] + [r for t in tuned.values() for r in t["runs"].values()
+                                                            if not r["diverged"]]
+    for seed in range(s.seeds):  # every method and lr drew the same samples at a seed
+        prints = {(r["data_hash"], r["first_sample"]) for r in finished if r["seed"] == seed}
+        if len(prints) != 1:
+            raise RuntimeError(f"seed {seed}: runs drew different data ({len(prints)} distinct sample fingerprints)")
+
+    if a.train_only:
+        return {"methods": list(methods.values())}
+
+    # 3. side by side: step time and peak memory, methods interleaved round by round
+    timing = time_methods(a, s, data, base, specs, {n: t["lr"] for n, t in tuned.items()}, out)
+    base_hits = round(exact_match(base_eval["answers"], golds) * len(golds))
     res = {
-        "setting": asdict(s), "seed": a.seed, "text": str(a.text), "sft": str(a.sft), "tokenizer": data["tokenizer"],
-        "torch_threads": torch.get_num_threads(), "corpus_tokens": data["corpus_tokens"],
-        "n_heldout": len(held), "base": {"sha256": base_hash, "heldout_loss": base_loss, "exact_match": base_em,
-                                         "pretrain_steps": pre_epochs * pre_steps, "pretrain_wall_s": pre["wall_s"],
-                                         "pretrain_final_train_loss": pre_log[-1].get("loss")},
-        "identical": {"base_sha256": base_hash, "data_hash": next(iter(hashes))[0],
-                      "first_sample_sha1": next(iter(hashes))[1], "fresh_adapter_equals_base_loss": True},
-        "methods": results, "wall_s": time.perf_counter() - t_start,
-        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "setting": asdict(s), "seeds": s.seeds, "split_seed": a.split_seed, "text": str(a.text), "sft": str(a.sft),
+        "tokenizer": data["tokenizer"], "corpus_tokens": data["corpus_tokens"], "n_heldout": len(counts),
+        "heldout_tokens": tokens, "n_gen": len(golds),
+        "base": {"sha256": base_hash, "heldout_loss": sum(base_eval["sums"]) / tokens, "exact_hits": base_hits,
+                 "n_gen": len(golds), **{k: v for k, v in base_info.items() if k != "sha256"}},
+        "identical": {"base_sha256": base_hash, "data_hash_by_seed": methods[specs[0]["name"]]["data_hash_by_seed"],
+                      "fresh_adapter_equals_base_loss": True, "params_match_analytic": True},
+        "methods": [methods[n] for n in METHODS if n in methods], "timing": timing,
+        "claims": claims_table(methods, tokens),
+        "wall_s": time.perf_counter() - t_start,
     }
     write_report(res, out)
-    print((out / "table.md").read_text())
+    print(report_markdown(res))
     print(f"wrote {out}/results.json, table.md, heldout_loss_vs_step.png, final_loss_vs_params.png "
           f"in {res['wall_s']:.0f}s", flush=True)
     return res
