@@ -48,7 +48,7 @@ class Evaluator:
 
         data = load_documents(cfg.eval_data, cfg.data_type, cfg.ctx_len, vocab_size, cfg.tokenizer,
                               cfg.sft_field, cfg.sft_template or None, cfg.chat_template or None,
-                              cfg.too_long, padded=True)
+                              cfg.too_long, strict=bool(cfg.strict), padded=True)
         ds = data.sampler(cfg.ctx_len, vocab_size)
         docs = data.order if data.order is not None else range(len(data.docs))
         self.samples = [ds.doc_sample(int(d)) for d in docs]
