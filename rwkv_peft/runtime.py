@@ -7,6 +7,7 @@ import gc
 import importlib.util
 import io
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -61,14 +62,37 @@ def load_runtime(path: str | os.PathLike, version: str = "x070", strategy: str =
         gc.unfreeze()
 
 
+def runtime_initial_state(model, time_states: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The runtime's recurrent state whose WKV part is a learnt start state, shifts zero.
+
+    ``time_states`` are per-layer (H, N, N) tensors indexed [value, key], the layout of
+    ``blocks.N.att.time_state`` in this package and in RWKV-PEFT's state files. The runtime's
+    x070 class keeps its WKV state as [value, key] too; its v5/v6 class keeps [key, value] (and
+    transposes a ``time_state`` it finds in a model file the same way).
+    """
+    if hasattr(model, "generate_zero_state"):  # x070
+        state = model.generate_zero_state()
+        for i, ts in enumerate(time_states):
+            state[i * 3 + 1] = ts.to(device=state[i * 3 + 1].device, dtype=torch.float32).clone()
+        return state
+    state = []
+    for i, ts in enumerate(time_states):
+        dev, atype = model.strategy[i].device, model.strategy[i].atype
+        zeros = torch.zeros(model.args.n_embd, dtype=atype, device=dev)
+        state += [zeros, ts.transpose(1, 2).to(device=dev, dtype=torch.float32).contiguous(), zeros.clone()]
+    return state
+
+
 @torch.no_grad()
-def runtime_logits(model, tokens: list[int], mode: str = "seq") -> torch.Tensor:
-    """Logits (T, V) for ``tokens`` from the runtime, as one sequence or token by token (rnn)."""
+def runtime_logits(model, tokens: list[int], mode: str = "seq", state: list | None = None) -> torch.Tensor:
+    """Logits (T, V) for ``tokens`` from the runtime, as one sequence or token by token (rnn),
+    starting from ``state`` (e.g. ``runtime_initial_state``; None: zeros)."""
+    state = None if state is None else [s.clone() for s in state]
     with _runtime_env():
         if mode == "seq":
-            out, _ = model.forward(list(tokens), None, full_output=True)
+            out, _ = model.forward(list(tokens), state, full_output=True)
             return out.float().reshape(len(tokens), -1)
-        state, outs = None, []
+        outs = []
         for t in tokens:
             out, state = model.forward([t], state)
             outs.append(out.float().reshape(-1))
@@ -76,11 +100,12 @@ def runtime_logits(model, tokens: list[int], mode: str = "seq") -> torch.Tensor:
 
 
 @torch.no_grad()
-def runtime_generate(model, tokens: list[int], n: int) -> list[int]:
-    """Greedy continuation of ``tokens`` by ``n`` tokens in the runtime's RNN mode."""
+def runtime_generate(model, tokens: list[int], n: int, state: list | None = None) -> list[int]:
+    """Greedy continuation of ``tokens`` by ``n`` tokens in the runtime's RNN mode (from ``state``)."""
     new = []
+    state = None if state is None else [s.clone() for s in state]
     with _runtime_env():
-        out, state = model.forward(list(tokens), None)
+        out, state = model.forward(list(tokens), state)
         for _ in range(n):
             t = int(out.float().reshape(-1).argmax())
             new.append(t)

@@ -1,0 +1,34 @@
+"""Fold a state-tuning adapter into an RWKV x060/x052 checkpoint, as RWKV-PEFT's merge_state.py does.
+
+python merge/merge_state.py --base_model BASE.pth --state_checkpoint OUT/rwkv-N.pth --output MERGED.pth
+
+The output is the base plus ``blocks.N.att.time_state`` (and any train_parts tensors the adapter
+replaced): the `rwkv` runtime starts x060/x052 models from a time_state it finds in the file.
+Its x070 class ignores one, so x070 is refused: use the state file itself (generate --state,
+RWKV-Runner and Ai00 load it beside the base model).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
+
+from rwkv_peft.peft.state import merge_state  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--base_model", required=True, help="base checkpoint (x060 / x052)")
+    p.add_argument("--state_checkpoint", required=True, help="state adapter, e.g. OUT/rwkv-final.pth")
+    p.add_argument("--output", required=True, help="output checkpoint (.pth, or .safetensors by name)")
+    args = p.parse_args(argv)
+    try:
+        out = merge_state(args.base_model, args.state_checkpoint, args.output)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
