@@ -437,6 +437,10 @@ def _train_locked(cfg: TrainConfig, dataset, base_sd: dict, arch, on_gpu: bool, 
                 f"curve {proj / 'loss.png'}")
             if merge_command(cfg, proj):  # a learned start state has no weight to fold into
                 say(f"merge:   {merge_command(cfg, proj)}")
+            else:  # with no train_parts the adapter is a state file (RWKV-PEFT's format, RWKV-Runner/Ai00)
+                only_state = all(n.endswith(".time_state") for n, p in model.named_parameters() if p.requires_grad)
+                say(f"chat:    python -m rwkv_peft.generate --model {cfg.load_model} "
+                    f"--{'state' if only_state else 'adapter'} {proj / 'rwkv-final.pth'} --chat")
         if evaluator is not None and evaluator.best_step is not None:
             kept = f" (kept as {proj / BEST_FILE})" if cfg.save_best else ""
             say(f"eval:    best held-out loss {evaluator.best_loss:.4f} at step {evaluator.best_step}{kept}; "
