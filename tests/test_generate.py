@@ -57,7 +57,7 @@ def tok():
 def models(tmp_path_factory) -> dict[str, dict[str, Path]]:
     """Per version: a tiny World-vocab base, a random MiSS adapter (with adapter_config.json), the merged file."""
     out = {}
-    for version in ("x070", "x060"):
+    for version in ("x070", "x060", "x052"):
         d = tmp_path_factory.mktemp(version)
         base = perturbed(version, n_layer=2, n_embd=64, vocab=65536, head_size=32, seed=7)
         save_model(base, d / "base.pth")
@@ -81,7 +81,7 @@ def greedy(model, tok, tokens: list[int], n: int) -> list[int]:
     return dec.generate(n, Sampling(temperature=0), stop=(), stop_tokens=()).tokens
 
 
-@pytest.mark.parametrize("version", ["x070", "x060"])
+@pytest.mark.parametrize("version", ["x070", "x060", "x052"])
 def test_greedy_equals_runtime_on_merged_model(models, tok, version: str, capsys) -> None:
     files = models[version]
     prompt = tok.encode(PROMPT)
