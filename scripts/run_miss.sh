@@ -37,6 +37,7 @@ SEED=${SEED:-42}
 RESUME=${RESUME:-0}
 WANDB=${WANDB:-}
 MERGE=${MERGE:-1}                             # 0: do not merge at the end (MiSS; others print the command)
+QUESTION=${QUESTION:-"Mia has 7 marbles. She gets 6 more. How many marbles does Mia have now?"}  # asked at the end
 DEMO_LAYERS=${DEMO_LAYERS:-2}                 # size of the demo base (World vocab, 65536 tokens)
 DEMO_EMBD=${DEMO_EMBD:-128}
 
@@ -82,5 +83,8 @@ fi
     ${EVAL_DATA:+--save_best "$SAVE_BEST"} ${TENSORBOARD:+--tensorboard "$TENSORBOARD"}
 if [ "$MERGE" = 1 ] && [ "$PEFT" = miss ]; then
     echo "[merge] folding $PROJ_DIR/rwkv-final.pth into $LOAD_MODEL"
-    BASE_MODEL="$LOAD_MODEL" PEFT_CHECKPOINT="$PROJ_DIR/rwkv-final.pth" sh scripts/merge_miss.sh
+    QUESTION="$QUESTION" BASE_MODEL="$LOAD_MODEL" PEFT_CHECKPOINT="$PROJ_DIR/rwkv-final.pth" sh scripts/merge_miss.sh
+    echo "[generate] User: $QUESTION"
+    echo "$QUESTION" | python -m rwkv_peft.generate --model "${OUTPUT:-out/demo/merged.pth}" --chat \
+        --temperature 0 --max_tokens 64
 fi
