@@ -375,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
           f"in {time.perf_counter() - t0:.1f}s")
     decoder = Decoder(model, tokenizer)
     rng = sampling.rng()
+    if rng is None:  # torch's default generator starts from the same seed in every process
+        rng = torch.Generator()
+        rng.seed()
 
     def report(g: Generation, fed: int, seconds: float) -> None:
         if args.verbose:

@@ -293,3 +293,13 @@ def test_state_file_errors_are_one_line(state_runs, models, tmp_path) -> None:
     with pytest.raises(ValueError, match="missing blocks.1.att.time_state"):
         load_for_generation(str(run["base"]), state=str(bad))
     assert main(["--model", str(run["base"]), "--state", str(bad), "--prompt", "x", "--device", "cpu"]) == 2
+
+
+def test_cli_seed_repeats_and_no_seed_varies(models, capsys) -> None:
+    flags = ["--model", str(models["x070"]["merged"]), "--prompt", "Once", "--max_tokens", "8", "--top_p", "1",
+             "--temperature", "1.5", "--stop", "", "--device", "cpu"]
+    outs = []
+    for extra in (["--seed", "3"], ["--seed", "3"], [], []):
+        assert main(flags + extra) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and outs[2] != outs[3]
