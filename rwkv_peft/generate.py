@@ -102,6 +102,13 @@ class Decoder:
         self.logits = logits[0, -1].float()
         return self.logits
 
+    def text(self, tokens: Sequence[int]) -> str:
+        """The text of ``tokens`` (ids the World vocab leaves unassigned have none)."""
+        vocab = getattr(self.tokenizer, "idx2token", None)
+        if vocab is None:
+            return self.tokenizer.decode(list(tokens))
+        return b"".join(vocab.get(t, b"") for t in tokens).decode("utf-8", "replace")
+
     def generate(
         self,
         max_tokens: int,
@@ -135,14 +142,15 @@ class Decoder:
                 reason = "end"
                 break
             tokens.append(tok)
+            raw = self.tokenizer.idx2token.get(tok, b"") if utf8 is not None else None  # unassigned ids: no text
             if s.alpha_presence or s.alpha_frequency:
                 for k in occurrence:
                     occurrence[k] *= s.alpha_decay
-                weight = 0.0 if set(self.tokenizer.decode([tok])) <= _NO_PENALTY else 1.0
-                occurrence[tok] = occurrence.get(tok, 0.0) + weight
+                piece = raw.decode("utf-8", "replace") if raw is not None else self.tokenizer.decode([tok])
+                occurrence[tok] = occurrence.get(tok, 0.0) + (0.0 if set(piece) <= _NO_PENALTY else 1.0)
             before = len(text)
             if utf8 is not None:
-                text += utf8.decode(self.tokenizer.idx2token[tok])
+                text += utf8.decode(raw)
             else:
                 pending.append(tok)
                 piece = self.tokenizer.decode(pending)
@@ -234,7 +242,7 @@ class ChatSession:
         tokens = self.decoder.tokenizer.encode(self.turn_text(message))
         self.decoder.feed(tokens)
         g = self.decoder.generate(max_tokens, sampling, stop, on_text=on_text, rng=rng)
-        self.reply, self.said = g.text, self.decoder.tokenizer.decode(g.tokens[: g.fed])
+        self.reply, self.said = g.text, self.decoder.text(g.tokens[: g.fed])
         return g, len(tokens)
 
 

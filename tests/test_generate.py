@@ -169,6 +169,14 @@ def test_stop_strings_and_utf8_never_stream_half(tok) -> None:
     assert chunks == ["H", "i", " ", "\ufffd"]
 
 
+def test_ids_without_text_decode_to_nothing(tok) -> None:
+    """World models have 65536 rows but ids 65530.. are unassigned: a model may still pick one."""
+    dec = Decoder(Scripted([65535] + tok.encode(" ok")), tok)
+    dec.feed([1])
+    g = dec.generate(2, Sampling(temperature=0, alpha_frequency=1.0), stop=())
+    assert g.tokens[0] == 65535 and g.text == " ok" and dec.text(g.tokens) == " ok"
+
+
 def test_sampling_rules() -> None:
     logits = torch.tensor([3.0, 2.0, 1.0, 0.0])
     assert {sample(logits, s, s.rng()) for s in [Sampling(top_k=1, top_p=1.0, seed=i) for i in range(5)]} == {0}
