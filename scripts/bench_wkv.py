@@ -9,12 +9,13 @@ prints the median times, the speed-up (goal: >= 30x) and the kernel's GFLOP/s.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
 import torch
 
-from rwkv_peft.ops.wkv7_cpu import wkv7_cpu
+from rwkv_peft.ops import wkv7
 from rwkv_peft.ops.wkv7_torch import wkv7_torch
 
 
@@ -63,7 +64,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     xs = make_inputs(args.B, args.T, args.H, args.N)
     t_ref, c_ref = time_fwd_bwd(wkv7_torch, xs, max(1, args.repeat // 2))
-    t_cpu, c_cpu = time_fwd_bwd(wkv7_cpu, xs, args.repeat)
+    t_cpu, c_cpu = time_fwd_bwd(functools.partial(wkv7, op="cpu"), xs, args.repeat)
     gflops = flops(args.B, args.T, args.H, args.N) / t_cpu / 1e9
     print(f"WKV-7 fwd+bwd B={args.B} T={args.T} H={args.H} N={args.N} fp32, "
           f"{torch.get_num_threads()} threads            wall        cpu time")

@@ -10,13 +10,14 @@ with op=cpu vs op=torch.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
 import torch
 
 from rwkv_peft.model import RWKV6Config, init_model
-from rwkv_peft.ops.wkv6_cpu import wkv6_cpu
+from rwkv_peft.ops import wkv6
 from rwkv_peft.ops.wkv6_torch import wkv6_torch
 
 
@@ -59,7 +60,7 @@ def main() -> None:
     s0 = torch.zeros(B, H, N, N)
     xs = [r, w, k, v, u, s0]
     t_ref = median_time(kernel_step(wkv6_torch, xs), max(1, a.repeat // 2))
-    t_cpu = median_time(kernel_step(wkv6_cpu, xs), a.repeat)
+    t_cpu = median_time(kernel_step(functools.partial(wkv6, op="cpu"), xs), a.repeat)
     print(f"WKV-6 fwd+bwd B={B} T={T} H={H} N={N} fp32, {torch.get_num_threads()} threads:")
     print(f"  torch reference {t_ref * 1e3:9.1f} ms")
     print(f"  cpu kernel      {t_cpu * 1e3:9.1f} ms   speed-up x{t_ref / t_cpu:.1f}")

@@ -28,3 +28,15 @@ def perturbed_model(
 @pytest.fixture
 def tiny_model() -> RWKV7:
     return perturbed_model()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny shapes gain nothing from threads, and on a shared 2-core box they lose a lot to contention.
+
+    Modules of tiny-tensor tests use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

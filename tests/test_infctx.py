@@ -14,13 +14,7 @@ from rwkv_peft.train.infctx import infctx_loss, masked_ce_sum
 REL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These shapes are tiny: a second intra-op thread only adds sync cost on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sample(B: int, L: int, vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -33,17 +33,11 @@ SHAPES = {
 CASES = [(mode, *shape) for mode in MODES for shape in SHAPES[mode]]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops run far faster on one thread than two contended ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def loop_delta(w: torch.Tensor, a: torch.Tensor, mode: str, mini_r: int = 3) -> torch.Tensor:
-    """dW element by element / block by block, straight from DESIGN.md's definitions."""
+    """dW element by element / block by block, straight from the definitions in rwkv_peft/peft/miss.py's docstring."""
     out_features, in_features = w.shape
     dw = torch.zeros_like(w)
     if mode == "balance":

@@ -28,13 +28,7 @@ TOL = 1e-4  # fp32 on both sides; measured differences are ~1e-6 over 64 tokens 
 VERSIONS_65 = ("x060", "x052")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes gain nothing from threads, and on a shared 2-core box they lose a lot to contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def perturbed(version: str, n_layer: int = 2, n_embd: int = 128, vocab: int = 300, head_size: int = 64,

@@ -1,35 +1,27 @@
 """WKV-6 / WKV-5 kernels vs the pure-PyTorch reference: values, every gradient, bad input.
 
-The CUDA source is compiled by tests/test_ops_wkv7.py's nvcc check (it builds every cuda/*.cu);
+The CUDA source is compiled by tests/test_ops_wkv7.py's nvcc check (it builds every csrc/*.cu);
 its device code also runs here on CPU threads; running it on a GPU is scripts/gpu_check.sh's
 job, and the last test's when CUDA is present.
 """
 
 from __future__ import annotations
 
-import ctypes
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import emulated_cuda_kernel, pointers
 
 from rwkv_peft.ops import wkv5, wkv6
-from rwkv_peft.ops.build import CUDA_DIR
 from rwkv_peft.ops.wkv5_torch import wkv5_torch
 from rwkv_peft.ops.wkv6_torch import wkv6_torch
 
 RTOL = 1e-4  # fp32 on both sides; measured ~3e-7 relative to each tensor's max
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes gain nothing from threads, and on a shared 2-core box they lose a lot to contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_inputs(B: int, T: int, H: int, N: int, seed: int, dtype: torch.dtype = torch.float32,
@@ -144,44 +136,7 @@ def test_cuda_kernel_matches_reference(version: str) -> None:
     assert_close_all([t.cpu() for t in got], run(lambda *a, state: ref(*a, state), xs))
 
 
-# Runs the CUDA device code on the CPU: each block's N threads become std::threads sharing the
-# static "__shared__" arrays, with a std::barrier for __syncthreads. bf16 is stood in by fp32.
-CUDA_EMULATION_SHIM = r"""
-#include <barrier>
-#include <cmath>
-#include <thread>
-#include <vector>
-using std::min;
-struct Dim3 { int x, y, z; };
-thread_local Dim3 threadIdx;
-Dim3 blockIdx;
-std::barrier<>* block_barrier;
-inline void __syncthreads() { block_barrier->arrive_and_wait(); }
-#define __global__
-#define __device__
-#define __forceinline__ inline
-#define __launch_bounds__(x)
-#define __restrict__ __restrict
-#define __shared__ static
-inline float __expf(float x) { return std::exp(x); }
-struct __nv_bfloat16 { float v; };
-inline float __bfloat162float(__nv_bfloat16 x) { return x.v; }
-inline __nv_bfloat16 __float2bfloat16(float x) { return {x}; }
-#include "wkv6_cuda_kernels.cuh"
-using namespace wkv6;
-
-template <typename Fn>
-void launch(int B, int H, Fn fn) {
-  for (int bb = 0; bb < B; ++bb)
-    for (int hh = 0; hh < H; ++hh) {
-      blockIdx = {hh, bb, 0};
-      std::barrier<> bar(N);
-      block_barrier = &bar;
-      std::vector<std::thread> threads;
-      for (int i = 0; i < N; ++i) threads.emplace_back([&, i] { threadIdx = {i, 0, 0}; fn(); });
-      for (auto& t : threads) t.join();
-    }
-}
+EMULATED_ENTRY_POINTS = r"""
 extern "C" void emu_forward(int B, int T, int H, const float* r, const float* w, const float* k,
                             const float* v, const float* u, const float* s0, float* y, float* sT,
                             float* ckpt) {
@@ -202,26 +157,16 @@ extern "C" void emu_backward(int B, int T, int H, const float* r, const float* w
 def test_cuda_kernels_emulated_on_cpu_match_reference(tmp_path: Path) -> None:
     """The CUDA device code (indexing, barriers, chunk replay, state in/out, du) is exact."""
     N = 16
-    src, lib_path = tmp_path / "emu.cpp", tmp_path / "emu.so"
-    src.write_text(CUDA_EMULATION_SHIM)
-    cmd = ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", f"-DWKV_N={N}", f"-I{CUDA_DIR}",
-           str(src), "-o", str(lib_path), "-lpthread"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lib = ctypes.CDLL(str(lib_path))
-
-    def ptrs(*ts: torch.Tensor) -> list[ctypes.c_void_p]:
-        return [ctypes.c_void_p(t.data_ptr()) for t in ts]
-
+    lib = emulated_cuda_kernel("wkv6", EMULATED_ENTRY_POINTS, N, tmp_path)
     for B, T, H in ((2, 37, 2), (1, 16, 1), (1, 1, 1)):  # partial chunk, exact chunk, one step
         r, w, k, v, u, s0 = make_inputs(B, T, H, N, seed=T)
         g = torch.Generator().manual_seed(9)  # the same loss weights as run()
         gy, gs = torch.randn(B, T, H, N, generator=g), torch.randn(B, H, N, N, generator=g)
         y, sT = torch.empty_like(r), torch.empty_like(s0)
         ckpt = torch.empty(B, H, -(-T // 16), N, N)
-        lib.emu_forward(B, T, H, *ptrs(r, w, k, v, u, s0, y, sT, ckpt))
+        lib.emu_forward(B, T, H, *pointers(r, w, k, v, u, s0, y, sT, ckpt))
         grads = [torch.empty_like(x) for x in (r, w, k, v)]
         du, ds0, hist = torch.empty(B, H, N), torch.empty_like(s0), torch.empty(B * H * 16 * N * N)
-        lib.emu_backward(B, T, H, *ptrs(r, w, k, v, u, gy, gs, ckpt, hist, *grads, du, ds0))
+        lib.emu_backward(B, T, H, *pointers(r, w, k, v, u, gy, gs, ckpt, hist, *grads, du, ds0))
         assert_close_all([y, sT, *grads, du.sum(0), ds0],
                          run(lambda *a, state: wkv6_torch(*a, state), [r, w, k, v, u, s0]))

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import emulated_cuda_kernel, pointers
 
 from rwkv_peft.ops import wkv7
-from rwkv_peft.ops.build import CUDA_DIR
+from rwkv_peft.ops.build import CSRC
 from rwkv_peft.ops.wkv7_torch import wkv7_torch
 
 # fp32 throughout; both sides sum the same products in a different order, so relative
@@ -193,7 +194,7 @@ def test_fla_op_without_fla_is_a_clear_error() -> None:
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 def test_cuda_sources_compile_for_sm80_sm90(tmp_path: Path) -> None:
     """Object files only: no GPU needed, catches compile errors in the CUDA kernel."""
-    for src in sorted(CUDA_DIR.glob("*.cu")):
+    for src in sorted(CSRC.glob("*.cu")):
         cmd = ["nvcc", "-c", "-O3", "--use_fast_math", "-DWKV_N=64", "-Xcompiler", "-fPIC",
                "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
                str(src), "-o", str(tmp_path / (src.stem + ".o"))]
@@ -227,12 +228,12 @@ def test_model_logits_and_grads_same_with_cpu_and_torch_op() -> None:
 def test_auto_falls_back_to_reference_with_one_line_warning(monkeypatch, tmp_path) -> None:
     """A failed build makes ``auto`` warn once, in one line, and use the torch reference."""
     import rwkv_peft.ops as ops
-    from rwkv_peft.ops import build, wkv7_cpu
+    from rwkv_peft.ops import build
 
-    caches = (build.load_cpu, wkv7_cpu._lib, ops._kernel_unavailable)
+    caches = (build.load_kernel, ops._kernel_unavailable)
     for c in caches:
         c.cache_clear()
-    monkeypatch.setattr(build, "CPU_SOURCES", ("no_such_kernel.cpp",))
+    monkeypatch.setattr(build, "sources", lambda family, device: (("no_such_kernel.cpp",), ()))
     monkeypatch.setenv("RWKV_PEFT_CACHE", str(tmp_path))
     try:
         xs = make_inputs(1, 6, 1, 16, seed=0)
@@ -253,57 +254,18 @@ def test_second_process_reuses_the_build() -> None:
     """A new process loads the cached library instead of rebuilding it."""
     import sys
 
-    from rwkv_peft.ops.wkv7_cpu import _lib
+    from rwkv_peft.ops.build import load_kernel
 
-    so = Path(_lib()._name)
+    so = Path(load_kernel("wkv7", "cpu").lib._name)
     before = so.stat().st_mtime_ns
-    code = "from rwkv_peft.ops.wkv7_cpu import _lib; print(_lib()._name)"
+    code = "from rwkv_peft.ops.build import load_kernel; print(load_kernel('wkv7', 'cpu').lib._name)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
     assert Path(out.stdout.strip()) == so
     assert so.stat().st_mtime_ns == before
 
 
-# Runs the CUDA kernels' device code on the CPU: each block's threads become std::threads
-# sharing static "__shared__" arrays and a std::barrier for __syncthreads. bf16 is stood in
-# by fp32 here (its conversions are the only part not exercised).
-CUDA_EMULATION_SHIM = r"""
-#include <algorithm>
-#include <barrier>
-#include <cmath>
-#include <thread>
-#include <vector>
-using std::min;
-struct Dim3 { int x, y, z; };
-thread_local Dim3 threadIdx;
-Dim3 blockIdx;
-std::barrier<>* block_barrier;
-inline void __syncthreads() { block_barrier->arrive_and_wait(); }
-#define __global__
-#define __device__
-#define __forceinline__ inline
-#define __launch_bounds__(x)
-#define __restrict__ __restrict
-#define __shared__ static
-inline float __expf(float x) { return std::exp(x); }
-struct __nv_bfloat16 { float v; };
-inline float __bfloat162float(__nv_bfloat16 x) { return x.v; }
-inline __nv_bfloat16 __float2bfloat16(float x) { return {x}; }
-#include "wkv7_cuda_kernels.cuh"
-using namespace wkv7;
-
-template <typename Fn>
-void launch(int B, int H, Fn fn) {
-  for (int bb = 0; bb < B; ++bb)
-    for (int hh = 0; hh < H; ++hh) {
-      blockIdx = {hh, bb, 0};
-      std::barrier<> bar(N);
-      block_barrier = &bar;
-      std::vector<std::thread> threads;
-      for (int i = 0; i < N; ++i) threads.emplace_back([&, i] { threadIdx = {i, 0, 0}; fn(); });
-      for (auto& t : threads) t.join();
-    }
-}
+EMULATED_ENTRY_POINTS = r"""
 extern "C" void emu_forward(int B, int T, int H, const float* r, const float* w, const float* k,
                             const float* v, const float* a, const float* b, const float* s0,
                             float* y, float* sT, float* ckpt, float* sa) {
@@ -325,20 +287,8 @@ extern "C" void emu_backward(int B, int T, int H, const float* r, const float* w
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not on PATH")
 def test_cuda_kernels_emulated_on_cpu_match_reference(tmp_path: Path) -> None:
     """The CUDA device code (indexing, barriers, chunk replay, state in/out) is exact."""
-    import ctypes
-
     N = 16
-    src, lib_path = tmp_path / "emu.cpp", tmp_path / "emu.so"
-    src.write_text(CUDA_EMULATION_SHIM)
-    cmd = ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", f"-DWKV_N={N}", f"-I{CUDA_DIR}",
-           str(src), "-o", str(lib_path), "-lpthread"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lib = ctypes.CDLL(str(lib_path))
-
-    def ptrs(*ts: torch.Tensor) -> list[ctypes.c_void_p]:
-        return [ctypes.c_void_p(t.data_ptr()) for t in ts]
-
+    lib = emulated_cuda_kernel("wkv7", EMULATED_ENTRY_POINTS, N, tmp_path)
     for B, T, H in ((2, 37, 2), (1, 16, 1), (1, 1, 1)):  # partial chunk, exact chunk, one step
         xs = make_inputs(B, T, H, N, seed=T)
         g = torch.Generator().manual_seed(1)
@@ -346,8 +296,8 @@ def test_cuda_kernels_emulated_on_cpu_match_reference(tmp_path: Path) -> None:
         gy = torch.randn(B, T, H, N, generator=g)
         y, sT = torch.empty_like(xs[0]), torch.empty_like(s0)
         ckpt, sa = torch.empty(B, H, -(-T // 16), N, N), torch.empty(B, H, T, N)
-        lib.emu_forward(B, T, H, *ptrs(*xs, s0, y, sT, ckpt, sa))
+        lib.emu_forward(B, T, H, *pointers(*xs, s0, y, sT, ckpt, sa))
         grads, ds0 = [torch.empty_like(x) for x in xs], torch.empty_like(s0)
         hist = torch.empty(B * H * 16 * N * N)
-        lib.emu_backward(B, T, H, *ptrs(*xs, gy, gs, ckpt, sa, hist, *grads, ds0))
+        lib.emu_backward(B, T, H, *pointers(*xs, gy, gs, ckpt, sa, hist, *grads, ds0))
         assert_close([y, sT, *grads, ds0], run("torch", xs, s0, gy, gs))

@@ -27,13 +27,7 @@ VOCAB = 40
 SMALL = dict(n_layer=1, n_embd=64, head_size=32, vocab=VOCAB)  # att 64x64, ffn 64x256 / 256x64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops run far faster on one thread than two contended ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_model(**kw):

@@ -18,13 +18,7 @@ from rwkv_peft.train.infctx import infctx_loss, masked_ce_sum  # noqa: E402
 FORMATS = ["int8", "nf4"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: a second intra-op thread only adds sync cost on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _error_bound(w: torch.Tensor, fmt: str) -> torch.Tensor:

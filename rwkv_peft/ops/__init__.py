@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import warnings
+from collections.abc import Callable
 
 import torch
 
-from rwkv_peft.ops.checks import check_wkv7_inputs
-from rwkv_peft.ops.wkv6_cpu import check_wkv6_inputs
+from rwkv_peft.ops.build import load_kernel
+from rwkv_peft.ops.checks import check_wkv6_inputs, check_wkv7_inputs
 from rwkv_peft.ops.wkv6_torch import wkv6_torch
 from rwkv_peft.ops.wkv7_torch import wkv7_torch
 
@@ -20,27 +22,16 @@ TORCH_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 def _kernel_unavailable(kind: str, head_size: int, family: str = "wkv7") -> str | None:
     """Why the ``kind`` kernel cannot be built/loaded here (None when it is ready); cached."""
     try:
-        if family == "wkv6":  # WKV-6 and WKV-5 share one kernel
-            if kind == "cuda":
-                from rwkv_peft.ops.wkv6_cuda import cuda_lib
-
-                cuda_lib(head_size)
-            else:
-                from rwkv_peft.ops.wkv6_cpu import _lib
-
-                _lib()
-        elif kind == "cuda":
-            from rwkv_peft.ops.wkv7_cuda import cuda_lib
-
-            cuda_lib(head_size)
-        else:
-            from rwkv_peft.ops.wkv7_cpu import _lib
-
-            _lib()
+        load_kernel(family, kind, head_size)
     except Exception as e:  # noqa: BLE001 - any build failure means: fall back, say why
         lines = str(e).strip().splitlines() or [""]
         return f"{type(e).__name__}: {lines[-1][:200]}"
     return None
+
+
+def _backend(family: str, op: str) -> Callable:
+    """``<family>_<op>`` from ``rwkv_peft.ops.<family>_<op>``, imported on first use (cuda, cpu, fla)."""
+    return getattr(importlib.import_module(f"rwkv_peft.ops.{family}_{op}"), f"{family}_{op}")
 
 
 def _resolve_op(op: str, x: torch.Tensor, family: str = "wkv7") -> str:
@@ -83,23 +74,13 @@ def wkv7(
     for the kernels.
     """
     op = _resolve_op(op, r)
-    if state is not None and isinstance(state, torch.Tensor):
+    xs = (r, w, k, v, a, b)
+    if isinstance(state, torch.Tensor):
         state = state.contiguous()
-    if op == "cpu":
-        from rwkv_peft.ops.wkv7_cpu import wkv7_cpu
-
-        return wkv7_cpu(r, w, k, v, a, b, state)
-    if op == "cuda":
-        from rwkv_peft.ops.wkv7_cuda import wkv7_cuda
-
-        return wkv7_cuda(r, w, k, v, a, b, state)
-    if op == "fla":
-        from rwkv_peft.ops.wkv7_fla import wkv7_fla
-
-        return wkv7_fla(r, w, k, v, a, b, state)
-    check_wkv7_inputs((r, w, k, v, a, b), state, TORCH_DTYPES,
-                      need_contiguous=False, op="torch")
-    return wkv7_torch(r, w, k, v, a, b, state)
+    if op != "torch":
+        return _backend("wkv7", op)(xs, state)
+    check_wkv7_inputs(xs, state, TORCH_DTYPES, need_contiguous=False, op="torch")
+    return wkv7_torch(*xs, state)
 
 
 def wkv6(
@@ -113,19 +94,13 @@ def wkv6(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """WKV-6 of (B, T, H, N) inputs and bonus u (H, N); returns (y, final fp32 state). See ``wkv6_torch``.
 
-    ``op`` as for ``wkv7`` (cuda | cpu kernels from cuda/wkv6_*, torch reference, auto); no fla.
+    ``op`` as for ``wkv7`` (cuda | cpu kernels from csrc/wkv6_*, torch reference, auto); no fla.
     """
     op = _resolve_op(op, r, "wkv6")
-    if op == "cpu":
-        from rwkv_peft.ops.wkv6_cpu import wkv6_cpu
-
-        return wkv6_cpu(r, w, k, v, u, state)
-    if op == "cuda":
-        from rwkv_peft.ops.wkv6_cuda import wkv6_cuda
-
-        return wkv6_cuda(r, w, k, v, u, state)
     if op == "fla":
         raise ValueError("--op fla: flash-linear-attention is wired for WKV-7 only; use cuda, cpu or torch")
+    if op != "torch":
+        return _backend("wkv6", op)((r, w, k, v), u, state)
     check_wkv6_inputs((r, w, k, v), u, state, "torch")
     return wkv6_torch(r, w, k, v, u, state)
 

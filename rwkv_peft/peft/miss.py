@@ -1,6 +1,6 @@
 """MiSS (Matrix Shard Sharing): config, the functional math (delta, merge, unmerge) and the layer.
 
-This module is the only place the MiSS formulas live (see DESIGN.md, "MiSS math"); the layer's
+This module is the only place the MiSS formulas live (the list below); the layer's
 forward, merging and unmerging all go through the functions below. W is an nn.Linear weight
 (out x in), y = x W^T, and every mode starts from a zero adapter so step 0 equals the base.
 

@@ -1,6 +1,6 @@
 // WKV-7 forward and backward on the GPU: bf16 or fp32 inputs, fp32 state, any T.
 //
-// Same recurrence as rwkv_peft/ops/wkv7_torch.py and cuda/wkv7_cpu.cpp. Inputs are
+// Same recurrence as rwkv_peft/ops/wkv7_torch.py and wkv7_cpu.cpp. Inputs are
 // (B, T, H, N) with N = WKV_N (compile-time, -DWKV_N=64 by default); the state S is (N, N)
 // per (batch, head), fp32, indexed [value i, key j]:
 //     d = exp(-exp(w_t)),  sa = S a_t,  S = S diag(d) + sa b_t^T + v_t k_t^T,  y_t = S r_t

@@ -1,7 +1,7 @@
 // WKV-6 (RWKV-6; RWKV-5.2 with its decay broadcast) forward and backward on the GPU:
 // bf16 or fp32 r, w, k, v; fp32 bonus u and state; any T.
 //
-// Same recurrence as rwkv_peft/ops/wkv6_torch.py and cuda/wkv6_cpu.cpp. Inputs are
+// Same recurrence as rwkv_peft/ops/wkv6_torch.py and wkv6_cpu.cpp. Inputs are
 // (B, T, H, N) with N = WKV_N (compile-time, -DWKV_N=64 by default); u is (H, N); the state
 // S is (N, N) per (batch, head), fp32, indexed [value i, key j]. Per step, S before the token:
 //     y_t = S r_t + v_t (sum_j r_tj u_j k_tj),     S = S diag(exp(-exp(w_t))) + v_t k_t^T

@@ -1,36 +1,20 @@
 // WKV-7 CUDA kernels (device code only), see wkv7_cuda.cu for the algorithm and layout.
 //
-// Included by wkv7_cuda.cu after <cuda_bf16.h>; tests/test_ops_wkv7.py also includes it
+// Included by wkv7_cuda.cu after <cuda_bf16.h>; tests/helpers.py also includes it
 // after a small shim that runs each block's threads as CPU threads, so the kernels' indexing,
 // barriers and chunk replay are checked against the reference without a GPU.
 
 #pragma once
 
-#include <cstddef>
-
-#ifndef WKV_N
-#define WKV_N 64
-#endif
+#include "wkv_cuda_common.cuh"
 
 namespace wkv7 {
 
-constexpr int N = WKV_N;
-constexpr int CHUNK = 16;
-static_assert(N % 16 == 0 && N <= 256, "WKV_N must be a multiple of 16, at most 256");
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename F>
-__device__ __forceinline__ F from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16(x);
-}
-
-__device__ __forceinline__ float decay(float w) { return __expf(-__expf(w)); }
+using wkv::CHUNK;
+using wkv::decay;
+using wkv::from_float;
+using wkv::N;
+using wkv::to_float;
 
 template <typename F>
 __global__ void __launch_bounds__(N) wkv7_forward_kernel(

@@ -1,0 +1,59 @@
+"""The package as pip installs it (not editable): the kernel sources travel inside it and work from any directory."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# runs in a fresh interpreter that sees only the installed copy; a tiny WKV-7 on the CPU kernel vs the reference
+CHECK = """
+import sys, torch
+import rwkv_peft
+from rwkv_peft.ops import wkv7
+from rwkv_peft.ops.build import CSRC
+from rwkv_peft.ops.wkv7_torch import wkv7_torch
+assert rwkv_peft.__file__.startswith(sys.argv[1]), rwkv_peft.__file__
+assert str(CSRC).startswith(sys.argv[1]), CSRC
+g = torch.Generator().manual_seed(0)
+r, w, k, v = (torch.randn(1, 5, 1, 16, generator=g) for _ in range(4))
+kk = torch.nn.functional.normalize(torch.randn(1, 5, 1, 16, generator=g), dim=-1)
+xs = (r, w, k, v, -kk, kk * 0.5)
+y, s = wkv7(*xs, op="cpu")
+y_ref, s_ref = wkv7_torch(*xs)
+torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+torch.testing.assert_close(s, s_ref, rtol=1e-4, atol=1e-5)
+print("ok", sorted(p.name for p in CSRC.iterdir()))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("setuptools") is None or importlib.util.find_spec("pip") is None
+                    or shutil.which("g++") is None, reason="needs pip, setuptools and a C++ compiler")
+def test_installed_package_builds_its_kernel_from_another_directory(tmp_path: Path) -> None:
+    """``pip install .`` (a real wheel build, into a target dir) ships csrc/; the CPU kernel builds from it."""
+    src = tmp_path / "src"  # a copy of the project, so the build leaves nothing in the checkout
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        if name.startswith(("rwkv_peft/", "pyproject.toml", "requirements", "README")):
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, src / name)
+    target = tmp_path / "site"
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
+                           "--quiet", "--target", str(target), str(src)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (target / "rwkv_peft" / "ops" / "csrc" / "wkv7_cpu.cpp").is_file()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {
+        "PYTHONPATH": str(target), "RWKV_PEFT_CACHE": str(tmp_path / "cache")}
+    run = subprocess.run([sys.executable, "-c", CHECK, str(target)], cwd=elsewhere, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "wkv7_cpu.cpp" in run.stdout and "wkv7_cuda_kernels.cuh" in run.stdout
