@@ -849,10 +849,10 @@ def warm_imports() -> None:
 
     with torch.device("meta"):  # load_model builds on meta: pay its one-time lazy imports here (no compute)
         torch.nn.Embedding(2, 2)
-    from rwkv_peft.ops.build import load_cpu
+    from rwkv_peft.ops.build import load_kernel
 
     try:
-        load_cpu()  # build/open the CPU kernel once (no compute), not in every run
+        load_kernel("wkv7", "cpu")  # build/open the CPU kernel once (no compute), not in every run
     except Exception as e:  # runs fall back to the torch op, as the model's "auto" does
         print(f"note: CPU WKV kernel unavailable ({e})")
 

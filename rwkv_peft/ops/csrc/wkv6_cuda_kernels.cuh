@@ -10,11 +10,7 @@
 
 namespace wkv6 {
 
-using wkv::CHUNK;
-using wkv::decay;
-using wkv::from_float;
-using wkv::N;
-using wkv::to_float;
+using namespace wkv;  // N, CHUNK, to_float, from_float, decay
 
 template <typename F>
 __global__ void __launch_bounds__(N) wkv6_forward_kernel(

@@ -10,11 +10,7 @@
 
 namespace wkv7 {
 
-using wkv::CHUNK;
-using wkv::decay;
-using wkv::from_float;
-using wkv::N;
-using wkv::to_float;
+using namespace wkv;  // N, CHUNK, to_float, from_float, decay
 
 template <typename F>
 __global__ void __launch_bounds__(N) wkv7_forward_kernel(
