@@ -7,8 +7,8 @@ exports ``<family>_<device>_{chunk,forward,backward}``; CUDA libraries also ``_h
 ``_error_string``, return a cudaError_t code and take the current stream as a last argument.
 
 The build folder is ``$RWKV_PEFT_CACHE`` (default ``$XDG_CACHE_HOME/rwkv_peft/ops`` or
-``~/.cache/rwkv_peft/ops``) / ``<name>-<hash>``, where the hash covers the sources, the
-flags, torch, python and the CPU, so a changed source or a different machine never picks up
+``~/.cache/rwkv_peft/ops``) / ``<name>-<hash>``, where the hash covers the sources and their
+folder, the flags, torch, python and the CPU, so a changed source or a different machine never picks up
 a stale binary, and an unchanged one is only loaded (ninja finds nothing to do).
 """
 
@@ -58,7 +58,9 @@ def _build_dir(name: str, sources: tuple[str, ...], flags: tuple[str, ...]) -> P
     h = hashlib.sha256()
     for src in sources:
         h.update((CSRC / src).read_bytes())
-    extra = (flags, torch.__version__, sys.version, platform.machine(), _cpu_signature())
+    # the source folder too: ninja rebuilds when build.ninja names other paths, so two checkouts
+    # sharing one folder would rebuild each other's library (and race doing it)
+    extra = (flags, str(CSRC), torch.__version__, sys.version, platform.machine(), _cpu_signature())
     h.update(repr(extra).encode())
     path = cache_root() / f"{name}-{h.hexdigest()[:16]}"
     path.mkdir(parents=True, exist_ok=True)
