@@ -31,13 +31,7 @@ CASES = [(name, dt) for name in LAYOUTS for dt in ("fp32", "bf16")]
 FP16_CASES = [("x070_released", "fp16"), ("x060_world", "fp16"), ("x052_h_n_1", "fp16")]  # loading and saving
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes gain nothing from threads, and on a shared 2-core box they lose a lot to contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
