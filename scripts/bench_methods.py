@@ -43,9 +43,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rwkv_peft.data import DEFAULT_SFT_TEMPLATE, render_sft  # noqa: E402
+from rwkv_peft.files import write_text as write_text_atomic  # noqa: E402
 from rwkv_peft.peft.registry import METHODS as REGISTRY  # noqa: E402
 from rwkv_peft.peft.registry import saved_buffers  # noqa: E402
-from rwkv_peft.train.progress import write_text_atomic  # noqa: E402
 
 WORLD_VOCAB = 65536
 END = "<|end|>"  # id 0 of a trained BPE, RWKV's end-of-document token
