@@ -13,12 +13,14 @@ from pathlib import Path
 import pytest
 from conftest import perturbed_model
 
-from rwkv_peft.data import load_documents
+from rwkv_peft.data import get_tokenizer, load_documents
 from rwkv_peft.eval import heldout_loss
+from rwkv_peft.generate import Sampling, generate
 from rwkv_peft.model import load_model, save_model
 from rwkv_peft.peft import apply_peft, load_adapter, parse_peft_config
 from rwkv_peft.train import main
 from rwkv_peft.train import progress as progress_mod
+from rwkv_peft.train.evaluation import prompt_of
 
 VOCAB, CTX, STEPS, EVERY = 300, 72, 8, 3
 
@@ -91,6 +93,14 @@ def test_eval_at_the_right_steps_and_step0_equals_the_base(run):
         for s in r["eval_samples"]:
             assert s["prompt"].endswith("Thanks!\n\nAssistant:") and s["reference"] == " You are welcome."
             assert isinstance(s["output"], str) and "\n\nUser:" not in s["output"]
+    # step 0's generations are rwkv_peft.generate's samples from the base, seeded by --random_seed + step
+    data = load_documents(run["eval"], "chat", CTX, VOCAB, tokenizer=run["tokenizer"])
+    ds, tok = data.sampler(CTX, VOCAB), get_tokenizer(run["tokenizer"])
+    for d, s in enumerate(evals[0]["eval_samples"]):
+        ids = data.docs[d]
+        cut, _ = prompt_of(ids, ds.doc_flags(d))
+        want = generate(load_model(run["base"]), tok, ids[:cut].tolist(), 8, Sampling(seed=1), ("\n\nUser:",))
+        assert s["output"] == want.text and tok.decode(ids[:cut].tolist()) == s["prompt"]
     assert "eval step 3: held-out loss" in run["stdout"] and "sample 1:" in run["stdout"]
     assert (run["out"] / "eval.png").stat().st_size > 1000
 

@@ -4,9 +4,9 @@ Each held-out document is one sample (its first ctx_len+1 tokens, padded), maske
 training data of the same --data_type: held-out loss is ``rwkv_peft.eval.heldout_loss``, the
 training loss of unseen data. The first ``--eval_samples`` documents also give a prompt (what
 precedes their last trained span: a chat's last ``Assistant:``, an sft question; plain text: its
-first half) whose continuation is generated and logged beside the reference. Every rank runs the
-same evaluation (ZeRO-3 needs every rank in every forward), with its own seeded RNG, so
-training's random stream and exact resume are untouched.
+first half) whose continuation is sampled with ``rwkv_peft.generate`` and logged beside the reference.
+Every rank runs the same evaluation (ZeRO-3 needs every rank in every forward) with the sampler's own
+seeded generator, so training's random stream and exact resume are untouched.
 """
 
 from __future__ import annotations
@@ -100,17 +100,10 @@ class Evaluator:
         return {"step": step, "eval_loss": loss, "eval_samples": samples}
 
     def generate(self, model: nn.Module, step: int) -> list[str]:
-        """The prompts' continuations, cut at the stop string, under an RNG seeded by the step."""
-        device = next(model.parameters()).device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(self.seed + step)
-            outs = continuations(model, [p.ids for p in self.prompts], self.max_tokens)
-        texts = [self.tokenizer.decode(o) for o in outs]
-        return [t.split(self.stop)[0] if self.stop else t for t in texts]
+        """The prompts' sampled continuations (RWKV's default sampling), cut at the stop string; the
+        sampler's own generator is seeded by the step, so every rank samples the same tokens."""
+        from rwkv_peft.generate import Sampling, generate
 
-
-def continuations(model: nn.Module, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    """Generated token ids per prompt (ending at token 0): the project's one generation function."""
-    from rwkv_peft.eval import greedy_generate
-
-    return greedy_generate(model, prompts, max_tokens)
+        stop = (self.stop,) if self.stop else ()
+        return [generate(model, self.tokenizer, p.ids, self.max_tokens, Sampling(seed=self.seed + step), stop).text
+                for p in self.prompts]
