@@ -42,6 +42,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked runs tokenize
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from rwkv_peft import files  # noqa: E402
 from rwkv_peft.data import DEFAULT_SFT_TEMPLATE, render_sft  # noqa: E402
 from rwkv_peft.files import write_text as write_text_atomic  # noqa: E402
 from rwkv_peft.peft.registry import METHODS as REGISTRY  # noqa: E402
@@ -127,10 +128,10 @@ def split_sft(path: Path, n_heldout: int, n_train: int, seed: int, out: Path) ->
     order = np.random.default_rng(seed).permutation(len(records))
     held = [records[i] for i in order[:n_heldout]]
     rest = order[n_heldout:] if not n_train else order[n_heldout : n_heldout + n_train]
-    files = out / "sft_train.jsonl", out / "sft_heldout.jsonl"
-    for file, rows in zip(files, ([records[i] for i in rest], held), strict=True):
-        write_text_atomic(file, "".join(json.dumps(r) + "\n" for r in rows))
-    return files[0], files[1], held
+    paths = out / "sft_train.jsonl", out / "sft_heldout.jsonl"
+    for path, rows in zip(paths, ([records[i] for i in rest], held), strict=True):
+        files.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return paths[0], paths[1], held
 
 
 def text_chunks(path: Path, max_chars: int) -> list[str]:
@@ -166,9 +167,8 @@ def train_bpe(texts: list[str], vocab: int, out: Path) -> Path:
     if tok.token_to_id(END) != 0 or tok.get_vocab_size() > vocab:
         raise RuntimeError(f"BPE: expected {END} at id 0 and <= {vocab} ids")
     path = out / "tokenizer.json"
-    tmp = out / f".tokenizer.json.{os.getpid()}.tmp"
-    tok.save(str(tmp))
-    os.replace(tmp, path)  # atomic: another benchmark process sharing --out may be reading it
+    with files.atomic_path(path) as tmp:  # another benchmark process sharing --out may be reading it
+        tok.save(str(tmp))
     return path
 
 
@@ -183,7 +183,7 @@ def prepare_data(args: argparse.Namespace, s: Setting, out: Path) -> dict:
     docs = text_chunks(args.text, s.text_chars) + sft_text  # never a held-out record
     tokenizer = "world" if s.vocab == WORLD_VOCAB else str(train_bpe(docs, s.vocab, data))
     corpus = data / "corpus.jsonl"
-    write_text_atomic(corpus, "".join(json.dumps({"text": d}) + "\n" for d in docs))
+    files.write_text(corpus, "".join(json.dumps({"text": d}) + "\n" for d in docs))
     stats = make_binidx(str(corpus), str(data / "corpus"), tokenizer, progress=False)
     return {"sft_train": train, "sft_heldout": held, "heldout_records": held_records, "tokenizer": tokenizer,
             "corpus": data / "corpus", "corpus_tokens": stats.tokens, "n_text_docs": len(docs) - len(sft_text),
@@ -275,7 +275,7 @@ def fork_call(fn: Callable[[], dict], run_dir: Path, threads: int) -> dict:
                 torch.set_num_threads(threads)
             result = fn()
             result["peak_over_start_mb"] = (_rss_kb("VmHWM") - start) / 1024
-            write_text_atomic(ret, json.dumps(result))
+            files.write_text(ret, json.dumps(result))
             code = 0
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1
@@ -304,7 +304,7 @@ def cached(run_dir: Path, name: str, key: dict, compute: Callable[[], dict]) -> 
         if old.get("key") == key:
             return old
     result = {**compute(), "key": key}
-    write_text_atomic(path, json.dumps(result))
+    files.write_text(path, json.dumps(result))
     return result
 
 
@@ -427,10 +427,8 @@ def pretrained_base(a: argparse.Namespace, s: Setting, data: dict, out: Path) ->
             "final_train_loss": log[-1].get("loss"), "cache_key": key,
             "train_loss_curve": [(r["step"], r["loss"]) for r in log if isinstance(r.get("loss"), (int, float))]}
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = cache / f"base.pth.tmp{os.getpid()}"
-    shutil.copyfile(latest_checkpoint(work), tmp)
-    os.replace(tmp, base)
-    write_text_atomic(meta, json.dumps(info))
+    files.copy_file(latest_checkpoint(work), base)
+    files.write_text(meta, json.dumps(info))
     print(f"base: pre-trained {info['steps']} steps in {st['wall_s']:.0f}s, final train loss "
           f"{info['final_train_loss']:.3f}, cached {base}", flush=True)
     return base, info["sha256"], info
@@ -601,17 +599,29 @@ def evaluate_run(data: dict, s: Setting, sp: dict, run: dict, base: Path, base_h
 # ---------------------------------------------------------------- side-by-side timing
 
 
-def time_methods(a, s: Setting, data: dict, base: Path, specs: list[dict], chosen: dict, out: Path) -> dict:
-    """Each method's median step time and peak memory over --time_rounds interleaved rounds of short runs."""
+def time_methods(s: Setting, data: dict, base: Path, base_hash: str, specs: list[dict], out: Path) -> dict:
+    """Each method's median step time and peak memory over --time_rounds interleaved rounds of short runs (cached).
+
+    Every method runs at the middle lr of its starting grid: the lr does not change what a step costs, and the
+    timing then needs no tuned lr (it can run beside the training processes with --timing_only).
+    """
+    key = {"base": base_hash, "methods": [sp["name"] for sp in specs], "steps": s.time_steps,
+           "rounds": s.time_rounds, "threads": s.threads}
+    res = cached(out / "timing", "timing.json", key, lambda: _time_methods(s, data, base, specs, out))
+    return {k: v for k, v in res.items() if k != "key"}
+
+
+def _time_methods(s: Setting, data: dict, base: Path, specs: list[dict], out: Path) -> dict:
     per: dict[str, dict[str, list]] = {sp["name"]: {"step_s": [], "peak_over_start_mb": []} for sp in specs}
+    lrs = {sp["name"]: sorted(s.full_lrs if sp["peft"] == "full" else s.lrs)[len(s.lrs) // 2] for sp in specs}
     for r in range(s.time_rounds):
         for sp in (specs if r % 2 == 0 else specs[::-1]):  # alternate the order: no method always runs first
             run_dir = out / "timing" / f"{sp['name']}_r{r}"
             shutil.rmtree(run_dir, ignore_errors=True)
             argv = ["--load_model", str(base), "--proj_dir", str(run_dir), "--data_file", str(data["sft_train"]),
                     "--data_type", "sft", "--peft", sp["peft"], *peft_flags(sp), "--epoch_steps", str(s.time_steps),
-                    "--epoch_count", "1", "--lr_init", str(chosen[sp["name"]]), "--lr_final",
-                    str(chosen[sp["name"]])] + common_flags(s, data["tokenizer"], 0)
+                    "--epoch_count", "1", "--lr_init", str(lrs[sp["name"]]), "--lr_final",
+                    str(lrs[sp["name"]])] + common_flags(s, data["tokenizer"], 0)
             st = fork_call(train_run(argv, run_dir), run_dir, s.threads)
             per[sp["name"]]["step_s"].append(step_seconds(read_log(run_dir), s.ctx_len * s.micro_bsz))
             per[sp["name"]]["peak_over_start_mb"].append(st["peak_over_start_mb"])
@@ -737,8 +747,8 @@ def write_report(res: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    write_text_atomic(out / "results.json", json.dumps(res, indent=1) + "\n")
-    write_text_atomic(out / "table.md", report_markdown(res))
+    files.write_text(out / "results.json", json.dumps(res, indent=1) + "\n")
+    files.write_text(out / "table.md", report_markdown(res))
     rows = res["methods"]
     base = res["base"]["heldout_loss"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
@@ -810,6 +820,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Setting]:
     p.add_argument("--train_only", action="store_true",
                    help="train and evaluate the --methods, then stop: several processes can share --out this way, "
                         "a last run without it reuses their runs for the side-by-side timing and the report")
+    p.add_argument("--timing_only", action="store_true",
+                   help="only the side-by-side timing of the --methods (cached in --out for the report run)")
     p.add_argument("--split_seed", type=int, default=0, help="seed of the held-out split")
     p.add_argument("--base_seed", type=int, default=0, help="seed of the base's init and pre-training data order")
     for f in fields(Setting):
@@ -909,6 +921,9 @@ def main(argv: list[str] | None = None) -> dict:
                                        sum(v.numel() for v in base_sd.values())) if sp["name"] in a.methods]
     del base_sd
 
+    if a.timing_only:
+        return {"timing": time_methods(s, data, base, base_hash, specs, out)}
+
     # 2. per method: lr grid until the best lr is interior (seed 0), the other seeds at that lr, evaluation
     base_eval = evaluate_base(data, s, base, base_hash, out)
     counts = base_eval["counts"]
@@ -942,7 +957,7 @@ def main(argv: list[str] | None = None) -> dict:
         return {"methods": list(methods.values())}
 
     # 3. side by side: step time and peak memory, methods interleaved round by round
-    timing = time_methods(a, s, data, base, specs, {n: t["lr"] for n, t in tuned.items()}, out)
+    timing = time_methods(s, data, base, base_hash, specs, out)
     base_hits = round(exact_match(base_eval["answers"], golds) * len(golds))
     res = {
         "setting": asdict(s), "seeds": s.seeds, "split_seed": a.split_seed, "text": str(a.text), "sft": str(a.sft),
