@@ -205,19 +205,19 @@ def note_removed(removed: list[Path]) -> None:
 # ----------------------------------------------------------------------------- checks before heavy work
 
 
-def check_writable_dir(directory: str | os.PathLike, flag: str, create: bool = True) -> None:
-    """One-line error unless files can be created in ``directory`` (or, with ``create``, in the nearest
-    existing parent that would hold it): missing, not a directory, read-only or no permission."""
-    directory = Path(directory)
-    d = directory
+def check_writable_dir(directory: str | os.PathLike, what: str, create: bool = True) -> None:
+    """One-line error, prefixed by ``what`` (the flag and its value), unless files can be created in
+    ``directory`` (or, with ``create``, in the nearest existing parent that would hold it): missing, not a
+    directory, read-only or no permission."""
+    d = Path(directory)
     while not d.exists():
         if not create or d == d.parent:
-            raise FileNotFoundError(f"{flag} {directory}: directory {d} does not exist")
+            raise FileNotFoundError(f"{what}: directory {d} does not exist")
         d = d.parent
     if not d.is_dir():
-        raise NotADirectoryError(f"{flag} {directory}: {d} is not a directory")
+        raise NotADirectoryError(f"{what}: {d} is not a directory")
     if not os.access(d, os.W_OK | os.X_OK):
-        raise PermissionError(f"{flag} {directory}: cannot write in {d} (read-only file system or no permission)")
+        raise PermissionError(f"{what}: cannot write in {d} (read-only file system or no permission)")
 
 
 def check_free_space(directory: str | os.PathLike, need: int, flag: str) -> None:

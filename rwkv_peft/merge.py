@@ -7,7 +7,8 @@ The result is an ordinary RWKV checkpoint: the base's keys, shapes and dtypes, n
 Peak memory stays near one tensor: the base is memory-mapped, each adapted weight is merged in
 fp32 and cast back to the base's dtype, written straight into the output (torch's zip format for
 ``.pth``, the safetensors layout for ``.safetensors``) and its mapped pages are released. The
-output goes to a temp file that is renamed only after every check passed.
+output goes to a temp file (``rwkv_peft.files``) renamed only after every check passed; ``--verify``
+runs on that temp file, so a merge over its tolerance leaves no output.
 
 Adapter keys: each method's suffixes (``<linear>.miss``, RWKV-PEFT's ``.disha`` / ``.bone``,
 ``.lora_A`` / ``.lora_B`` ...), grouped per linear and handed to the method that owns them (its
@@ -25,7 +26,6 @@ import mmap
 import os
 import pickle
 import sys
-import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from rwkv_peft import files
 from rwkv_peft.model import config_from_state_dict, detect_version, read_state_dict
 from rwkv_peft.model.checkpoint import all_finite
 from rwkv_peft.peft.config import Fold
@@ -167,6 +168,13 @@ def plan_edits(
     targets = _targets(iter(base), model_cls)
     if not adapter:
         raise ValueError(f"{adapter_name}: the adapter holds no tensors")
+    if config.get("method") != "full" and not any(_split(k)[1] in adapter_keys() for k in adapter):
+        if set(base) <= set(adapter) or not config.get("method"):  # a whole model, or nothing says otherwise
+            raise ValueError(
+                f"{adapter_name}: holds no adapter tensors (.miss, .lora_A, ...) but {len(adapter)} plain model "
+                "tensors: is it a base model? Pass the adapter the trainer wrote (e.g. OUT/rwkv-final.pth); a "
+                '--peft full checkpoint needs its adapter_config.json ("method": "full") beside it'
+            )
 
     edits: dict[str, Edit] = {}
     groups: dict[str, dict[str, torch.Tensor]] = {}  # linear path -> {key suffix: tensor}
@@ -396,13 +404,16 @@ def _check_written(path: Path, safetensors: bool, specs, name: str) -> None:
 
 
 def _prepare_output(output: Path, inputs: list[Path]) -> None:
-    if not output.parent.is_dir():
-        raise FileNotFoundError(f"{output}: output directory {output.parent} does not exist")
+    """Before reading anything big: the output directory exists and is writable, has room for a file
+    the size of the base (``inputs[0]``), and temps of merges killed there before are removed."""
+    files.check_writable_dir(output.parent, f"--output {output}", create=False)
     if output.suffix not in (".pth", ".safetensors"):
         raise ValueError(f"{output}: --output must end in .pth or .safetensors")
     for p in inputs:
         if p.exists() and output.exists() and os.path.samefile(p, output):
             raise ValueError(f"{output}: --output must differ from the input {p}")
+    files.note_removed(files.remove_stale_temps(output.parent, output.name))
+    files.check_free_space(output.parent, inputs[0].stat().st_size, f"--output {output}")
 
 
 def write_edited(
@@ -413,12 +424,14 @@ def write_edited(
     name: str = "merge",
     log: Callable[[str], None] | None = None,
     mapped: list[tuple[int, int]] = (),
+    check: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write ``base`` with ``edits`` applied to ``output`` (temp file, checks, rename).
 
     Each changed tensor is computed in fp32, checked for NaN/inf and stored in the base's dtype.
     ``mapped``: where ``base`` is memory-mapped (``mapped_ranges``); those pages are dropped as
-    soon as each tensor is written.
+    soon as each tensor is written. ``check`` gets the complete temp file before the rename (--verify);
+    an exception there leaves no output.
     """
     output = Path(output)
     specs = [(k, v.dtype, tuple(v.shape)) for k, v in base.items()]
@@ -429,9 +442,11 @@ def write_edited(
             if k in edits:
                 new = edits[k].apply(src, unmerge).to(src.dtype)
                 if not all_finite(new):  # checked after the cast, which can overflow too (fp16)
+                    cause = ("the base tensor itself holds NaN/inf" if not all_finite(src)
+                             else "check the adapter's values")
                     raise ValueError(
                         f"{name}: {k} would contain NaN/inf after {'unmerging' if unmerge else 'merging'} "
-                        f"{edits[k].source} (check the adapter's values)"
+                        f"{edits[k].source} ({cause})"
                     )
                 if log:
                     log(f"{'unmerged' if unmerge else 'merged'} {edits[k].source} -> {k}")
@@ -442,18 +457,12 @@ def write_edited(
             _release(src, mapped)
 
     safetensors = output.suffix == ".safetensors"
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with files.atomic_path(output) as tmp:
+        with open(tmp, "wb") as f:
             (_write_safetensors if safetensors else _write_pth)(f, specs, tensors())
-        _check_written(Path(tmp), safetensors, specs, name)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would surprise users sharing models
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        _check_written(tmp, safetensors, specs, name)
+        if check is not None:
+            check(tmp)
     return output
 
 
@@ -479,11 +488,13 @@ def merge_adapter(
     quant: str | None = None,
     unmerge: bool = False,
     log: Callable[[str], None] | None = None,
+    check: Callable[[Path], None] | None = None,
 ) -> Path:
     """Fold the adapter at ``adapter_path`` into ``base_path`` and write ``output_path``.
 
     ``config`` overrides adapter_config.json (e.g. {"mode": "bat_col"} or {"alpha": 32});
-    ``unmerge=True`` does the inverse, reading a merged file as ``base_path``.
+    ``unmerge=True`` does the inverse, reading a merged file as ``base_path``; ``check`` sees the
+    finished temp file before its rename (see write_edited).
     """
     if quant is not None and unmerge:
         raise ValueError(f"--quant {quant}: merges onto the quantized base; it does not apply to --unmerge")
@@ -502,7 +513,7 @@ def merge_adapter(
     adapter = read_state_dict(adapter_path)
     edits = plan_edits(base, adapter, cfg, str(base_path), str(adapter_path), unmerge=unmerge)
     mapped = mapped_ranges(base_path)
-    return write_edited(base, edits, output, unmerge=unmerge, name=str(output), log=log, mapped=mapped)
+    return write_edited(base, edits, output, unmerge=unmerge, name=str(output), log=log, mapped=mapped, check=check)
 
 
 def unmerge_adapter(
@@ -583,11 +594,13 @@ def verify_merged(
     question: str | None = None,
     n_tokens: int = 32,
     quant: str | None = None,
+    tol: float | None = None,
 ) -> float:
     """Load the merged file in the `rwkv` runtime (cpu fp32) and compare it with the adapted model.
 
     Prints the max logit difference on the SFT-formatted demo prompt and the runtime's greedy
-    continuation (World tokenizer); returns the difference.
+    continuation (World tokenizer); returns the difference. A difference that is NaN or over ``tol``
+    is a ValueError (default: ``verify_tolerance`` of the merged dtype and the logits' scale).
     """
     from rwkv_peft.data import DEFAULT_SFT_TEMPLATE, get_tokenizer, render_sft
     from rwkv_peft.runtime import load_runtime, runtime_generate, runtime_logits
@@ -605,12 +618,24 @@ def verify_merged(
     dtype = next(iter(read_state_dict(merged_path).values())).dtype
     note = "" if dtype == torch.float32 else f" (merged weights stored in {dtype}, adapted model in fp32)"
     print(f"max |logit diff|, rwkv runtime (merged) vs adapted model: {diff:.3g} over {len(tokens)} tokens{note}")
+    limit = tol if tol is not None else verify_tolerance(dtype, float(ours.abs().max()))
+    if not diff <= limit:  # NaN fails too
+        raise ValueError(f"--verify: max |logit diff| {diff:.3g} is over the tolerance {limit:.3g}"
+                         f"{'' if tol is not None else ' (set it with --verify_tol)'}: the merged file "
+                         "does not compute what the adapted model does")
     new = runtime_generate(runtime, tokens, n_tokens)
     if 0 in new:
         new = new[: new.index(0)]
     print(f"prompt: {prompt!r}")
     print(f"rwkv runtime, greedy: {tok.decode(new)!r}")
     return diff
+
+
+def verify_tolerance(dtype: torch.dtype, logit_scale: float) -> float:
+    """Default --verify tolerance: fp32 files differ from the adapted model by summation order only
+    (~1e-6 measured); a 16-bit file rounds every weight once (bf16 2^-9 relative), which on a 2-layer
+    model moved the logits by ~0.3% of their largest magnitude; 2^-4 of it leaves room for depth."""
+    return (1e-3 if dtype == torch.float32 else 2**-4) * max(1.0, logit_scale)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -631,6 +656,9 @@ def _parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="after merging, compare in the rwkv runtime (see --prompt)")
     p.add_argument("--prompt", default=None, help="question for --verify (SFT template); default: a demo question")
     p.add_argument("--n_tokens", type=int, default=32, help="greedy tokens to print with --verify")
+    p.add_argument("--verify_tol", type=float, default=None,
+                   help="max |logit diff| --verify accepts (default: 1e-3 for fp32 files, 2^-4 for bf16/fp16, "
+                        "times max(1, max |logit|))")
     p.add_argument("--quiet", action="store_true", help="do not list each merged tensor")
     return p
 
@@ -639,14 +667,21 @@ def main(argv: list[str] | None = None, description: str = "Fold a PEFT adapter 
     a = _parser(description).parse_args(argv)
     overrides = {f.key: getattr(a, f.key) for f in merge_flags()}
     log = None if a.quiet else print
+    output = Path(a.output)
+
+    def verify(tmp: Path) -> None:
+        try:
+            verify_merged(tmp, a.base_model, a.peft_checkpoint, overrides, a.prompt, a.n_tokens, quant=a.quant,
+                          tol=a.verify_tol)
+        except ValueError as e:
+            raise ValueError(f"{output}: {e}; not written") from None
+
     try:
-        out = merge_adapter(a.base_model, a.peft_checkpoint, a.output, overrides, quant=a.quant, unmerge=a.unmerge,
-                            log=log)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+        out = merge_adapter(a.base_model, a.peft_checkpoint, output, overrides, quant=a.quant, unmerge=a.unmerge,
+                            log=log, check=verify if a.verify else None)
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {files.describe(e)}")
     print(f"wrote {out}")
-    if a.verify:
-        verify_merged(out, a.base_model, a.peft_checkpoint, overrides, a.prompt, a.n_tokens, quant=a.quant)
 
 
 if __name__ == "__main__":

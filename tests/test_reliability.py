@@ -315,3 +315,122 @@ def test_readme_binidx_example_runs_and_a_failed_step_stops_the_script(data, tmp
     r = subprocess.run(["sh", "scripts/run_miss.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode != 0 and "emb.weight holds NaN/inf" in r.stderr and "[merge]" not in r.stdout
     assert not (tmp_path / "m2.pth").exists()
+
+
+# ----------------------------------------------------------------------------- the merge and init_model
+
+
+@pytest.fixture(scope="module")
+def adapter(data, tmp_path_factory) -> Path:
+    """A MiSS adapter (non-zero shards) for the tiny base, with its adapter_config.json."""
+    from rwkv_peft.model import load_model
+    from rwkv_peft.peft.inject import adapter_config, apply_peft, parse_peft_config, trainable_state_dict
+
+    model = load_model(data["base"], op="torch")
+    cfg = parse_peft_config("miss", '{"r": 8}')
+    apply_peft(model, "miss", cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    d = tmp_path_factory.mktemp("adapter")
+    torch.save(trainable_state_dict(model), d / "rwkv-final.pth")
+    (d / "adapter_config.json").write_text(json.dumps(adapter_config(model, "miss", cfg)))
+    return d / "rwkv-final.pth"
+
+
+def merge_args(base, adapter_path, out, *extra) -> list[str]:
+    return ["--base_model", str(base), "--peft_checkpoint", str(adapter_path), "--output", str(out), "--quiet",
+            *extra]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=["KILL", "TERM", "INT"])
+def test_merge_killed_before_its_rename_keeps_the_old_output(data, adapter, tmp_path, sig, capfd):
+    """A kill leaves the old output intact (a hidden temp beside it, removed by the next merge to that
+    output); SIGTERM and SIGINT remove the temp themselves."""
+    from rwkv_peft.merge import main as merge_main
+
+    out = tmp_path / "merged.pth"
+    out.write_bytes(b"the previous output")
+    p = run_until_paused([sys.executable, "merge/merge_miss.py", *merge_args(data["base"], adapter, out)],
+                         "merged.pth")
+    assert kill(p, sig) == -sig
+    assert out.read_bytes() == b"the previous output"
+    assert len(leftovers(tmp_path)) == (1 if sig == signal.SIGKILL else 0)
+    merge_main(merge_args(data["base"], adapter, out))
+    assert ("removed 1 temp file" in capfd.readouterr().err) == (sig == signal.SIGKILL)
+    assert leftovers(tmp_path) == [] and read_state_dict(out)
+
+
+def test_bit_rot_and_a_base_passed_as_adapter_are_refused_by_name(data, adapter, tmp_path):
+    from rwkv_peft.merge import main as merge_main
+
+    (tmp_path / "adapter_config.json").write_text((adapter.parent / "adapter_config.json").read_text())
+    rotten = flip(adapter, tmp_path / "rwkv-final.pth")
+    out = tmp_path / "out" / "merged.pth"
+    out.parent.mkdir()
+    cases = [(data["base"], rotten, f"{rotten}: corrupt: CRC-32 mismatch"),
+             (flip(data["base"], tmp_path / "base.pth"), adapter, f"{tmp_path / 'base.pth'}: corrupt"),
+             (data["base"], data["base"], "holds no adapter tensors")]
+    for base, ad, needle in cases:
+        with pytest.raises(SystemExit) as e:
+            merge_main(merge_args(base, ad, out))
+        one_line_error(e, needle)
+    assert list(out.parent.iterdir()) == []
+
+
+def test_verify_over_tolerance_or_nan_exits_nonzero_and_writes_nothing(tmp_path, monkeypatch):
+    import rwkv_peft.merge as merge_mod
+    from rwkv_peft.model import load_model
+    from rwkv_peft.peft.inject import adapter_config, apply_peft, parse_peft_config, trainable_state_dict
+
+    base = tmp_path / "world.pth"  # the verify prompt is World-tokenized
+    save_model(perturbed_model(n_layer=1, n_embd=32, vocab=65536, head_size=32), base)
+    model = load_model(base, op="torch")
+    apply_peft(model, "miss", cfg := parse_peft_config("miss", '{"r": 8}'))
+    torch.save(trainable_state_dict(model), tmp_path / "rwkv-final.pth")
+    (tmp_path / "adapter_config.json").write_text(json.dumps(adapter_config(model, "miss", cfg)))
+    out = tmp_path / "out" / "merged.pth"
+    out.parent.mkdir()
+    argv = merge_args(base, tmp_path / "rwkv-final.pth", out, "--verify", "--n_tokens", "1")
+    merge_mod.main(argv)  # within the default tolerance
+    out.unlink()
+    with pytest.raises(SystemExit) as e:
+        merge_mod.main([*argv, "--verify_tol", "1e-12"])
+    one_line_error(e, str(out), "over the tolerance 1e-12", "not written")
+    import rwkv_peft.runtime as runtime  # a runtime answering NaN: the difference is NaN, never "within"
+
+    monkeypatch.setattr(runtime, "runtime_logits", lambda rt, tokens, mode: torch.full((len(tokens), 65536), torch.nan))
+    with pytest.raises(SystemExit) as e:
+        merge_mod.main(argv)
+    one_line_error(e, "max |logit diff| nan")
+    assert list(out.parent.iterdir()) == []
+
+
+def test_missing_read_only_or_full_output_dirs_are_one_line(data, adapter, tmp_path):
+    from rwkv_peft.merge import main as merge_main
+    from rwkv_peft.tools.init_model import main as init_main
+
+    init = ["--n_layer", "1", "--n_embd", "64", "--vocab_size", "4096", "--dtype", "fp32"]
+    out = tmp_path / "missing" / "x.pth"
+    with pytest.raises(SystemExit) as e:
+        merge_main(merge_args(data["base"], adapter, out))
+    one_line_error(e, f"--output {out}", "does not exist")
+    with pytest.raises(SystemExit) as e:
+        init_main([*init, "--out", str(out)])
+    one_line_error(e, f"--out {out}", "does not exist")
+    with mounted_tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
+        with pytest.raises(SystemExit) as e:
+            merge_main(merge_args(data["base"], adapter, ro / "m.pth"))
+        one_line_error(e, "--output", "read-only file system or no permission")
+        with pytest.raises(SystemExit) as e:
+            init_main([*init, "--out", str(ro / "i.pth")])
+        one_line_error(e, "--out", "read-only file system or no permission")
+    with mounted_tmpfs(tmp_path / "full", "size=256k") as full:  # the base is ~420 KB, the init ~1.2 MB
+        with pytest.raises(SystemExit) as e:
+            merge_main(merge_args(data["base"], adapter, full / "m.pth"))
+        one_line_error(e, f"--output {full / 'm.pth'}", "MiB free")
+        with pytest.raises(SystemExit) as e:  # no estimate up front: the disk fills while torch writes
+            init_main([*init, "--out", str(full / "i.pth")])
+        one_line_error(e, str(full / "i.pth"), "No space left on device")
+        assert list(full.iterdir()) == []

@@ -6,9 +6,12 @@ python -m rwkv_peft.tools.init_model --version x070|x060|x052 --n_layer L --n_em
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 
+from rwkv_peft import files
 from rwkv_peft.model import VERSIONS, init_model, save_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -34,8 +37,14 @@ def main(argv: list[str] | None = None) -> None:
         cfg = VERSIONS[a.version].config(a.n_layer, a.n_embd, a.vocab_size, a.head_size, a.dim_ffn)
     except ValueError as e:
         p.error(f"--n_embd/--head_size: {e}")
-    model = init_model(cfg, seed=a.seed, op="torch")
-    save_model(model, a.out, dtype=DTYPES[a.dtype])
+    out = Path(a.out)
+    try:  # the output directory before building the model; a full disk while writing: one line too
+        files.check_writable_dir(out.parent, f"--out {out}", create=False)
+        files.note_removed(files.remove_stale_temps(out.parent, out.name))
+        model = init_model(cfg, seed=a.seed, op="torch")
+        save_model(model, out, dtype=DTYPES[a.dtype])
+    except OSError as e:
+        sys.exit(f"error: {files.describe(e)}")
     n = sum(p.numel() for p in model.parameters())
     print(
         f"wrote {a.out}: RWKV {a.version} L{a.n_layer} D{a.n_embd} vocab {a.vocab_size}, "

@@ -215,7 +215,7 @@ def train(cfg: TrainConfig, dataset=None) -> dict:
     proj = Path(cfg.proj_dir)
     writer = int(os.environ.get("RANK", "0")) == 0
     if writer:
-        files.check_writable_dir(proj, "--proj_dir")
+        files.check_writable_dir(proj, f"--proj_dir {proj}")
     base_sd, arch = check_architecture(cfg)
     with files.dir_lock(proj) if writer else nullcontext():
         if writer:
