@@ -14,6 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
+from rwkv_peft import files  # noqa: E402
 from rwkv_peft.peft.state import merge_state  # noqa: E402
 
 
@@ -23,10 +24,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--state_checkpoint", required=True, help="state adapter, e.g. OUT/rwkv-final.pth")
     p.add_argument("--output", required=True, help="output checkpoint (.pth, or .safetensors by name)")
     args = p.parse_args(argv)
+    output = Path(args.output)
     try:
-        out = merge_state(args.base_model, args.state_checkpoint, args.output)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+        files.check_writable_dir(output.parent, f"--output {output}", create=False)
+        files.note_removed(files.remove_stale_temps(output.parent, output.name))
+        out = merge_state(args.base_model, args.state_checkpoint, output)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {files.describe(e)}") from None
     print(f"wrote {out}")
 
 

@@ -127,6 +127,43 @@ def _write_error(e: BaseException, path: Path, tmp: Path) -> BaseException:
     return e
 
 
+class PendingFile:
+    """A temp file beside ``path`` (``.tmp``) that becomes ``path`` on commit() or disappears on discard(),
+    or when SIGINT/SIGTERM end the process first; for writers that keep a file open across calls."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.tmp = temp_name(self.path)
+        _install_handlers()
+        _live.add(self.tmp)
+        try:
+            os.close(os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # umask applies
+        except BaseException:
+            _live.discard(self.tmp)
+            raise
+
+    def commit(self) -> None:
+        """Sync the temp, rename it over ``path``, sync the directory (a crash keeps one or the other)."""
+        try:
+            _fsync(self.tmp)
+            _pause_before_rename(self.path)
+            os.replace(self.tmp, self.path)
+        except BaseException as e:
+            self.discard(e)
+        _live.discard(self.tmp)
+        _fsync(self.path.parent, directory=True)
+
+    def discard(self, error: BaseException | None = None) -> None:
+        """Remove the temp; re-raise ``error`` (as an OSError naming ``path`` when it was a write error)."""
+        err = None if error is None else _write_error(error, self.path, self.tmp)
+        self.tmp.unlink(missing_ok=True)
+        _live.discard(self.tmp)
+        if err is not None and err is not error:
+            raise err from None
+        if error is not None:
+            raise error
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside ``path`` to write; on success it is synced and renamed to ``path``.
@@ -134,25 +171,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     On any exception (or SIGINT/SIGTERM) the temp is removed and the target is left as it was. Write
     errors come out as OSError naming ``path`` (a full disk is ENOSPC even when torch's writer hit it).
     """
-    path = Path(path)
-    tmp = temp_name(path)
-    _install_handlers()
-    _live.add(tmp)
+    pending = PendingFile(path)
     try:
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # umask applies, unlike mkstemp
-        yield tmp
-        _fsync(tmp)
-        _pause_before_rename(path)
-        os.replace(tmp, path)
+        yield pending.tmp
     except BaseException as e:
-        err = _write_error(e, path, tmp)
-        tmp.unlink(missing_ok=True)
-        if err is e:
-            raise
-        raise err from None
-    finally:
-        _live.discard(tmp)
-    _fsync(path.parent, directory=True)
+        pending.discard(e)
+    pending.commit()
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

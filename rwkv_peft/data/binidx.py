@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 from array import array
 from pathlib import Path
 
 import numpy as np
+
+from rwkv_peft import files
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -164,9 +165,8 @@ class BinIdxWriter:
         if not out_dir.is_dir():
             raise FileNotFoundError(f"{out_dir}: output directory does not exist")
         self._lo, self._hi = np.iinfo(self.dtype).min, np.iinfo(self.dtype).max
-        fd, self._bin_tmp = tempfile.mkstemp(prefix=Path(self.prefix).name, suffix=".bin.tmp",
-                                             dir=out_dir)
-        self._bin = os.fdopen(fd, "wb")
+        self._pending = files.PendingFile(self.prefix + ".bin")  # renamed by close(), dropped by abort()
+        self._bin = open(self._pending.tmp, "wb")
         self.sizes = array("i")
         self.num_tokens = 0
 
@@ -188,7 +188,7 @@ class BinIdxWriter:
         self.num_tokens += len(ids)
 
     def close(self) -> None:
-        """Write the index and move both files into place."""
+        """Write the index and move both files into place (rwkv_peft.files: temp names, then renames)."""
         self._bin.close()
         sizes = np.frombuffer(self.sizes, dtype=np.int32) if len(self.sizes) else \
             np.zeros(0, np.int32)
@@ -196,30 +196,22 @@ class BinIdxWriter:
         np.cumsum(sizes[:-1], out=pointers[1:])
         pointers *= self.dtype.itemsize
         doc_idx = np.arange(len(sizes) + 1, dtype=np.int64)
-        fd, idx_tmp = tempfile.mkstemp(prefix=Path(self.prefix).name, suffix=".idx.tmp",
-                                       dir=Path(self.prefix).parent)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(HEADER.pack(MAGIC, VERSION, DTYPE_CODES[self.dtype], len(sizes),
-                                    len(doc_idx)))
-                f.write(sizes.tobytes())
-                f.write(pointers.tobytes())
-                f.write(doc_idx.tobytes())
-            for tmp in (self._bin_tmp, idx_tmp):
-                os.chmod(tmp, 0o644)  # mkstemp creates 0600
-            os.replace(self._bin_tmp, self.prefix + ".bin")
-            os.replace(idx_tmp, self.prefix + ".idx")
+            with files.atomic_path(self.prefix + ".idx") as idx_tmp:
+                with open(idx_tmp, "wb") as f:
+                    f.write(HEADER.pack(MAGIC, VERSION, DTYPE_CODES[self.dtype], len(sizes), len(doc_idx)))
+                    f.write(sizes.tobytes())
+                    f.write(pointers.tobytes())
+                    f.write(doc_idx.tobytes())
+                self._pending.commit()  # .bin into place first: readers open the .idx first
         except BaseException:
-            for p in (idx_tmp, self._bin_tmp):
-                if os.path.exists(p):
-                    os.unlink(p)
+            self.abort()
             raise
 
     def abort(self) -> None:
         """Drop everything written so far."""
         self._bin.close()
-        if os.path.exists(self._bin_tmp):
-            os.unlink(self._bin_tmp)
+        self._pending.discard()
 
     def __enter__(self) -> BinIdxWriter:
         return self

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
+
+from rwkv_peft import files
 
 NAMES = [("Tom", "He"), ("Anna", "She"), ("Ben", "He"), ("Lily", "She"), ("Sam", "He"),
          ("Mia", "She"), ("Leo", "He"), ("Zoe", "She"), ("Max", "He"), ("Emma", "She")]
@@ -83,16 +83,9 @@ def write_demo(path: str, n: int = 3000, seed: int = 0) -> None:
     out = Path(path)
     if not out.parent.is_dir():
         raise FileNotFoundError(f"{out.parent}: output directory does not exist (--out {path})")
-    fd, tmp = tempfile.mkstemp(prefix=out.name, suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for rec in generate(n, seed):
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with files.atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for rec in generate(n, seed):
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
