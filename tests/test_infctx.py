@@ -8,6 +8,7 @@ from conftest import perturbed_model
 from torch import nn
 
 from rwkv_peft.ops import wkv7
+from rwkv_peft.peft.state import add_time_state
 from rwkv_peft.train.infctx import infctx_loss, masked_ce_sum
 
 # fp32 throughout; chunking only changes float summation order, so 1e-4 relative is generous.
@@ -80,8 +81,10 @@ def test_infctx_state_tuning_and_grad_cp() -> None:
     g = torch.Generator().manual_seed(3)
     for p in model.parameters():
         p.requires_grad_(False)
-    for block in model.blocks:
-        block.att.time_state = nn.Parameter(0.1 * torch.randn(2, 32, 32, generator=g))
+    add_time_state(model)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.att.time_state.copy_(0.1 * torch.randn(2, 32, 32, generator=g))
     idx, tgt, mask = _sample(1, 45, 97, seed=1)
     full = _loss_and_grads(model, lambda: _full_loss(model, idx, tgt, mask))
     model.grad_cp = True

@@ -21,6 +21,7 @@ from rwkv_peft.model import (
     save_model,
 )
 from rwkv_peft.ops import wkv5, wkv6
+from rwkv_peft.peft.state import set_time_state
 from rwkv_peft.runtime import load_runtime, runtime_logits
 from rwkv_peft.tools.init_model import main as init_model_main
 
@@ -67,17 +68,16 @@ def test_parity_with_official_runtime(tmp_path: Path, version: str) -> None:
 def test_state_tuning_hook_matches_runtime(tmp_path: Path, version: str) -> None:
     """A learned ``att.time_state`` (H, N, N) [value, key] is the start state, as the runtime reads it."""
     model = perturbed(version, n_embd=64, head_size=32)  # 2 layers: the runtime sees v5.2 only from block 1 on
+    toks = tokens(16)
+    plain = model(torch.tensor([toks]))[0].detach()
     g = torch.Generator().manual_seed(5)
-    for block in model.blocks:
-        block.att.time_state = nn.Parameter(torch.randn(2, 32, 32, generator=g) * 0.3)
+    set_time_state(model, [torch.randn(2, 32, 32, generator=g) * 0.3 for _ in model.blocks])
     path = tmp_path / "state.pth"
     save_model(model, path)
-    toks = tokens(16)
     ours = model(torch.tensor([toks]))[0].detach()
     seq = runtime_logits(load_runtime(path, version=version), toks, "seq")
     torch.testing.assert_close(ours, seq, atol=TOL, rtol=0)
-    del model.blocks[0].att.time_state
-    assert (model(torch.tensor([toks]))[0].detach() - seq).abs().max() > 1e-3  # the state mattered
+    assert (plain - seq).abs().max() > 1e-3  # the state mattered
 
 
 @pytest.mark.parametrize("version", VERSIONS_65)

@@ -1,7 +1,8 @@
 """RWKV models whose parameter names are the official checkpoint keys; architecture read from tensors.
 
 Each supported generation (x070, x060, x052) registers its config class, model class, config
-reader and initialiser in ``VERSIONS``; everything else here is version-agnostic.
+reader and initialiser in ``VERSIONS``; everything else here is version-agnostic, and what the
+model classes share (block, token shift, state, forward) is in ``base.py``.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from rwkv_peft.model import rwkv5, rwkv6
-from rwkv_peft.model.checkpoint import block_count, fits, read_state_dict, tensor_shape, write_state_dict
+from rwkv_peft.model import rwkv5, rwkv6, rwkv7
+from rwkv_peft.model.checkpoint import fits, read_state_dict, write_state_dict
 from rwkv_peft.model.rwkv5 import RWKV5, RWKV5Config, init_rwkv5_
 from rwkv_peft.model.rwkv6 import RWKV6, RWKV6Config, init_rwkv6_
 from rwkv_peft.model.rwkv7 import RWKV7, RWKV7Config, init_rwkv7_
@@ -65,38 +66,6 @@ def detect_version(sd: Mapping[str, torch.Tensor], name: str = "checkpoint") -> 
     )
 
 
-def _config_x070(sd: Mapping[str, torch.Tensor], name: str) -> RWKV7Config:
-    """Architecture of an x070 checkpoint, read from its tensor shapes.
-
-    Each low-rank width is read from the first layer that has its tensor: released files have no
-    ``blocks.0.att.v0/v1/v2`` (layer 0 has no value residual), and their widths differ per path.
-    """
-    vocab_size, n_embd = tensor_shape(sd, "emb.weight", name)
-    n_layer = block_count(sd)
-    n_head, head_size = tensor_shape(sd, "blocks.0.att.r_k", name)
-    if n_head * head_size != n_embd:
-        raise ValueError(
-            f"{name}: blocks.0.att.r_k is {n_head}x{head_size}, expected heads x head_size = {n_embd}"
-        )
-
-    def width(leaf: str) -> int:  # 0 (the default) when no layer has it: check_state_dict says so
-        keys = (f"blocks.{i}.att.{leaf}" for i in range(n_layer))
-        return next((sd[k].shape[-1] for k in keys if k in sd), 0)
-
-    return RWKV7Config(
-        n_layer=n_layer,
-        n_embd=n_embd,
-        vocab_size=vocab_size,
-        head_size=head_size,
-        dim_ffn=tensor_shape(sd, "blocks.0.ffn.key.weight", name)[0],
-        d_decay=width("w1"),
-        d_aaa=width("a1"),
-        d_mv=width("v1"),
-        d_gate=width("g1"),
-        layer0_vres=any(f"blocks.0.att.{v}" in sd for v in ("v0", "v1", "v2")),
-    )
-
-
 @dataclass(frozen=True)
 class Version:
     """What one RWKV generation provides: ``config(n_layer, n_embd, vocab_size, head_size, dim_ffn)``."""
@@ -109,7 +78,7 @@ class Version:
 
 VERSIONS: Mapping[str, Version] = MappingProxyType(
     {
-        "x070": Version(RWKV7Config, RWKV7, _config_x070, init_rwkv7_),
+        "x070": Version(RWKV7Config, RWKV7, rwkv7.config_from_state_dict, init_rwkv7_),
         "x060": Version(RWKV6Config, RWKV6, rwkv6.config_from_state_dict, init_rwkv6_),
         "x052": Version(RWKV5Config, RWKV5, rwkv5.config_from_state_dict, init_rwkv5_),
     }

@@ -1,7 +1,7 @@
-"""RWKV-5.2 "Eagle" (x052) for training; parameter names and shapes equal the official checkpoint keys.
+"""RWKV-5.2 "Eagle" (x052): its mixers, config (read from a checkpoint) and init; the rest is in base.py.
 
-Same block and model skeleton as RWKV-6 (rwkv6.py); the differences are static token-shift mixes
-(``time_mix_*``) and a decay ``time_decay`` (heads, head_size) that does not depend on the data.
+Unlike RWKV-6 it has static token-shift mixes (``time_mix_*``) and a decay ``time_decay``
+(heads, head_size) that does not depend on the data.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rwkv_peft.model import base
 from rwkv_peft.model.rwkv6 import LN_X_EPS, RWKV6, ffn_width, init_linears_, ramps, read_common
-from rwkv_peft.model.rwkv7 import token_shift
 from rwkv_peft.ops import wkv5
 
 
@@ -43,16 +43,14 @@ def config_from_state_dict(sd: Mapping[str, torch.Tensor], name: str = "checkpoi
     return RWKV5Config(**read_common(sd, name))
 
 
-def mix(x: torch.Tensor, prev: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+def shift_mix(x: torch.Tensor, prev: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
     """RWKV-5's static token shift: ``ratio`` of the current token, the rest from the previous one."""
     return x * ratio + prev * (1 - ratio)
 
 
-class TimeMix(nn.Module):
+class TimeMix(base.TimeMix):
     def __init__(self, cfg: RWKV5Config, layer_id: int, op: str = "auto"):
-        super().__init__()
-        self.layer_id, self.op = layer_id, op
-        self.n_head, self.head_size = cfg.n_head, cfg.head_size
+        super().__init__(cfg, layer_id, op)
         C, A = cfg.n_embd, cfg.dim_att
         for name in ("time_mix_k", "time_mix_v", "time_mix_r", "time_mix_g"):
             setattr(self, name, nn.Parameter(torch.zeros(1, 1, C)))
@@ -66,28 +64,24 @@ class TimeMix(nn.Module):
         # RWKV-LM divides by head_size_divisor (8) before a GroupNorm with eps 1e-5: the same as this.
         self.ln_x = nn.GroupNorm(cfg.n_head, A, eps=LN_X_EPS)
 
-    def forward(
-        self, x: torch.Tensor, shift: torch.Tensor | None = None, wkv_state: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (out, last x for the next token shift, final WKV state)."""
+    def mix(
+        self, x: torch.Tensor, prev: torch.Tensor, v_first: torch.Tensor | None, wkv_state: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
-        prev = token_shift(x, shift)
-        r = self.receptance(mix(x, prev, self.time_mix_r))
-        k = self.key(mix(x, prev, self.time_mix_k))
-        v = self.value(mix(x, prev, self.time_mix_v))
-        g = F.silu(self.gate(mix(x, prev, self.time_mix_g)))
+        r = self.receptance(shift_mix(x, prev, self.time_mix_r))
+        k = self.key(shift_mix(x, prev, self.time_mix_k))
+        v = self.value(shift_mix(x, prev, self.time_mix_v))
+        g = F.silu(self.gate(shift_mix(x, prev, self.time_mix_g)))
 
-        if wkv_state is None and hasattr(self, "time_state"):  # state tuning's learned start
-            wkv_state = self.time_state.float().expand(B, H, N, N)
         heads = [t.reshape(B, T, H, N) for t in (r, k, v)]
         y, wkv_state = wkv5(heads[0], self.time_decay, *heads[1:], self.time_faaaa, state=wkv_state, op=self.op)
 
         y = self.ln_x(y.reshape(B * T, H * N)).view(B, T, H * N)
-        return self.output(y * g), x[:, -1], wkv_state
+        return self.output(y * g), v_first, wkv_state
 
 
-class ChannelMix(nn.Module):
+class ChannelMix(base.ChannelMix):
     def __init__(self, cfg: RWKV5Config, layer_id: int):
         super().__init__()
         C = cfg.n_embd
@@ -97,14 +91,14 @@ class ChannelMix(nn.Module):
         self.receptance = nn.Linear(C, C, bias=False)
         self.value = nn.Linear(cfg.dim_ffn, C, bias=False)
 
-    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        prev = token_shift(x, shift)
-        k = torch.relu(self.key(mix(x, prev, self.time_mix_k))) ** 2
-        return torch.sigmoid(self.receptance(mix(x, prev, self.time_mix_r))) * self.value(k), x[:, -1]
+    def mix(self, x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        k = torch.relu(self.key(shift_mix(x, prev, self.time_mix_k))) ** 2
+        return torch.sigmoid(self.receptance(shift_mix(x, prev, self.time_mix_r))) * self.value(k)
 
 
-class RWKV5(RWKV6):
+class RWKV5(base.RWKV):
     version = "x052"
+    peft_targets = RWKV6.peft_targets  # the same linears
     time_mix, channel_mix = TimeMix, ChannelMix
     time_params = ("time_mix_k", "time_mix_v", "time_mix_r", "time_mix_g", "time_decay", "time_faaaa")
 

@@ -1,6 +1,6 @@
-"""RWKV-6 "Finch" (x060) for training; parameter names and shapes equal the official checkpoint keys.
+"""RWKV-6 "Finch" (x060): its mixers, config (read from a checkpoint) and init; the rest is in base.py.
 
-RWKV-5.2 (rwkv5.py) shares the block and model skeleton defined here and swaps in its own mixers.
+RWKV-5.2 (rwkv5.py) reuses the v5/v6 helpers defined here: ``read_common``, ``ramps``, ``init_linears_``.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rwkv_peft.model import base
 from rwkv_peft.model.checkpoint import block_count, tensor_shape
-from rwkv_peft.model.rwkv7 import RWKV7, token_shift
 from rwkv_peft.ops import wkv6
 
 LN_X_EPS = 1e-5 * 8**2  # RWKV-LM's GroupNorm eps, 1e-5 * head_size_divisor**2 (divisor 8)
@@ -83,11 +83,9 @@ def config_from_state_dict(sd: Mapping[str, torch.Tensor], name: str = "checkpoi
     )
 
 
-class TimeMix(nn.Module):
+class TimeMix(base.TimeMix):
     def __init__(self, cfg: RWKV6Config, layer_id: int, op: str = "auto"):
-        super().__init__()
-        self.layer_id, self.op = layer_id, op
-        self.n_head, self.head_size = cfg.n_head, cfg.head_size
+        super().__init__(cfg, layer_id, op)
         C, A = cfg.n_embd, cfg.dim_att
         for name in ("time_maa_x", "time_maa_w", "time_maa_k", "time_maa_v", "time_maa_r", "time_maa_g"):
             setattr(self, name, nn.Parameter(torch.zeros(1, 1, C)))
@@ -104,13 +102,12 @@ class TimeMix(nn.Module):
         self.output = nn.Linear(A, C, bias=False)
         self.ln_x = nn.GroupNorm(cfg.n_head, A, eps=LN_X_EPS)
 
-    def forward(
-        self, x: torch.Tensor, shift: torch.Tensor | None = None, wkv_state: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (out, last x for the next token shift, final WKV state)."""
+    def mix(
+        self, x: torch.Tensor, prev: torch.Tensor, v_first: torch.Tensor | None, wkv_state: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
-        xx = token_shift(x, shift) - x
+        xx = prev - x
         m = torch.tanh((x + xx * self.time_maa_x) @ self.time_maa_w1).view(B * T, 5, -1).transpose(0, 1)
         mw, mk, mv, mr, mg = torch.bmm(m, self.time_maa_w2).view(5, B, T, C).unbind(0)
         xw = x + xx * (self.time_maa_w + mw)
@@ -125,16 +122,14 @@ class TimeMix(nn.Module):
         g = F.silu(self.gate(xg))
         w = self.time_decay + torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2  # log-log decay
 
-        if wkv_state is None and hasattr(self, "time_state"):  # state tuning's learned start
-            wkv_state = self.time_state.float().expand(B, H, N, N)
         heads = [t.reshape(B, T, H, N) for t in (r, w, k, v)]
         y, wkv_state = wkv6(*heads, self.time_faaaa, state=wkv_state, op=self.op)
 
         y = self.ln_x(y.reshape(B * T, H * N)).view(B, T, H * N)
-        return self.output(y * g), x[:, -1], wkv_state
+        return self.output(y * g), v_first, wkv_state
 
 
-class ChannelMix(nn.Module):
+class ChannelMix(base.ChannelMix):
     def __init__(self, cfg: RWKV6Config, layer_id: int):
         super().__init__()
         C = cfg.n_embd
@@ -144,68 +139,18 @@ class ChannelMix(nn.Module):
         self.receptance = nn.Linear(C, C, bias=False)
         self.value = nn.Linear(cfg.dim_ffn, C, bias=False)
 
-    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        xx = token_shift(x, shift) - x
+    def mix(self, x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        xx = prev - x
         k = torch.relu(self.key(x + xx * self.time_maa_k)) ** 2
-        return torch.sigmoid(self.receptance(x + xx * self.time_maa_r)) * self.value(k), x[:, -1]
+        return torch.sigmoid(self.receptance(x + xx * self.time_maa_r)) * self.value(k)
 
 
-class Block(nn.Module):
-    def __init__(self, cfg, layer_id: int, time_mix: type[nn.Module], channel_mix: type[nn.Module], op: str):
-        super().__init__()
-        self.layer_id = layer_id
-        if layer_id == 0:
-            self.ln0 = nn.LayerNorm(cfg.n_embd)
-        self.ln1 = nn.LayerNorm(cfg.n_embd)
-        self.ln2 = nn.LayerNorm(cfg.n_embd)
-        self.att = time_mix(cfg, layer_id, op)
-        self.ffn = channel_mix(cfg, layer_id)
-
-    def forward(self, x: torch.Tensor, state: list | None = None) -> tuple[torch.Tensor, list]:
-        """``state`` is [att shift (B, C), WKV (B, H, N, N), ffn shift (B, C)] or None (zeros)."""
-        att_shift, wkv_state, ffn_shift = state if state is not None else (None, None, None)
-        if self.layer_id == 0:
-            x = self.ln0(x)
-        dx, att_shift, wkv_state = self.att(self.ln1(x), att_shift, wkv_state)
-        x = x + dx
-        dx, ffn_shift = self.ffn(self.ln2(x), ffn_shift)
-        return x + dx, [att_shift, wkv_state, ffn_shift]
-
-
-class RWKV6(nn.Module):
+class RWKV6(base.RWKV):
     version = "x060"
     time_mix, channel_mix = TimeMix, ChannelMix
-    # Linear layers that PEFT methods adapt, by part (module names inside blocks.<i>.<part>).
     peft_targets = {"att": ("receptance", "key", "value", "gate", "output"), "ffn": ("key", "receptance", "value")}
-    # Small per-block tensors grouped as the "time" train part (token-shift mixes, decay, bonus, LoRAs).
     time_params = ("time_maa_x", "time_maa_w", "time_maa_k", "time_maa_v", "time_maa_r", "time_maa_g",
                    "time_maa_w1", "time_maa_w2", "time_decay", "time_decay_w1", "time_decay_w2", "time_faaaa")
-    unused_params = ()
-    train_part = RWKV7.train_part  # same grouping rule, driven by this class's time_params
-    set_op = RWKV7.set_op
-    forward = RWKV7.forward  # forward_state below differs: no value residual to carry
-
-    def __init__(self, cfg, op: str = "auto"):
-        super().__init__()
-        self.cfg = cfg
-        self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.blocks = nn.ModuleList(Block(cfg, i, self.time_mix, self.channel_mix, op) for i in range(cfg.n_layer))
-        self.ln_out = nn.LayerNorm(cfg.n_embd)
-        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.grad_cp = False
-
-    def forward_state(self, idx: torch.Tensor, state: list | None) -> tuple[torch.Tensor, list]:
-        """Logits and the state after the last token; ``state`` is one list per block or None."""
-        x = self.emb(idx)
-        new_state = []
-        for i, block in enumerate(self.blocks):
-            s = None if state is None else state[i]
-            if self.grad_cp and self.training and torch.is_grad_enabled():
-                x, s = torch.utils.checkpoint.checkpoint(block, x, s, use_reentrant=False)
-            else:
-                x, s = block(x, s)
-            new_state.append(s)
-        return self.head(self.ln_out(x)), new_state
 
 
 def ramps(cfg, layer_id: int) -> tuple[float, float, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,14 +1,17 @@
-"""RWKV-7 "Goose" (x070) for training; parameter names and shapes equal the official checkpoint keys."""
+"""RWKV-7 "Goose" (x070): its mixers, config (read from a checkpoint) and init; the rest is in base.py."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rwkv_peft.model import base
+from rwkv_peft.model.checkpoint import block_count, tensor_shape
 from rwkv_peft.ops import wkv7
 
 
@@ -46,17 +49,41 @@ class RWKV7Config:
         return self.n_embd // self.head_size
 
 
-def token_shift(x: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
-    """x[t-1] for every t, with ``prev`` (B, C) (or zeros) before the first token."""
-    first = torch.zeros_like(x[:, :1]) if prev is None else prev[:, None].to(x.dtype)
-    return torch.cat([first, x[:, :-1]], dim=1)
+def config_from_state_dict(sd: Mapping[str, torch.Tensor], name: str = "checkpoint") -> RWKV7Config:
+    """Architecture of an x070 checkpoint, read from its tensor shapes.
+
+    Each low-rank width is read from the first layer that has its tensor: released files have no
+    ``blocks.0.att.v0/v1/v2`` (layer 0 has no value residual), and their widths differ per path.
+    """
+    vocab_size, n_embd = tensor_shape(sd, "emb.weight", name)
+    n_layer = block_count(sd)
+    n_head, head_size = tensor_shape(sd, "blocks.0.att.r_k", name)
+    if n_head * head_size != n_embd:
+        raise ValueError(
+            f"{name}: blocks.0.att.r_k is {n_head}x{head_size}, expected heads x head_size = {n_embd}"
+        )
+
+    def width(leaf: str) -> int:  # 0 (the default) when no layer has it: check_state_dict says so
+        keys = (f"blocks.{i}.att.{leaf}" for i in range(n_layer))
+        return next((sd[k].shape[-1] for k in keys if k in sd), 0)
+
+    return RWKV7Config(
+        n_layer=n_layer,
+        n_embd=n_embd,
+        vocab_size=vocab_size,
+        head_size=head_size,
+        dim_ffn=tensor_shape(sd, "blocks.0.ffn.key.weight", name)[0],
+        d_decay=width("w1"),
+        d_aaa=width("a1"),
+        d_mv=width("v1"),
+        d_gate=width("g1"),
+        layer0_vres=any(f"blocks.0.att.{v}" in sd for v in ("v0", "v1", "v2")),
+    )
 
 
-class TimeMix(nn.Module):
+class TimeMix(base.TimeMix):
     def __init__(self, cfg: RWKV7Config, layer_id: int, op: str = "auto"):
-        super().__init__()
-        self.layer_id, self.op = layer_id, op
-        self.n_head, self.head_size = cfg.n_head, cfg.head_size
+        super().__init__(cfg, layer_id, op)
         C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
         for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "k_k", "k_a"):
             setattr(self, name, nn.Parameter(torch.zeros(1, 1, C)))
@@ -77,17 +104,12 @@ class TimeMix(nn.Module):
         self.output = nn.Linear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(H, C, eps=64e-5)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        v_first: torch.Tensor | None,
-        shift: torch.Tensor | None = None,
-        wkv_state: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (out, v_first, last x for the next token shift, final WKV state)."""
+    def mix(
+        self, x: torch.Tensor, prev: torch.Tensor, v_first: torch.Tensor | None, wkv_state: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
-        xx = token_shift(x, shift) - x
+        xx = prev - x
         xr, xw, xk = x + xx * self.x_r, x + xx * self.x_w, x + xx * self.x_k
         xv, xa, xg = x + xx * self.x_v, x + xx * self.x_a, x + xx * self.x_g
 
@@ -105,113 +127,35 @@ class TimeMix(nn.Module):
         kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0).view(B, T, C)
         k = k * (1 + (a - 1) * self.k_a)
 
-        if wkv_state is None and hasattr(self, "time_state"):  # state tuning's learned start
-            wkv_state = self.time_state.float().expand(B, H, N, N)
         heads = [t.reshape(B, T, H, N) for t in (r, w, k, v, -kk, kk * a)]
         y, wkv_state = wkv7(*heads, state=wkv_state, op=self.op)
 
         y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
         bonus = (r.view(B, T, H, N) * k.view(B, T, H, N) * self.r_k).sum(-1, keepdim=True)
         y = y + (bonus * v.view(B, T, H, N)).view(B, T, C)
-        return self.output(y * g), v_first, x[:, -1], wkv_state
+        return self.output(y * g), v_first, wkv_state
 
 
-class ChannelMix(nn.Module):
-    def __init__(self, cfg: RWKV7Config):
+class ChannelMix(base.ChannelMix):
+    def __init__(self, cfg: RWKV7Config, layer_id: int):
         super().__init__()
         self.x_k = nn.Parameter(torch.zeros(1, 1, cfg.n_embd))
         self.key = nn.Linear(cfg.n_embd, cfg.dim_ffn, bias=False)
         self.value = nn.Linear(cfg.dim_ffn, cfg.n_embd, bias=False)
 
-    def forward(
-        self, x: torch.Tensor, shift: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        xx = token_shift(x, shift) - x
-        k = torch.relu(self.key(x + xx * self.x_k)) ** 2
-        return self.value(k), x[:, -1]
+    def mix(self, x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        k = torch.relu(self.key(x + (prev - x) * self.x_k)) ** 2
+        return self.value(k)
 
 
-class Block(nn.Module):
-    def __init__(self, cfg: RWKV7Config, layer_id: int, op: str = "auto"):
-        super().__init__()
-        self.layer_id = layer_id
-        if layer_id == 0:
-            self.ln0 = nn.LayerNorm(cfg.n_embd)
-        self.ln1 = nn.LayerNorm(cfg.n_embd)
-        self.ln2 = nn.LayerNorm(cfg.n_embd)
-        self.att = TimeMix(cfg, layer_id, op)
-        self.ffn = ChannelMix(cfg)
-
-    def forward(
-        self, x: torch.Tensor, v_first: torch.Tensor | None, state: list | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, list]:
-        """``state`` is [att shift (B, C), WKV (B, H, N, N), ffn shift (B, C)] or None (zeros)."""
-        att_shift, wkv_state, ffn_shift = state if state is not None else (None, None, None)
-        if self.layer_id == 0:
-            x = self.ln0(x)
-        dx, v_first, att_shift, wkv_state = self.att(self.ln1(x), v_first, att_shift, wkv_state)
-        x = x + dx
-        dx, ffn_shift = self.ffn(self.ln2(x), ffn_shift)
-        return x + dx, v_first, [att_shift, wkv_state, ffn_shift]
-
-
-class RWKV7(nn.Module):
+class RWKV7(base.RWKV):
     version = "x070"
-    # Linear layers that PEFT methods adapt, by part (module names inside blocks.<i>.<part>).
+    time_mix, channel_mix = TimeMix, ChannelMix
     peft_targets = {"att": ("receptance", "key", "value", "output"), "ffn": ("key", "value")}
-    # Small per-block tensors grouped as the "time" train part (token-shift mixes, decay, LoRAs).
     time_params = ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "w1", "w2", "a0", "a1", "a2",
                    "v0", "v1", "v2", "g1", "g2", "k_k", "k_a", "r_k")
-    # Kept only to give the checkpoint back as it came (layer0_vres): never used, never trained.
+    # Layer 0's value-residual tensors some files carry (layer0_vres).
     unused_params = ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")
-
-    def __init__(self, cfg: RWKV7Config, op: str = "auto"):
-        super().__init__()
-        self.cfg = cfg
-        self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.blocks = nn.ModuleList(Block(cfg, i, op) for i in range(cfg.n_layer))
-        self.ln_out = nn.LayerNorm(cfg.n_embd)
-        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.grad_cp = False
-
-    def train_part(self, name: str) -> str | None:
-        """Which ``train_parts`` group (emb, head, ln, time) a parameter name belongs to, if any."""
-        leaf = name.rsplit(".", 1)[-1]
-        if name in self.unused_params:
-            return None
-        if name == "emb.weight":
-            return "emb"
-        if name == "head.weight":
-            return "head"
-        if any(f"{ln}." in name for ln in ("ln0", "ln1", "ln2", "ln_x", "ln_out")):
-            return "ln"
-        if name.startswith("blocks.") and leaf in self.time_params:
-            return "time"
-        return None
-
-    def set_op(self, op: str) -> None:
-        for block in self.blocks:
-            block.att.op = op
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Logits (B, T, V) for token ids (B, T), starting from the zero state."""
-        return self.forward_state(idx, None)[0]
-
-    def forward_state(self, idx: torch.Tensor, state: list | None) -> tuple[torch.Tensor, list]:
-        """Logits and the state after the last token; ``state`` is one list per block or None."""
-        x = self.emb(idx)
-        v_first = None
-        new_state = []
-        for i, block in enumerate(self.blocks):
-            s = None if state is None else state[i]
-            if self.grad_cp and self.training and torch.is_grad_enabled():
-                x, v_first, s = torch.utils.checkpoint.checkpoint(
-                    block, x, v_first, s, use_reentrant=False
-                )
-            else:
-                x, v_first, s = block(x, v_first, s)
-            new_state.append(s)
-        return self.head(self.ln_out(x)), new_state
 
 
 @torch.no_grad()

@@ -1,12 +1,13 @@
 """State tuning (a trainable initial WKV state per layer and head, the base frozen) and full fine-tuning.
 
-The model's time-mix uses ``att.time_state`` (H, N, N), indexed [value, key], as the initial
-WKV state whenever it exists and no state is passed in.
+``add_time_state`` gives every block's time mix a ``time_state`` (H, N, N), indexed [value, key],
+and makes it the mix's ``start_state``: the WKV state it starts from when no state is passed in.
 """
 
 from __future__ import annotations
 
 import os
+import types
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,14 +46,20 @@ def train_everything(model: nn.Module, cfg: FullConfig) -> None:
     model.requires_grad_(True)
 
 
+def _learned_start(att: nn.Module, batch: int) -> torch.Tensor:
+    """The time mix's ``start_state`` under state tuning: its learned state, the same for every sample."""
+    return att.time_state.float().expand(batch, *att.time_state.shape)
+
+
 def add_time_state(model: nn.Module, cfg: StateConfig | None = None) -> int:
-    """Give every block's time-mix a zero (fp32) ``time_state`` parameter; returns how many were added."""
+    """Give every block's time-mix a zero (fp32) ``time_state`` parameter as its start state; returns how many."""
     for i, block in enumerate(model.blocks):
         att = block.att
         if hasattr(att, "time_state"):
             raise ValueError(f"state tuning: blocks.{i}.att already has a time_state")
         device = next(att.parameters()).device
         att.time_state = nn.Parameter(torch.zeros(att.n_head, att.head_size, att.head_size, device=device))
+        att.start_state = types.MethodType(_learned_start, att)
     return len(model.blocks)
 
 

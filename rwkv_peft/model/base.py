@@ -1,0 +1,157 @@
+"""What every RWKV generation here shares: token shift, the block, the recurrent state, the model shell.
+
+A version file (rwkv7.py, rwkv6.py, rwkv5.py) keeps only what differs: its time mix and channel mix
+(the ``mix`` methods of ``TimeMix`` / ``ChannelMix`` subclasses), its config and the reader that
+takes it from a checkpoint's shapes, its initialisation, and the class attributes of ``RWKV``.
+
+The recurrent state of a block is ``[att shift (B, C), WKV (B, H, N, N), ffn shift (B, C)]``; a
+model's is one such list per block, or None for the start of a text.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+def token_shift(x: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
+    """x[t-1] for every t, with ``prev`` (B, C) (or zeros) before the first token."""
+    first = torch.zeros_like(x[:, :1]) if prev is None else prev[:, None].to(x.dtype)
+    return torch.cat([first, x[:, :-1]], dim=1)
+
+
+class TimeMix(nn.Module):
+    """A version's attention-like mixer: ``mix(x, prev, v_first, wkv_state) -> (out, v_first, wkv_state)``.
+
+    ``v_first`` is layer 0's value, which x070's value residual mixes in; other versions pass it on.
+    ``start_state(batch)`` is the WKV state before the first token when none is given: None (zeros)
+    here; state tuning (``rwkv_peft.peft.state``) attaches its learned one.
+    """
+
+    def __init__(self, cfg: Any, layer_id: int, op: str = "auto"):
+        super().__init__()
+        self.layer_id, self.op = layer_id, op
+        self.n_head, self.head_size = cfg.n_head, cfg.head_size
+
+    def start_state(self, batch: int) -> torch.Tensor | None:
+        return None
+
+    def mix(
+        self, x: torch.Tensor, prev: torch.Tensor, v_first: torch.Tensor | None, wkv_state: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        v_first: torch.Tensor | None,
+        shift: torch.Tensor | None = None,
+        wkv_state: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """Returns (out, v_first, last x for the next token shift, final WKV state)."""
+        if wkv_state is None:
+            wkv_state = self.start_state(x.shape[0])
+        out, v_first, wkv_state = self.mix(x, token_shift(x, shift), v_first, wkv_state)
+        return out, v_first, x[:, -1], wkv_state
+
+
+class ChannelMix(nn.Module):
+    """A version's feed-forward mixer: ``mix(x, prev) -> out``, ``prev`` being the token-shifted x."""
+
+    def mix(self, x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (out, last x for the next token shift)."""
+        return self.mix(x, token_shift(x, shift)), x[:, -1]
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Any, layer_id: int, time_mix: type[TimeMix], channel_mix: type[ChannelMix], op: str):
+        super().__init__()
+        self.layer_id = layer_id
+        if layer_id == 0:
+            self.ln0 = nn.LayerNorm(cfg.n_embd)
+        self.ln1 = nn.LayerNorm(cfg.n_embd)
+        self.ln2 = nn.LayerNorm(cfg.n_embd)
+        self.att = time_mix(cfg, layer_id, op)
+        self.ffn = channel_mix(cfg, layer_id)
+
+    def forward(
+        self, x: torch.Tensor, v_first: torch.Tensor | None, state: list | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list]:
+        att_shift, wkv_state, ffn_shift = state if state is not None else (None, None, None)
+        if self.layer_id == 0:
+            x = self.ln0(x)
+        dx, v_first, att_shift, wkv_state = self.att(self.ln1(x), v_first, att_shift, wkv_state)
+        x = x + dx
+        dx, ffn_shift = self.ffn(self.ln2(x), ffn_shift)
+        return x + dx, v_first, [att_shift, wkv_state, ffn_shift]
+
+
+class RWKV(nn.Module):
+    """The model shell: embedding, blocks, output norm and head; parameter names are checkpoint keys."""
+
+    version: ClassVar[str]
+    time_mix: ClassVar[type[TimeMix]]
+    channel_mix: ClassVar[type[ChannelMix]]
+    # Linear layers that PEFT methods adapt, by part (module names inside blocks.<i>.<part>).
+    peft_targets: ClassVar[dict[str, tuple[str, ...]]]
+    # Small per-block tensors grouped as the "time" train part (token-shift mixes, decay, LoRAs).
+    time_params: ClassVar[tuple[str, ...]]
+    # Kept only to give a checkpoint back as it came: never used, never trained.
+    unused_params: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, cfg: Any, op: str = "auto"):
+        super().__init__()
+        self.cfg = cfg
+        self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(
+            Block(cfg, i, self.time_mix, self.channel_mix, op) for i in range(cfg.n_layer)
+        )
+        self.ln_out = nn.LayerNorm(cfg.n_embd)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.grad_cp = False
+
+    def train_part(self, name: str) -> str | None:
+        """Which ``train_parts`` group (emb, head, ln, time) a parameter name belongs to, if any."""
+        if name in self.unused_params:
+            return None
+        if name == "emb.weight":
+            return "emb"
+        if name == "head.weight":
+            return "head"
+        if any(f"{ln}." in name for ln in ("ln0", "ln1", "ln2", "ln_x", "ln_out")):
+            return "ln"
+        if name.startswith("blocks.") and name.rsplit(".", 1)[-1] in self.time_params:
+            return "time"
+        return None
+
+    def set_op(self, op: str) -> None:
+        for block in self.blocks:
+            block.att.op = op
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, V) for token ids (B, T), starting from the zero (or learned) state."""
+        return self.forward_state(idx, None)[0]
+
+    def forward_state(self, idx: torch.Tensor, state: list | None) -> tuple[torch.Tensor, list]:
+        """Logits and the state after the last token; ``state`` is one list per block or None."""
+        x, state = self.forward_hidden(idx, state)
+        return self.head(x), state
+
+    def forward_hidden(self, idx: torch.Tensor, state: list | None) -> tuple[torch.Tensor, list]:
+        """The hidden states the head reads (after ln_out, (B, T, C)) and the state after the last token."""
+        x = self.emb(idx)
+        v_first = None
+        new_state = []
+        for i, block in enumerate(self.blocks):
+            s = None if state is None else state[i]
+            if self.grad_cp and self.training and torch.is_grad_enabled():
+                x, v_first, s = torch.utils.checkpoint.checkpoint(block, x, v_first, s, use_reentrant=False)
+            else:
+                x, v_first, s = block(x, v_first, s)
+            new_state.append(s)
+        return self.ln_out(x), new_state
