@@ -12,8 +12,11 @@ import os
 import socket
 import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -80,19 +83,38 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def setup_distributed(on_gpu: bool) -> tuple[int, int, int]:
-    """(rank, world_size, local_rank); a plain ``python`` run becomes a world of one."""
-    if "RANK" not in os.environ:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0",
-                          WORLD_SIZE="1", LOCAL_RANK="0")
+@contextmanager
+def process_group(cfg: TrainConfig, on_gpu: bool, deepspeed) -> Iterator[tuple[int, int, int]]:
+    """(rank, world_size, local_rank) for the run, torn down after it.
+
+    Under a launcher (torchrun, deepspeed) the group comes from its environment. A plain ``python``
+    run is a world of one, joined through an explicit ``tcp://`` address; only ``LOCAL_RANK`` (which
+    DeepSpeed's engine reads) is set meanwhile, and it is removed again, so no later subprocess
+    inherits a stale rendezvous.
+    """
     import torch.distributed as dist
 
+    launched = "RANK" in os.environ
+    if not launched and cfg.devices * cfg.num_nodes > 1:
+        raise ValueError(f"--devices {cfg.devices}: launch several processes with "
+                         f"`torchrun --nproc_per_node {cfg.devices} -m rwkv_peft.train ...`")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if on_gpu:
         torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if on_gpu else "gloo")
-    return dist.get_rank(), dist.get_world_size(), local_rank
+    owned = not dist.is_initialized()
+    set_local_rank = "LOCAL_RANK" not in os.environ
+    if set_local_rank:
+        os.environ["LOCAL_RANK"] = "0"
+    try:
+        if owned:
+            init = {} if launched else dict(init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+            dist.init_process_group("nccl" if on_gpu else "gloo", **init)
+        yield dist.get_rank(), dist.get_world_size(), local_rank
+    finally:
+        if owned and dist.is_initialized():
+            deepspeed.comm.destroy_process_group()
+        if set_local_rank:
+            os.environ.pop("LOCAL_RANK", None)
 
 
 def import_deepspeed(on_gpu: bool):
@@ -201,17 +223,68 @@ def get_batch(ds, step_in_epoch: int, micro: int, cfg: TrainConfig, device: str)
     return {k: torch.stack([it[k] for it in items]).to(device, non_blocking=True) for k in items[0]}
 
 
+@dataclass
+class Run:
+    """What the recipe's steps share: the job, this process's place in it, what setup built, and the
+    counters the loop keeps."""
+
+    cfg: TrainConfig
+    proj: Path
+    on_gpu: bool
+    t_start: float
+    rank: int = 0
+    world: int = 1
+    device: str = "cpu"
+    arch: Any = None
+    dataset: Any = None
+    evaluator: Any = None
+    model: Any = None
+    engine: Any = None
+    params: list = field(default_factory=list)
+    resume: dict | None = None
+    start_epoch: int = 0
+    step: int = 0
+    run_log: RunLog | None = None
+    bar: Any = None
+    last_saved: Path | None = None
+    bad_in_row: int = 0
+    bad_total: int = 0
+    steps_run: int = 0
+    steps_trained: int = 0
+    tokens_seen: int = 0
+    t_loop: float = 0.0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def steps_total(self) -> int:
+        return self.cfg.epoch_steps * self.cfg.epoch_count
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.ctx_len * self.cfg.micro_bsz * self.cfg.accumulate_grad_batches * self.world
+
+    @property
+    def title(self) -> str:
+        return f"{self.cfg.peft} on {Path(self.cfg.load_model).name}"
+
+    def say(self, *args) -> None:
+        """Print on rank 0 (through the progress bar when there is one)."""
+        if self.is_main:
+            (self.bar.write if self.bar is not None else print)(" ".join(map(str, args)), flush=True)
+
+
 def train(cfg: TrainConfig, dataset=None) -> dict:
     """Run the whole job; returns the summary (with the trained ``model``). ``dataset`` overrides --data_file.
 
     Inputs and the output directory are checked before anything heavy; the process that writes (rank 0)
     holds ``--proj_dir``'s lock for the whole run and first removes temps left there by killed runs."""
+    from rwkv_peft.peft import parse_peft_config
+
     t_start = time.time()
-    on_gpu = cfg.accelerator in ("gpu", "cuda") or (cfg.accelerator == "auto" and torch.cuda.is_available())
-    if on_gpu and not torch.cuda.is_available():
-        raise ValueError(f"--accelerator {cfg.accelerator}: no CUDA device is available; use --accelerator cpu")
-    check_supported(cfg, on_gpu)
-    check_loggers(cfg)
+    on_gpu = check_device(cfg)
     proj = Path(cfg.proj_dir)
     writer = int(os.environ.get("RANK", "0")) == 0
     if writer:
@@ -220,233 +293,307 @@ def train(cfg: TrainConfig, dataset=None) -> dict:
     with files.dir_lock(proj) if writer else nullcontext():
         if writer:
             files.note_removed(files.remove_stale_temps(proj))
-        return _train_locked(cfg, dataset, base_sd, arch, on_gpu, t_start)
+        peft_cfg = parse_peft_config(cfg.peft, cfg.peft_json)
+        deepspeed = import_deepspeed(on_gpu)
+        with process_group(cfg, on_gpu, deepspeed) as (rank, world, local_rank):
+            run = Run(cfg, proj, on_gpu, t_start, rank, world, f"cuda:{local_rank}" if on_gpu else "cpu", arch)
+            run.resume = setup_resume(run)
+            setup_data(run, dataset)
+            report = setup_model(run, base_sd, peft_cfg)
+            del base_sd
+            setup_engine(run, deepspeed)
+            start_log(run, report, peft_cfg)
+            failure = train_epochs(run)
+            return summarize(run, failure)
 
 
-def _train_locked(cfg: TrainConfig, dataset, base_sd: dict, arch, on_gpu: bool, t_start: float) -> dict:
-    from rwkv_peft.peft import adapter_config, apply_peft, load_adapter, parse_peft_config, trainable_state_dict
+def check_device(cfg: TrainConfig) -> bool:
+    """Whether the run uses a GPU; refuses what this machine or DeepSpeed cannot do, and bad logger flags."""
+    on_gpu = cfg.accelerator in ("gpu", "cuda") or (cfg.accelerator == "auto" and torch.cuda.is_available())
+    if on_gpu and not torch.cuda.is_available():
+        raise ValueError(f"--accelerator {cfg.accelerator}: no CUDA device is available; use --accelerator cpu")
+    check_supported(cfg, on_gpu)
+    check_loggers(cfg)
+    return on_gpu
 
-    peft_cfg = parse_peft_config(cfg.peft, cfg.peft_json)
-    proj = Path(cfg.proj_dir)
-    resume_state = latest_checkpoint(proj) if cfg.resume else None
-    if cfg.resume and resume_state is None:
-        print(f"note: --resume 1 but {proj / STATE_FILE} does not exist; starting fresh", file=sys.stderr)
 
-    deepspeed = import_deepspeed(on_gpu)
-    if "RANK" not in os.environ and cfg.devices * cfg.num_nodes > 1:
-        raise ValueError(f"--devices {cfg.devices}: launch several processes with "
-                         f"`torchrun --nproc_per_node {cfg.devices} -m rwkv_peft.train ...`")
-    rank, world, local_rank = setup_distributed(on_gpu)
-    device = f"cuda:{local_rank}" if on_gpu else "cpu"
-    is_main = rank == 0
-    say = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
+def setup_resume(run: Run) -> dict | None:
+    """--resume 1: the trainer state of the interrupted run (None: start fresh)."""
+    if not run.cfg.resume:
+        return None
+    state = latest_checkpoint(run.proj)
+    if state is None:
+        print(f"note: --resume 1 but {run.proj / STATE_FILE} does not exist; starting fresh", file=sys.stderr)
+    return state
 
-    torch.manual_seed(cfg.random_seed + rank)
-    steps_total = cfg.epoch_steps * cfg.epoch_count
-    samples_per_epoch = cfg.epoch_steps * cfg.accumulate_grad_batches * cfg.micro_bsz
+
+def setup_data(run: Run, dataset) -> None:
+    """The training set (``dataset``, or --data_file read for this rank) and the held-out evaluator."""
+    cfg = run.cfg
+    torch.manual_seed(cfg.random_seed + run.rank)
     if dataset is None:
         from rwkv_peft.data import build_dataset
 
-        dataset = build_dataset(cfg.data_file, cfg.data_type, cfg.dataload, cfg.ctx_len, arch.vocab_size,
-                                samples_per_epoch, cfg.random_seed, rank=rank, world_size=world,
+        samples_per_epoch = cfg.epoch_steps * cfg.accumulate_grad_batches * cfg.micro_bsz
+        dataset = build_dataset(cfg.data_file, cfg.data_type, cfg.dataload, cfg.ctx_len, run.arch.vocab_size,
+                                samples_per_epoch, cfg.random_seed, rank=run.rank, world_size=run.world,
                                 tokenizer=cfg.tokenizer, sft_field=cfg.sft_field,
                                 sft_template=cfg.sft_template or None, magic_prime=cfg.magic_prime,
                                 chat_template=cfg.chat_template or None, too_long=cfg.too_long,
                                 strict=bool(cfg.strict))
-    evaluator = None
+    run.dataset = dataset
     if cfg.eval_data:
         from rwkv_peft.train.evaluation import Evaluator
 
-        evaluator = Evaluator(cfg, arch.vocab_size)
-        if is_main:
-            print(f"eval data: {evaluator.summary}", file=sys.stderr)
+        run.evaluator = Evaluator(cfg, run.arch.vocab_size)
+        if run.is_main:
+            print(f"eval data: {run.evaluator.summary}", file=sys.stderr)
 
+
+def setup_model(run: Run, base_sd: dict, peft_cfg) -> str:
+    """The fp32 base with the method applied (and quantised, and resumed); returns the parameter report."""
     from rwkv_peft.model import load_model
+    from rwkv_peft.peft import apply_peft, load_adapter
 
-    model = load_model(base_sd, device=device, dtype=torch.float32, op=cfg.op)
-    del base_sd
+    cfg = run.cfg
+    model = load_model(base_sd, device=run.device, dtype=torch.float32, op=cfg.op)
     report = apply_peft(model, cfg.peft, peft_cfg)
     if cfg.quant != "none":
         from rwkv_peft.quant import quantize_base
 
         report += " | " + quantize_base(model, cfg.quant)
     model.grad_cp = bool(cfg.grad_cp)
-    start_epoch, step = cfg.epoch_begin, 0
-    if resume_state is not None:
-        adapter = proj / str(resume_state["adapter"])
+    run.start_epoch, run.step = cfg.epoch_begin, 0
+    if run.resume is not None:
+        adapter = run.proj / str(run.resume["adapter"])
         load_adapter(model, adapter)
-        start_epoch, step = int(resume_state["epoch"]) + 1, int(resume_state["step"])
-        say(f"resuming from {adapter}: epoch {start_epoch}, step {step}")
+        run.start_epoch, run.step = int(run.resume["epoch"]) + 1, int(run.resume["step"])
+        run.last_saved = adapter
+        run.say(f"resuming from {adapter}: epoch {run.start_epoch}, step {run.step}")
     model.train()
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    run.params = [p for p in model.parameters() if p.requires_grad]
+    if not run.params:
         raise ValueError(f"--peft {cfg.peft}: nothing to train (no trainable parameters)")
-    n_train, n_all = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
-    optimizer = build_optimizer(cfg, params, on_gpu)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=params,
-                                           config=build_ds_config(cfg, world))
-    if resume_state is not None:
-        load_optimizer_state(inner_optimizer(engine), resume_state["optimizer"][rank], proj / STATE_FILE)
-        torch.set_rng_state(resume_state["rng"][rank])
+    run.model = model
+    return report
 
-    arch_line = (f"RWKV {model.version} L{arch.n_layer} D{arch.n_embd} vocab {arch.vocab_size} "
+
+def setup_engine(run: Run, deepspeed) -> None:
+    """DeepSpeed's engine around the model and its optimizer (state restored when resuming)."""
+    optimizer = build_optimizer(run.cfg, run.params, run.on_gpu)
+    run.engine, _, _, _ = deepspeed.initialize(model=run.model, optimizer=optimizer, model_parameters=run.params,
+                                               config=build_ds_config(run.cfg, run.world))
+    if run.resume is not None:
+        load_optimizer_state(inner_optimizer(run.engine), run.resume["optimizer"][run.rank], run.proj / STATE_FILE)
+        torch.set_rng_state(run.resume["rng"][run.rank])
+
+
+def start_log(run: Run, report: str, peft_cfg) -> None:
+    """Rank 0 announces the run and writes its configs and log; the progress bar; the step-0 evaluation."""
+    from rwkv_peft.peft import adapter_config
+
+    cfg, proj, arch = run.cfg, run.proj, run.arch
+    arch_line = (f"RWKV {run.model.version} L{arch.n_layer} D{arch.n_embd} vocab {arch.vocab_size} "
                  f"head {arch.head_size} ffn {arch.dim_ffn}")
-    effective = {**cfg.to_dict(), "world_size": world, "device": device, "architecture": arch_line}
-    tokens_per_step = cfg.ctx_len * cfg.micro_bsz * cfg.accumulate_grad_batches * world
-    if is_main:
+    effective = {**cfg.to_dict(), "world_size": run.world, "device": run.device, "architecture": arch_line}
+    if run.is_main:
         proj.mkdir(parents=True, exist_ok=True)
-        say(f"config: {json.dumps(effective)}")
-        say(f"model: {arch_line} | {report}")
-        say(f"training: {steps_total} steps x {tokens_per_step} tokens ({world} process(es), "
-            f"{cfg.strategy}, {cfg.precision}, {device})")
+        run.say(f"config: {json.dumps(effective)}")
+        run.say(f"model: {arch_line} | {report}")
+        run.say(f"training: {run.steps_total} steps x {run.tokens_per_step} tokens ({run.world} process(es), "
+                f"{cfg.strategy}, {cfg.precision}, {run.device})")
         files.write_text(proj / "adapter_config.json",
-                         json.dumps(adapter_config(model, cfg.peft, peft_cfg), indent=2) + "\n")
+                         json.dumps(adapter_config(run.model, cfg.peft, peft_cfg), indent=2) + "\n")
         files.write_text(proj / "train_config.json", json.dumps(effective, indent=2) + "\n")
-        progress.truncate_log(proj / "train_log.jsonl", step if resume_state else -1)
-        if (proj / FINAL_FILE).is_file() and step < steps_total:  # an earlier run's; this one may fail
+        progress.truncate_log(proj / "train_log.jsonl", run.step if run.resume else -1)
+        if (proj / FINAL_FILE).is_file() and run.step < run.steps_total:  # an earlier run's; this one may fail
             (proj / FINAL_FILE).unlink()
-            say(f"note: removed {proj / FINAL_FILE} of an earlier run; this run writes its own when it completes")
-    run_log = RunLog(cfg, proj, effective) if is_main else None
-    if evaluator is not None and resume_state is not None:
-        evaluator.remember(progress.read_log(proj / "train_log.jsonl") if is_main else [])
-
-    import torch.distributed as dist
-
-    bar = None
-    if is_main and cfg.progress:
+            run.say(f"note: removed {proj / FINAL_FILE} of an earlier run; this run writes its own when it completes")
+        run.run_log = RunLog(cfg, proj, effective)
+    if run.evaluator is not None and run.resume is not None:
+        run.evaluator.remember(progress.read_log(proj / "train_log.jsonl") if run.is_main else [])
+    if run.is_main and cfg.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=steps_total, initial=step, unit="step", dynamic_ncols=True, file=sys.stdout)
-    note = bar.write if bar is not None else say
-    if evaluator is not None and step == 0:
-        evaluate(evaluator, engine, model, step, cfg, proj, run_log, note)
-    bad_in_row, bad_total, steps_run, steps_trained, tokens_seen, t_loop = 0, 0, 0, 0, 0, time.time()
-    last_saved = proj / str(resume_state["adapter"]) if resume_state is not None else None
-    failure = None
-    for epoch in range(start_epoch, cfg.epoch_begin + cfg.epoch_count):
-        dataset.set_epoch(epoch)
-        first_step = step - (epoch - cfg.epoch_begin) * cfg.epoch_steps
-        for j in range(first_step, cfg.epoch_steps):
-            lr = lr_at(step, steps_total, cfg.lr_init, cfg.lr_final, cfg.warmup_steps, cfg.lr_schedule,
-                       cfg.wsd_decay)
-            for group in inner_optimizer(engine).param_groups:
-                group["lr"] = lr
-            t0, losses, bad_micro = time.time(), [], 0
-            for micro in range(cfg.accumulate_grad_batches):
-                batch = get_batch(dataset, j, micro, cfg, device)
-                if cfg.train_type == "infctx":
-                    loss = infctx_masked_loss(engine.module, batch, cfg.chunk_ctx)
-                else:
-                    loss = masked_loss(engine(batch["input_ids"]), batch["targets"], batch["mask"])
-                bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0])
-                dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank skips together
-                if bad.item():
-                    bad_micro += 1
-                    if cfg.accumulate_grad_batches == 1:
-                        break
-                    loss = sum((p * 0).sum() for p in params)  # contributes nothing, keeps counters aligned
-                else:
-                    losses.append(loss.detach().float())
-                engine.backward(loss)
-                engine.step()  # steps the optimizer at the accumulation boundary only
-            steps_run += 1
-            if bad_micro:
-                bad_in_row, bad_total = bad_in_row + 1, bad_total + 1
-                if bad_in_row >= cfg.max_bad_steps:
-                    failure = (f"stopped at step {step}: {bad_in_row} steps in a row with NaN/inf loss; "
-                               + nonfinite_cause(model, cfg, params, steps_trained))
-                    break
-                if not losses:
-                    step += 1
-                    continue
-            else:
-                bad_in_row = 0
-            steps_trained += 1
-            loss_val = torch.stack(losses).mean()
-            dist.all_reduce(loss_val)
-            loss_val = loss_val.item() / world
-            tokens_seen += tokens_per_step
-            dt = time.time() - t0
-            record = {"step": step + 1, "epoch": epoch, "loss": loss_val, "lr": lr,
-                      "tokens": (step + 1) * tokens_per_step, "tok_s": tokens_per_step / max(dt, 1e-9),
-                      **grad_norm(engine)}
-            step += 1
-            if is_main:
-                run_log.log(record)
-                shown = {} if evaluator is None or evaluator.best_step is None else {
-                    "eval": f"{evaluator.best_loss:.4f}@{evaluator.best_step}"}
-                if bar is not None:
-                    bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}",
-                                    tok_s=f"{tokens_seen / (time.time() - t_loop):.0f}", **shown, refresh=False)
-                    bar.update(1)
-                elif step % 10 == 0 or step == steps_total:
-                    say(f"step {step}/{steps_total} loss {loss_val:.4f} lr {lr:.2e} tok/s {record['tok_s']:.0f}"
-                        + (f" best eval {shown['eval']}" if shown else ""))
-            if evaluator is not None and evaluator.due(step, steps_total):
-                evaluate(evaluator, engine, model, step, cfg, proj, run_log, note)
+        run.bar = tqdm(total=run.steps_total, initial=run.step, unit="step", dynamic_ncols=True, file=sys.stdout)
+    if run.evaluator is not None and run.step == 0:
+        evaluate(run)
+    run.t_loop = time.time()
+
+
+def train_epochs(run: Run) -> str | None:
+    """Every epoch from the start (or resume) position; returns why the run failed, or None."""
+    cfg = run.cfg
+    for epoch in range(run.start_epoch, cfg.epoch_begin + cfg.epoch_count):
+        run.dataset.set_epoch(epoch)
+        failure = train_epoch(run, epoch) or end_epoch(run, epoch)
         if failure:
-            break
-        last = epoch == cfg.epoch_begin + cfg.epoch_count - 1
-        if ((epoch + 1 - cfg.epoch_begin) % cfg.epoch_save == 0 or last) and bad_in_row:
-            say(f"note: epoch {epoch} not saved: its last step had a NaN/inf loss")  # suspect weights
-        elif (epoch + 1 - cfg.epoch_begin) % cfg.epoch_save == 0 or last:
-            try:
-                last_saved = save_checkpoint(engine, model, proj, epoch, step, is_main, world,
-                                             trainable_state_dict) or last_saved
-            except RunFailed as e:
-                failure = str(e)
+            return failure
+    return None
+
+
+def train_epoch(run: Run, epoch: int) -> str | None:
+    """The epoch's remaining steps: NaN/inf steps skipped (too many in a row: the failure returned)."""
+    cfg = run.cfg
+    first_step = run.step - (epoch - cfg.epoch_begin) * cfg.epoch_steps
+    for j in range(first_step, cfg.epoch_steps):
+        lr = lr_at(run.step, run.steps_total, cfg.lr_init, cfg.lr_final, cfg.warmup_steps, cfg.lr_schedule,
+                   cfg.wsd_decay)
+        t0 = time.time()
+        losses, bad_micro = train_step(run, j, lr)
+        run.steps_run += 1
+        if bad_micro:
+            run.bad_in_row, run.bad_total = run.bad_in_row + 1, run.bad_total + 1
+            if run.bad_in_row >= cfg.max_bad_steps:
+                return (f"stopped at step {run.step}: {run.bad_in_row} steps in a row with NaN/inf loss; "
+                        + nonfinite_cause(run.model, cfg, run.params, run.steps_trained))
+            if not losses:
+                run.step += 1
+                continue
+        else:
+            run.bad_in_row = 0
+        log_step(run, epoch, losses, lr, time.time() - t0)
+        if run.evaluator is not None and run.evaluator.due(run.step, run.steps_total):
+            evaluate(run)
+    return None
+
+
+def train_step(run: Run, j: int, lr: float) -> tuple[list[torch.Tensor], int]:
+    """Optimizer step ``j`` of the epoch over its micro-batches; returns (finite losses, NaN/inf micro-batches).
+
+    A NaN/inf micro-batch is skipped on every rank together: it backpropagates zero, which keeps
+    DeepSpeed's accumulation counters aligned."""
+    import torch.distributed as dist
+
+    cfg, engine = run.cfg, run.engine
+    for group in inner_optimizer(engine).param_groups:
+        group["lr"] = lr
+    losses, bad_micro = [], 0
+    for micro in range(cfg.accumulate_grad_batches):
+        batch = get_batch(run.dataset, j, micro, cfg, run.device)
+        if cfg.train_type == "infctx":
+            loss = infctx_masked_loss(engine.module, batch, cfg.chunk_ctx)
+        else:
+            loss = masked_loss(engine(batch["input_ids"]), batch["targets"], batch["mask"])
+        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0])
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank skips together
+        if bad.item():
+            bad_micro += 1
+            if cfg.accumulate_grad_batches == 1:
                 break
-            if is_main:
-                progress.plot_loss(proj / "train_log.jsonl", proj / "loss.png",
-                                   f"{cfg.peft} on {Path(cfg.load_model).name}")
-    if bar is not None:
-        bar.close()
-    if failure is None and steps_run and not steps_trained:
-        failure = f"every one of the {steps_run} steps had a NaN/inf loss; " + nonfinite_cause(model, cfg, params, 0)
-    elif failure is None and bad_in_row:
-        failure = (f"the last {bad_in_row} step(s) had NaN/inf loss; "
-                   + nonfinite_cause(model, cfg, params, steps_trained))
+            loss = sum((p * 0).sum() for p in run.params)  # contributes nothing, keeps counters aligned
+        else:
+            losses.append(loss.detach().float())
+        engine.backward(loss)
+        engine.step()  # steps the optimizer at the accumulation boundary only
+    return losses, bad_micro
+
+
+def log_step(run: Run, epoch: int, losses: list[torch.Tensor], lr: float, dt: float) -> None:
+    """Count a trained step; rank 0 logs the loss averaged over ranks and shows progress."""
+    import torch.distributed as dist
+
+    run.steps_trained += 1
+    loss_val = torch.stack(losses).mean()
+    dist.all_reduce(loss_val)
+    loss_val = loss_val.item() / run.world
+    run.tokens_seen += run.tokens_per_step
+    run.step += 1
+    record = {"step": run.step, "epoch": epoch, "loss": loss_val, "lr": lr,
+              "tokens": run.step * run.tokens_per_step, "tok_s": run.tokens_per_step / max(dt, 1e-9),
+              **grad_norm(run.engine)}
+    if not run.is_main:
+        return
+    run.run_log.log(record)
+    ev = run.evaluator
+    shown = {} if ev is None or ev.best_step is None else {"eval": f"{ev.best_loss:.4f}@{ev.best_step}"}
+    if run.bar is not None:
+        run.bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}",
+                            tok_s=f"{run.tokens_seen / (time.time() - run.t_loop):.0f}", **shown, refresh=False)
+        run.bar.update(1)
+    elif run.step % 10 == 0 or run.step == run.steps_total:
+        run.say(f"step {run.step}/{run.steps_total} loss {loss_val:.4f} lr {lr:.2e} tok/s {record['tok_s']:.0f}"
+                + (f" best eval {shown['eval']}" if shown else ""))
+
+
+def end_epoch(run: Run, epoch: int) -> str | None:
+    """Save at --epoch_save boundaries and at the end, unless the last step was NaN/inf; returns a failure."""
+    cfg = run.cfg
+    last = epoch == cfg.epoch_begin + cfg.epoch_count - 1
+    if not ((epoch + 1 - cfg.epoch_begin) % cfg.epoch_save == 0 or last):
+        return None
+    if run.bad_in_row:
+        run.say(f"note: epoch {epoch} not saved: its last step had a NaN/inf loss")  # suspect weights
+        return None
+    try:
+        run.last_saved = save_checkpoint(run, epoch) or run.last_saved
+    except RunFailed as e:
+        return str(e)
+    if run.is_main:
+        progress.plot_loss(run.proj / "train_log.jsonl", run.proj / "loss.png", run.title)
+    return None
+
+
+def summarize(run: Run, failure: str | None) -> dict:
+    """Fail the run (no rwkv-final.pth) if it did not train; else copy the last adapter to rwkv-final.pth,
+    print the summary and the next commands, and return it."""
+    cfg, proj = run.cfg, run.proj
+    if run.bar is not None:
+        run.bar.close()
+        run.bar = None
+    if failure is None and run.steps_run and not run.steps_trained:
+        failure = (f"every one of the {run.steps_run} steps had a NaN/inf loss; "
+                   + nonfinite_cause(run.model, cfg, run.params, 0))
+    elif failure is None and run.bad_in_row:
+        failure = (f"the last {run.bad_in_row} step(s) had NaN/inf loss; "
+                   + nonfinite_cause(run.model, cfg, run.params, run.steps_trained))
     if failure is not None:
-        if run_log is not None:
-            run_log.close()
-        kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved"
+        if run.run_log is not None:
+            run.run_log.close()
+        kept = f"the last good checkpoint is {run.last_saved}" if run.last_saved else "no checkpoint was saved"
         raise RunFailed(f"{failure}; {kept}; no {FINAL_FILE} written")
-    if is_main and last_saved is not None:
-        if steps_run == 0:  # resumed after the last checkpoint: finish what the killed run did not
-            title = f"{cfg.peft} on {Path(cfg.load_model).name}"
-            progress.plot_loss(proj / "train_log.jsonl", proj / "loss.png", title)
-            if evaluator is not None:
-                progress.plot_eval(proj / "train_log.jsonl", proj / "eval.png", title)
-        files.copy_file(last_saved, proj / FINAL_FILE)
-    wall = time.time() - t_start
-    summary = {"trainable_params": n_train, "total_params": n_all, "tokens": tokens_seen, "steps": step,
-               "skipped_steps": bad_total, "wall_s": round(wall, 1),
-               "train_tok_s": round(tokens_seen / max(time.time() - t_loop, 1e-9), 1),
-               "peak_mem_mb": round(progress.peak_memory_mb(device), 1),
-               "adapter": str(last_saved) if last_saved else None, "model": model}
-    if evaluator is not None:
-        summary.update(best_step=evaluator.best_step, best_eval_loss=evaluator.best_loss)
-    if is_main:
-        say(f"done: trainable {progress.fmt_count(n_train)} / {progress.fmt_count(n_all)} params "
-            f"({100 * n_train / n_all:.2f}%) | {progress.fmt_count(tokens_seen)} tokens in {wall:.0f}s "
-            f"({summary['train_tok_s']:.0f} tok/s) | peak memory {summary['peak_mem_mb']:.0f} MiB"
-            + (f" | {bad_total} NaN/inf steps skipped" if bad_total else ""))
-        if last_saved is not None:
-            say(f"adapter: {last_saved} (also {proj / FINAL_FILE}); log {proj / 'train_log.jsonl'}; "
-                f"curve {proj / 'loss.png'}")
-            if merge_command(cfg, proj):  # a learned start state has no weight to fold into
-                say(f"merge:   {merge_command(cfg, proj)}")
-            else:  # with no train_parts the adapter is a state file (RWKV-PEFT's format, RWKV-Runner/Ai00)
-                only_state = all(n.endswith(".time_state") for n, p in model.named_parameters() if p.requires_grad)
-                say(f"chat:    python -m rwkv_peft.generate --model {cfg.load_model} "
-                    f"--{'state' if only_state else 'adapter'} {proj / 'rwkv-final.pth'} --chat")
-        if evaluator is not None and evaluator.best_step is not None:
-            kept = f" (kept as {proj / BEST_FILE})" if cfg.save_best else ""
-            say(f"eval:    best held-out loss {evaluator.best_loss:.4f} at step {evaluator.best_step}{kept}; "
-                f"curve {proj / 'eval.png'}")
-        run_log.close()
+    if run.is_main and run.last_saved is not None:
+        if run.steps_run == 0:  # resumed after the last checkpoint: finish what the killed run did not
+            progress.plot_loss(proj / "train_log.jsonl", proj / "loss.png", run.title)
+            if run.evaluator is not None:
+                progress.plot_eval(proj / "train_log.jsonl", proj / "eval.png", run.title)
+        files.copy_file(run.last_saved, proj / FINAL_FILE)
+    n_train, n_all = sum(p.numel() for p in run.params), sum(p.numel() for p in run.model.parameters())
+    summary = {"trainable_params": n_train, "total_params": n_all, "tokens": run.tokens_seen, "steps": run.step,
+               "skipped_steps": run.bad_total, "wall_s": round(time.time() - run.t_start, 1),
+               "train_tok_s": round(run.tokens_seen / max(time.time() - run.t_loop, 1e-9), 1),
+               "peak_mem_mb": round(progress.peak_memory_mb(run.device), 1),
+               "adapter": str(run.last_saved) if run.last_saved else None, "model": run.model}
+    if run.evaluator is not None:
+        summary.update(best_step=run.evaluator.best_step, best_eval_loss=run.evaluator.best_loss)
+    if run.is_main:
+        print_summary(run, summary)
+        run.run_log.close()
     return summary
+
+
+def print_summary(run: Run, summary: dict) -> None:
+    """Rank 0's closing lines: totals, where the adapter is, and the command to merge (or chat with) it."""
+    cfg, proj, n_train, n_all = run.cfg, run.proj, summary["trainable_params"], summary["total_params"]
+    run.say(f"done: trainable {progress.fmt_count(n_train)} / {progress.fmt_count(n_all)} params "
+            f"({100 * n_train / n_all:.2f}%) | {progress.fmt_count(run.tokens_seen)} tokens in "
+            f"{summary['wall_s']:.0f}s ({summary['train_tok_s']:.0f} tok/s) | peak memory "
+            f"{summary['peak_mem_mb']:.0f} MiB"
+            + (f" | {run.bad_total} NaN/inf steps skipped" if run.bad_total else ""))
+    if run.last_saved is not None:
+        run.say(f"adapter: {run.last_saved} (also {proj / FINAL_FILE}); log {proj / 'train_log.jsonl'}; "
+                f"curve {proj / 'loss.png'}")
+        if merge_command(cfg, proj):  # a learned start state has no weight to fold into
+            run.say(f"merge:   {merge_command(cfg, proj)}")
+        else:  # with no train_parts the adapter is a state file (RWKV-PEFT's format, RWKV-Runner/Ai00)
+            only_state = all(n.endswith(".time_state") for n, p in run.model.named_parameters() if p.requires_grad)
+            run.say(f"chat:    python -m rwkv_peft.generate --model {cfg.load_model} "
+                    f"--{'state' if only_state else 'adapter'} {proj / 'rwkv-final.pth'} --chat")
+    ev = run.evaluator
+    if ev is not None and ev.best_step is not None:
+        kept = f" (kept as {proj / BEST_FILE})" if cfg.save_best else ""
+        run.say(f"eval:    best held-out loss {ev.best_loss:.4f} at step {ev.best_step}{kept}; "
+                f"curve {proj / 'eval.png'}")
 
 
 def grad_norm(engine) -> dict[str, float]:
@@ -458,27 +605,25 @@ def grad_norm(engine) -> dict[str, float]:
     return {"grad_norm": norm} if math.isfinite(norm) else {}
 
 
-def evaluate(evaluator, engine, model, step: int, cfg: TrainConfig, proj: Path, run_log: RunLog | None,
-             note) -> None:
-    """Held-out loss and generations at ``step`` (every rank), logged and plotted by rank 0; with
+def evaluate(run: Run) -> None:
+    """Held-out loss and generations at this step (every rank), logged and plotted by rank 0; with
     --save_best the adapter is kept as rwkv-best.pth whenever the loss is the best so far."""
-    from rwkv_peft.peft import trainable_state_dict
-
-    record = evaluator.run(engine.module, step)
-    if evaluator.improved and cfg.save_best:
-        sd = gathered_trainable(engine, model, trainable_state_dict)
-        if run_log is not None:
+    ev, proj = run.evaluator, run.proj
+    record = ev.run(run.engine.module, run.step)
+    if ev.improved and run.cfg.save_best:
+        sd = gathered_trainable(run)
+        if run.is_main:
             from rwkv_peft.model import write_state_dict
 
             write_state_dict(sd, proj / BEST_FILE)
-    if run_log is None:
+    if not run.is_main:
         return
-    run_log.log(record)
-    progress.plot_eval(run_log.path, proj / "eval.png", f"{cfg.peft} on {Path(cfg.load_model).name}")
-    best = " (best)" if evaluator.improved else f" (best {evaluator.best_loss:.4f} at step {evaluator.best_step})"
-    note(f"eval step {step}: held-out loss {record['eval_loss']:.4f}{best}")
+    run.run_log.log(record)
+    progress.plot_eval(run.run_log.path, proj / "eval.png", run.title)
+    best = " (best)" if ev.improved else f" (best {ev.best_loss:.4f} at step {ev.best_step})"
+    run.say(f"eval step {run.step}: held-out loss {record['eval_loss']:.4f}{best}")
     for i, s in enumerate(record["eval_samples"]):
-        note(f"  sample {i}: ...{s['prompt'][-60:]!r} -> {s['output'][:120]!r}")
+        run.say(f"  sample {i}: ...{s['prompt'][-60:]!r} -> {s['output'][:120]!r}")
 
 
 def merge_command(cfg: TrainConfig, proj: Path) -> str:
@@ -508,38 +653,39 @@ def nonfinite_cause(model: torch.nn.Module, cfg: TrainConfig, params: list, step
     return f"NaN/inf from the first step with a finite base and adapter: check --data_file{hint}"
 
 
-def gathered_trainable(engine, model, trainable_state_dict) -> dict[str, torch.Tensor]:
+def gathered_trainable(run: Run) -> dict[str, torch.Tensor]:
     """The trainable tensors, whole on every rank (ZeRO-3 holds a slice per rank: gathered; collective)."""
-    if engine.zero_optimization_partition_weights():
+    from rwkv_peft.peft import trainable_state_dict
+
+    if run.engine.zero_optimization_partition_weights():
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters([p for p in model.parameters() if p.requires_grad]):
-            return trainable_state_dict(model)
-    return trainable_state_dict(model)
+        with deepspeed.zero.GatheredParameters(run.params):
+            return trainable_state_dict(run.model)
+    return trainable_state_dict(run.model)
 
 
-def save_checkpoint(engine, model, proj: Path, epoch: int, step: int, is_main: bool, world: int,
-                    trainable_state_dict) -> Path | None:
+def save_checkpoint(run: Run, epoch: int) -> Path | None:
     """rwkv-<epoch>.pth (trainable tensors) and trainer_state.pt (optimizer per rank, RNG, position)."""
     import torch.distributed as dist
 
-    sd = gathered_trainable(engine, model, trainable_state_dict)
+    from rwkv_peft.model import write_state_dict
+
+    sd = gathered_trainable(run)
     bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    opt_state = optimizer_state(inner_optimizer(engine))
+    opt_state = optimizer_state(inner_optimizer(run.engine))
     rng = torch.get_rng_state()
-    gathered_opt, gathered_rng = [None] * world, [None] * world
+    gathered_opt, gathered_rng = [None] * run.world, [None] * run.world
     dist.all_gather_object(gathered_opt, opt_state)
     dist.all_gather_object(gathered_rng, rng)
     if bad:
         raise RunFailed(f"epoch {epoch} not saved: the adapter diverged ({bad[0]} is NaN/inf): lower --lr_init")
-    if not is_main:
+    if not run.is_main:
         return None
-    path = proj / f"rwkv-{epoch}.pth"
-    from rwkv_peft.model import write_state_dict
-
+    path = run.proj / f"rwkv-{epoch}.pth"
     write_state_dict(sd, path)
-    with files.atomic_path(proj / STATE_FILE) as tmp, open(tmp, "wb") as f:
-        torch.save({"epoch": epoch, "step": step, "adapter": path.name, "optimizer": gathered_opt,
+    with files.atomic_path(run.proj / STATE_FILE) as tmp, open(tmp, "wb") as f:
+        torch.save({"epoch": epoch, "step": run.step, "adapter": path.name, "optimizer": gathered_opt,
                     "rng": gathered_rng}, f)
     return path
 
