@@ -14,7 +14,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from rwkv_peft.model import base
-from rwkv_peft.model.rwkv6 import LN_X_EPS, RWKV6, ffn_width, init_linears_, ramps, read_common
+from rwkv_peft.model.rwkv6 import (
+    RWKV6,
+    add_ffn_projections,
+    add_projections,
+    ffn_width,
+    gated_output,
+    init_linears_,
+    ramps,
+    read_common,
+)
 from rwkv_peft.ops import wkv5
 
 
@@ -51,18 +60,12 @@ def shift_mix(x: torch.Tensor, prev: torch.Tensor, ratio: torch.Tensor) -> torch
 class TimeMix(base.TimeMix):
     def __init__(self, cfg: RWKV5Config, layer_id: int, op: str = "auto"):
         super().__init__(cfg, layer_id, op)
-        C, A = cfg.n_embd, cfg.dim_att
+        C = cfg.n_embd
         for name in ("time_mix_k", "time_mix_v", "time_mix_r", "time_mix_g"):
             setattr(self, name, nn.Parameter(torch.zeros(1, 1, C)))
         self.time_decay = nn.Parameter(torch.zeros(cfg.n_head, cfg.head_size))
         self.time_faaaa = nn.Parameter(torch.zeros(cfg.n_head, cfg.head_size))
-        self.receptance = nn.Linear(C, A, bias=False)
-        self.key = nn.Linear(C, A, bias=False)
-        self.value = nn.Linear(C, A, bias=False)
-        self.gate = nn.Linear(C, A, bias=False)
-        self.output = nn.Linear(A, C, bias=False)
-        # RWKV-LM divides by head_size_divisor (8) before a GroupNorm with eps 1e-5: the same as this.
-        self.ln_x = nn.GroupNorm(cfg.n_head, A, eps=LN_X_EPS)
+        add_projections(self, cfg)
 
     def mix(
         self, x: torch.Tensor, prev: torch.Tensor, v_first: torch.Tensor | None, wkv_state: torch.Tensor | None
@@ -77,19 +80,15 @@ class TimeMix(base.TimeMix):
         heads = [t.reshape(B, T, H, N) for t in (r, k, v)]
         y, wkv_state = wkv5(heads[0], self.time_decay, *heads[1:], self.time_faaaa, state=wkv_state, op=self.op)
 
-        y = self.ln_x(y.reshape(B * T, H * N)).view(B, T, H * N)
-        return self.output(y * g), v_first, wkv_state
+        return gated_output(self, y, g), v_first, wkv_state
 
 
 class ChannelMix(base.ChannelMix):
     def __init__(self, cfg: RWKV5Config, layer_id: int):
         super().__init__()
-        C = cfg.n_embd
-        self.time_mix_k = nn.Parameter(torch.zeros(1, 1, C))
-        self.time_mix_r = nn.Parameter(torch.zeros(1, 1, C))
-        self.key = nn.Linear(C, cfg.dim_ffn, bias=False)
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(cfg.dim_ffn, C, bias=False)
+        self.time_mix_k = nn.Parameter(torch.zeros(1, 1, cfg.n_embd))
+        self.time_mix_r = nn.Parameter(torch.zeros(1, 1, cfg.n_embd))
+        add_ffn_projections(self, cfg)
 
     def mix(self, x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         k = torch.relu(self.key(shift_mix(x, prev, self.time_mix_k))) ** 2

@@ -83,6 +83,31 @@ def config_from_state_dict(sd: Mapping[str, torch.Tensor], name: str = "checkpoi
     )
 
 
+def add_projections(mix: nn.Module, cfg: RWKV6Config) -> None:
+    """The v5/v6 time mix's linears (receptance, key, value, gate: C -> A; output: A -> C) and ln_x,
+    registered after the mix's own tensors, in checkpoint order."""
+    C, A = cfg.n_embd, cfg.dim_att
+    for name in ("receptance", "key", "value", "gate"):
+        setattr(mix, name, nn.Linear(C, A, bias=False))
+    mix.output = nn.Linear(A, C, bias=False)
+    # RWKV-LM divides by head_size_divisor (8) before a GroupNorm with eps 1e-5: the same as this.
+    mix.ln_x = nn.GroupNorm(cfg.n_head, A, eps=LN_X_EPS)
+
+
+def gated_output(mix: nn.Module, y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The v5/v6 time mix's last step: the WKV output normalised per head (ln_x), gated by g (B, T, A), projected."""
+    B, T, A = g.shape
+    return mix.output(mix.ln_x(y.reshape(B * T, A)).view(B, T, A) * g)
+
+
+def add_ffn_projections(mix: nn.Module, cfg: RWKV6Config) -> None:
+    """The v5/v6 channel mix's linears: key C -> dim_ffn, receptance C -> C, value dim_ffn -> C."""
+    C = cfg.n_embd
+    mix.key = nn.Linear(C, cfg.dim_ffn, bias=False)
+    mix.receptance = nn.Linear(C, C, bias=False)
+    mix.value = nn.Linear(cfg.dim_ffn, C, bias=False)
+
+
 class TimeMix(base.TimeMix):
     def __init__(self, cfg: RWKV6Config, layer_id: int, op: str = "auto"):
         super().__init__(cfg, layer_id, op)
@@ -95,12 +120,7 @@ class TimeMix(base.TimeMix):
         self.time_decay_w1 = nn.Parameter(torch.zeros(C, cfg.d_decay))
         self.time_decay_w2 = nn.Parameter(torch.zeros(cfg.d_decay, A))
         self.time_faaaa = nn.Parameter(torch.zeros(cfg.n_head, cfg.head_size))
-        self.receptance = nn.Linear(C, A, bias=False)
-        self.key = nn.Linear(C, A, bias=False)
-        self.value = nn.Linear(C, A, bias=False)
-        self.gate = nn.Linear(C, A, bias=False)
-        self.output = nn.Linear(A, C, bias=False)
-        self.ln_x = nn.GroupNorm(cfg.n_head, A, eps=LN_X_EPS)
+        add_projections(self, cfg)
 
     def mix(
         self, x: torch.Tensor, prev: torch.Tensor, v_first: torch.Tensor | None, wkv_state: torch.Tensor | None
@@ -125,19 +145,15 @@ class TimeMix(base.TimeMix):
         heads = [t.reshape(B, T, H, N) for t in (r, w, k, v)]
         y, wkv_state = wkv6(*heads, self.time_faaaa, state=wkv_state, op=self.op)
 
-        y = self.ln_x(y.reshape(B * T, H * N)).view(B, T, H * N)
-        return self.output(y * g), v_first, wkv_state
+        return gated_output(self, y, g), v_first, wkv_state
 
 
 class ChannelMix(base.ChannelMix):
     def __init__(self, cfg: RWKV6Config, layer_id: int):
         super().__init__()
-        C = cfg.n_embd
-        self.time_maa_k = nn.Parameter(torch.zeros(1, 1, C))
-        self.time_maa_r = nn.Parameter(torch.zeros(1, 1, C))
-        self.key = nn.Linear(C, cfg.dim_ffn, bias=False)
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(cfg.dim_ffn, C, bias=False)
+        self.time_maa_k = nn.Parameter(torch.zeros(1, 1, cfg.n_embd))
+        self.time_maa_r = nn.Parameter(torch.zeros(1, 1, cfg.n_embd))
+        add_ffn_projections(self, cfg)
 
     def mix(self, x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         xx = prev - x
