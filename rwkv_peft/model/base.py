@@ -10,6 +10,7 @@ model's is one such list per block, or None for the start of a text.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -68,6 +69,15 @@ class ChannelMix(nn.Module):
         return self.mix(x, token_shift(x, shift)), x[:, -1]
 
 
+class Head(nn.Linear):
+    """The output projection. ``head(x)`` gives logits; ``head(x, loss)`` gives ``loss(x, weight)``
+    instead (a training loss that need not form every logit), computed inside this module's call so
+    that hooks which gather a sharded weight (DeepSpeed ZeRO-3) run around it and its backward."""
+
+    def forward(self, x: torch.Tensor, loss: Callable | None = None) -> torch.Tensor:
+        return super().forward(x) if loss is None else loss(x, self.weight)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: Any, layer_id: int, time_mix: type[TimeMix], channel_mix: type[ChannelMix], op: str):
         super().__init__()
@@ -112,7 +122,7 @@ class RWKV(nn.Module):
             Block(cfg, i, self.time_mix, self.channel_mix, op) for i in range(cfg.n_layer)
         )
         self.ln_out = nn.LayerNorm(cfg.n_embd)
-        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.head = Head(cfg.n_embd, cfg.vocab_size, bias=False)
         self.grad_cp = False
 
     def train_part(self, name: str) -> str | None:
@@ -133,14 +143,17 @@ class RWKV(nn.Module):
         for block in self.blocks:
             block.att.op = op
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Logits (B, T, V) for token ids (B, T), starting from the zero (or learned) state."""
-        return self.forward_state(idx, None)[0]
+    def forward(self, idx: torch.Tensor, loss: Callable | None = None) -> torch.Tensor:
+        """Logits (B, T, V) for token ids (B, T), starting from the zero (or learned) state; with ``loss``,
+        the head's loss instead (see ``Head``)."""
+        return self.forward_state(idx, None, loss)[0]
 
-    def forward_state(self, idx: torch.Tensor, state: list | None) -> tuple[torch.Tensor, list]:
-        """Logits and the state after the last token; ``state`` is one list per block or None."""
+    def forward_state(
+        self, idx: torch.Tensor, state: list | None, loss: Callable | None = None
+    ) -> tuple[torch.Tensor, list]:
+        """Logits (or the head's ``loss``) and the state after the last token; ``state``: one list per block or None."""
         x, state = self.forward_hidden(idx, state)
-        return self.head(x), state
+        return self.head(x, loss), state
 
     def forward_hidden(self, idx: torch.Tensor, state: list | None) -> tuple[torch.Tensor, list]:
         """The hidden states the head reads (after ln_out, (B, T, C)) and the state after the last token."""
