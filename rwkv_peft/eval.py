@@ -1,8 +1,9 @@
 """Evaluation helpers: held-out loss on SFT samples and exact match of greedy `#### N` answers.
 
-Both work on any model with the package's interface (``model(idx) -> logits`` and
-``model.forward_state(idx, state) -> (logits, state)``), adapted or not, so a benchmark can score
-a base model and every PEFT method the same way.
+Both work on any model with the package's interface (``model.forward_hidden(idx, state)``, the
+states before the head, ``model.head(hidden, loss)``, which applies a training loss without forming
+every logit, and ``model.forward_state(idx, state) -> (logits, state)``), adapted or not, so a
+benchmark can score a base model and every PEFT method the same way.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from rwkv_peft.train.infctx import masked_ce_sum
+from rwkv_peft.train.loss import head_loss
 
 _ANSWER = re.compile(r"####\s*([-+]?[\d,]*\.?\d+)")
 
@@ -39,9 +40,10 @@ def heldout_sums(
         targets = torch.stack([s["targets"] for s in batch])
         mask = torch.stack([s["mask"] for s in batch])
         keep = int(mask.nonzero()[:, 1].max()) + 1 if mask.any() else 1  # skip the all-padding tail
-        logits = model(idx[:, :keep])
-        for j in range(len(batch)):
-            sums.append(float(masked_ce_sum(logits[j : j + 1], targets[j : j + 1, :keep], mask[j : j + 1, :keep])))
+        hidden = model.forward_hidden(idx[:, :keep], None)[0]
+        for j in range(len(batch)):  # the head + loss per sample, chunked: no (B, T, V) logits
+            summed = head_loss(targets[j : j + 1, :keep], mask[j : j + 1, :keep], total=mask.new_tensor(1.0))
+            sums.append(float(model.head(hidden[j : j + 1], summed)))
             counts.append(float(mask[j].sum()))
     model.train(was_training)
     return sums, counts

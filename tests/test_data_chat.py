@@ -13,7 +13,7 @@ from rwkv_peft.data import ChatTemplate, build_dataset, get_tokenizer, load_chat
 from rwkv_peft.data.chat import encode_chat
 from rwkv_peft.data.make_binidx import main as make_binidx_main
 from rwkv_peft.train import masked_loss
-from rwkv_peft.train.loop import infctx_masked_loss
+from rwkv_peft.train.infctx import infctx_loss
 
 V = 65536
 THREE_TURNS = [
@@ -144,5 +144,6 @@ def test_get_pad_infctx_and_make_binidx_agree(tmp_path, capsys):
     model = perturbed_model(n_layer=1, n_embd=64, vocab=256, head_size=32, seed=5)
     batch = {k: torch.stack([pad[i][k] for i in range(2)]) for k in ("input_ids", "targets", "mask")}
     batch["input_ids"], batch["targets"] = batch["input_ids"] % 256, batch["targets"] % 256
-    whole = masked_loss(model(batch["input_ids"]), batch["targets"], batch["mask"])
-    torch.testing.assert_close(infctx_masked_loss(model, batch, 7), whole, rtol=1e-5, atol=1e-6)
+    whole = masked_loss(model, batch["input_ids"], batch["targets"], batch["mask"], head_chunk=0)
+    chunked = infctx_loss(model, batch["input_ids"], batch["targets"], batch["mask"], 7)
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)

@@ -9,7 +9,8 @@ from torch import nn
 
 from rwkv_peft.ops import wkv7
 from rwkv_peft.peft.state import add_time_state
-from rwkv_peft.train.infctx import infctx_loss, masked_ce_sum
+from rwkv_peft.train.infctx import infctx_loss
+from rwkv_peft.train.loss import masked_loss
 
 # fp32 throughout; chunking only changes float summation order, so 1e-4 relative is generous.
 REL = 1e-4
@@ -27,7 +28,8 @@ def _sample(B: int, L: int, vocab: int, seed: int = 0) -> tuple[torch.Tensor, to
 
 
 def _full_loss(model: nn.Module, idx: torch.Tensor, tgt: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return masked_ce_sum(model(idx), tgt, mask) / mask.sum()
+    """The trainer's loss on the whole sample through the plain head (every logit at once)."""
+    return masked_loss(model, idx, tgt, mask, head_chunk=0)
 
 
 def _loss_and_grads(model: nn.Module, loss_fn) -> tuple[float, dict[str, torch.Tensor]]:
@@ -98,7 +100,7 @@ def test_infctx_eval_no_grad_and_bad_chunk() -> None:
     with torch.no_grad():
         ref = _full_loss(model, idx, tgt, mask)
         assert torch.allclose(infctx_loss(model, idx, tgt, mask, 7), ref, rtol=REL)
-        assert torch.allclose(infctx_loss(model, idx, tgt, None, 7), masked_ce_sum(model(idx), tgt, mask * 0 + 1) / 20,
+        assert torch.allclose(infctx_loss(model, idx, tgt, None, 7), _full_loss(model, idx, tgt, mask * 0 + 1),
                               rtol=REL)
     with pytest.raises(ValueError, match="chunk_ctx"):
         infctx_loss(model, idx, tgt, mask, 0)
@@ -147,17 +149,19 @@ def test_infctx_miss_adapters(mode: str) -> None:
     _assert_same(full, chunked)
 
 
+@pytest.mark.parametrize("head_chunk", [0, 7])
 @pytest.mark.parametrize("masked", [True, False])
-def test_trainer_loss_chunked_equals_whole(masked: bool) -> None:
-    """The trainer's loss (masked mean CE + L2Wrap) in chunks == on the whole sample. With an all-zero
-    mask only L2Wrap's gradient is left, which checks its whole-sample position count on its own."""
-    from rwkv_peft.train.loop import infctx_masked_loss, masked_loss
-
+def test_trainer_loss_chunked_equals_whole(masked: bool, head_chunk: int) -> None:
+    """The trainer's loss (masked mean CE + L2Wrap) in chunks == on the whole sample (plain head), with
+    the plain head inside each recomputed chunk (0) or the chunked head outside it (7 tokens: several
+    per 16-token chunk, one of them short). With an all-zero mask only L2Wrap's gradient is left,
+    which checks its whole-sample position count on its own."""
     model = perturbed_model(n_layer=1, n_embd=64, vocab=97).train()
+    model.head.weight.requires_grad_(True)
     idx, tgt, mask = _sample(2, 40, 97, seed=6)
     if not masked:
         mask = torch.zeros_like(mask)
-    batch = {"input_ids": idx, "targets": tgt, "mask": mask}
-    full = _loss_and_grads(model, lambda: masked_loss(model(idx), tgt, mask))
-    chunked = _loss_and_grads(model, lambda: infctx_masked_loss(model, batch, 16))
+    full = _loss_and_grads(model, lambda: _full_loss(model, idx, tgt, mask))
+    chunked = _loss_and_grads(model, lambda: infctx_loss(model, idx, tgt, mask, 16, head_chunk))
+    assert "head.weight" in full[1]
     _assert_same(full, chunked)

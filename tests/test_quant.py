@@ -13,7 +13,8 @@ pytest.importorskip("bitsandbytes.functional", reason="--quant needs bitsandbyte
 
 from rwkv_peft.peft.inject import apply_peft, parse_peft_config, trainable_state_dict  # noqa: E402
 from rwkv_peft.quant import QuantWeight, RoundtripView, quant_roundtrip, quantize_base  # noqa: E402
-from rwkv_peft.train.infctx import infctx_loss, masked_ce_sum  # noqa: E402
+from rwkv_peft.train.infctx import infctx_loss  # noqa: E402
+from rwkv_peft.train.loss import masked_loss  # noqa: E402
 
 FORMATS = ["int8", "nf4"]
 
@@ -108,7 +109,7 @@ def _train(model: torch.nn.Module, idx: torch.Tensor, steps: int, chunk: int | N
         if chunk:
             loss = infctx_loss(model, idx, tgt, mask, chunk)
         else:
-            loss = masked_ce_sum(model(idx), tgt, mask) / mask.sum()
+            loss = masked_loss(model, idx, tgt, mask)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -140,7 +141,7 @@ def test_infctx_exact_on_quantized_base() -> None:
     idx, tgt = torch.randint(0, 97, (1, 40)), torch.randint(0, 97, (1, 40))
     mask = torch.ones(1, 40)
     grads = []
-    for fn in (lambda: masked_ce_sum(model(idx), tgt, mask) / 40, lambda: infctx_loss(model, idx, tgt, mask, 16)):
+    for fn in (lambda: masked_loss(model, idx, tgt, mask, 0), lambda: infctx_loss(model, idx, tgt, mask, 16)):
         model.zero_grad(set_to_none=True)
         fn().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})

@@ -63,6 +63,7 @@ class TrainConfig:
     op: str = "auto"
     train_type: str = ""
     chunk_ctx: int = 512
+    head_chunk: int = -1
     quant: str = "none"
     resume: int = 0
     wandb: str = ""
@@ -144,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
         "op": f"WKV kernel: {' | '.join(OPS)}",
         "train_type": "'' (the whole ctx_len at once) | infctx (chunks of --chunk_ctx, state carried, exact gradients)",
         "chunk_ctx": "tokens per chunk with --train_type infctx (memory of one chunk's activations)",
+        "head_chunk": "tokens per chunk of the output head + loss, which then never holds the logits of every "
+                      "token (-1: auto, about 128 MiB of fp32 logits; 0: the plain path, all logits at once)",
         "quant": "none | int8 | nf4: keep the frozen base linears quantized (bitsandbytes)",
         "resume": "1: continue from the latest checkpoint in proj_dir (optimizer, schedule, data position)",
         "wandb": "wandb project name (empty: off; WANDB_MODE=offline logs locally)",
@@ -203,6 +206,7 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.train_type not in ("", "infctx"):
         raise ValueError(f"--train_type: expected infctx (or nothing), got {cfg.train_type!r}")
     _positive(cfg, "chunk_ctx")
+    _positive(cfg, "head_chunk", minimum=-1)
     if cfg.quant not in ("none", "int8", "nf4"):
         raise ValueError(f"--quant: expected none|int8|nf4, got {cfg.quant!r}")
     if not cfg.lr_init > 0 or cfg.lr_final < 0:

@@ -24,8 +24,9 @@ from rwkv_peft import files
 from rwkv_peft.train import progress
 from rwkv_peft.train.config import ARCH_FLAGS, TrainConfig, parse_args
 from rwkv_peft.train.ds_config import build_ds_config, check_supported
-from rwkv_peft.train.infctx import masked_ce_sum
+from rwkv_peft.train.infctx import infctx_loss
 from rwkv_peft.train.loggers import RunLog, check_loggers
+from rwkv_peft.train.loss import masked_loss
 from rwkv_peft.train.schedule import lr_at
 
 STATE_FILE = "trainer_state.pt"
@@ -35,46 +36,6 @@ FINAL_FILE = "rwkv-final.pth"
 
 class RunFailed(Exception):
     """The run did not train (NaN/inf losses, a diverged adapter): exit non-zero, no rwkv-final.pth."""
-
-
-class L2Wrap(torch.autograd.Function):
-    """RWKV-LM's logit regulariser: identity on the loss; in backward it pushes each position's
-    largest logit towards 0 with gradient 1e-4 * max / (B*T), which keeps logits from drifting up."""
-
-    @staticmethod
-    def forward(ctx, loss: torch.Tensor, logits: torch.Tensor, positions: int = 0) -> torch.Tensor:
-        maxx, ids = logits.detach().max(-1, keepdim=True)
-        ctx.save_for_backward(maxx, ids)
-        ctx.shape, ctx.dtype = logits.shape, logits.dtype
-        ctx.positions = positions or maxx.numel()  # infctx: the whole sample's count, not the chunk's
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
-        maxx, ids = ctx.saved_tensors
-        gy = torch.zeros(ctx.shape, dtype=ctx.dtype, device=maxx.device)
-        gy.scatter_(-1, ids, (maxx * (1e-4 / ctx.positions) * grad).to(ctx.dtype))
-        return grad, gy, None
-
-
-def masked_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the positions the data set marks for training (mask 1), with L2Wrap."""
-    loss = masked_ce_sum(logits, targets, mask) / mask.sum().clamp(min=1)
-    return L2Wrap.apply(loss, logits)
-
-
-def infctx_masked_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_ctx: int) -> torch.Tensor:
-    """``masked_loss`` of the whole sample, computed in chunks of ``chunk_ctx`` tokens (--train_type infctx):
-    each chunk adds its share with whole-sample normalisers, so loss and gradients are the full-context ones."""
-    from rwkv_peft.train.infctx import infctx_loss
-
-    mask = batch["mask"]
-    total, positions = mask.sum().clamp(min=1), mask.numel()
-
-    def share(logits: torch.Tensor, targets: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        return L2Wrap.apply(masked_ce_sum(logits, targets, m) / total, logits, positions)
-
-    return infctx_loss(model, batch["input_ids"], batch["targets"], mask, chunk_ctx, share)
 
 
 def _free_port() -> int:
@@ -472,9 +433,10 @@ def train_step(run: Run, j: int, lr: float) -> tuple[list[torch.Tensor], int]:
     for micro in range(cfg.accumulate_grad_batches):
         batch = get_batch(run.dataset, j, micro, cfg, run.device)
         if cfg.train_type == "infctx":
-            loss = infctx_masked_loss(engine.module, batch, cfg.chunk_ctx)
+            loss = infctx_loss(engine.module, batch["input_ids"], batch["targets"], batch["mask"], cfg.chunk_ctx,
+                               cfg.head_chunk)
         else:
-            loss = masked_loss(engine(batch["input_ids"]), batch["targets"], batch["mask"])
+            loss = masked_loss(engine, batch["input_ids"], batch["targets"], batch["mask"], cfg.head_chunk)
         bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0])
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank skips together
         if bad.item():

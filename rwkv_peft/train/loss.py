@@ -1,0 +1,140 @@
+"""The training objective: masked cross-entropy of the head's logits plus RWKV-LM's L2Wrap.
+
+The vocabulary-wide logits are the largest activation of a PEFT step (B x T x V: 128 MB per 512
+tokens at V = 65536 in fp32), so the default path never holds them: ``LinearCrossEntropy`` walks
+the tokens in chunks, computes a chunk's logits, its log-sum-exp (fp32) and loss, and, when
+gradients are wanted, the chunk's logit gradient, which it folds at once into the gradients of the
+hidden states and of the head weight before freeing the chunk. The loss is a scalar, so its
+gradient is known in forward up to the upstream scale: backward only multiplies by it, and no
+logits are recomputed. ``head_chunk=0`` keeps the plain path (full logits, ``masked_ce_sum`` +
+``L2Wrap``), which defines the result: both give the same loss and gradients up to float rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HeadLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (hidden after ln_out, head weight) -> loss
+
+L2WRAP_SCALE = 1e-4  # RWKV-LM's factor: each position's max logit gets gradient 1e-4 * max / positions
+CHUNK_BYTES = 128 * 2**20  # one chunk's fp32 logits under the automatic head chunk (512 tokens at V = 65536)
+
+
+def masked_ce_sum(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum over tokens of mask * cross-entropy: additive over chunks, so chunking does not change it."""
+    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    return (ce * mask.flatten().to(ce.dtype)).sum()
+
+
+class L2Wrap(torch.autograd.Function):
+    """RWKV-LM's logit regulariser: identity on the loss; in backward it pushes each position's
+    largest logit towards 0 with gradient 1e-4 * max / positions, which keeps logits from drifting up."""
+
+    @staticmethod
+    def forward(ctx, loss: torch.Tensor, logits: torch.Tensor, positions: int = 0) -> torch.Tensor:
+        maxx, ids = logits.detach().max(-1, keepdim=True)
+        ctx.save_for_backward(maxx, ids)
+        ctx.shape, ctx.dtype = logits.shape, logits.dtype
+        ctx.positions = positions or maxx.numel()  # infctx: the whole sample's count, not the chunk's
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        maxx, ids = ctx.saved_tensors
+        gy = torch.zeros(ctx.shape, dtype=ctx.dtype, device=maxx.device)
+        gy.scatter_(-1, ids, (maxx * (L2WRAP_SCALE / ctx.positions) * grad).to(ctx.dtype))
+        return grad, gy, None
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum(mask * CE(hidden @ weight.T, targets)) / total, with L2Wrap over ``positions``, ``chunk`` tokens
+    at a time. Forward keeps the gradients of hidden (B, T, C) and weight (V, C, fp32-accumulated) for
+    the inputs that need one; nothing of size T x V outlives a chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                total: torch.Tensor, positions: int, chunk: int, grad_enabled: bool) -> torch.Tensor:
+        want_h, want_w = (grad_enabled and need for need in ctx.needs_input_grad[:2])
+        h = hidden.reshape(-1, hidden.shape[-1])
+        y = targets.reshape(-1, 1)
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 sums for bf16/fp16 (fp64 stays fp64)
+        m = mask.reshape(-1).to(acc)
+        w = m / total  # each token's weight in the loss: the logit gradient's scale
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
+        ce_sum = torch.zeros((), dtype=acc, device=h.device)
+        for s in range(0, h.shape[0], chunk):
+            e = min(s + chunk, h.shape[0])
+            logits = h[s:e] @ weight.t()
+            maxx, ids = logits.max(-1, keepdim=True)  # the log-sum-exp's shift, and L2Wrap's max
+            lf = logits.to(acc)  # fp32 log-sum-exp even for bf16 logits (the same tensor when fp32)
+            picked = lf.gather(1, y[s:e])
+            p = lf.sub_(maxx).exp_()  # in place: the chunk's one (n, V) fp32 buffer
+            sumexp = p.sum(-1, keepdim=True)
+            ce_sum += ((maxx.to(acc) + sumexp.log() - picked).squeeze(1) * m[s:e]).sum()
+            if not (want_h or want_w):
+                continue
+            g = p.mul_(w[s:e, None] / sumexp)  # d loss / d logits = w * (softmax - onehot) + L2Wrap's term
+            g.scatter_add_(1, y[s:e], -w[s:e, None])
+            g = g.to(logits.dtype)
+            g.scatter_add_(1, ids, (maxx * (L2WRAP_SCALE / positions)).to(g.dtype))
+            if want_h:
+                torch.mm(g, weight, out=grad_h[s:e])
+            if want_w:
+                if grad_w.dtype == g.dtype:
+                    grad_w.addmm_(g.t(), h[s:e])
+                else:
+                    grad_w += g.t() @ h[s:e]
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.hidden_shape, ctx.weight_dtype = hidden.shape, weight.dtype
+        return ce_sum / total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:
+        grad_h, grad_w = ctx.saved_tensors
+        if grad_h is not None:
+            grad_h = (grad_h * grad.to(grad_h.dtype)).view(ctx.hidden_shape)
+        if grad_w is not None:
+            grad_w = (grad_w * grad).to(ctx.weight_dtype)
+        return grad_h, grad_w, None, None, None, None, None, None
+
+
+def auto_head_chunk(vocab_size: int) -> int:
+    """Tokens per chunk so that one chunk's fp32 logits take about ``CHUNK_BYTES``."""
+    return max(1, CHUNK_BYTES // (4 * vocab_size))
+
+
+def head_loss(targets: torch.Tensor, mask: torch.Tensor, total: torch.Tensor | None = None,
+              positions: int = 0, head_chunk: int = -1) -> HeadLoss:
+    """The loss a model's head computes from (hidden, weight): sum(mask * CE) / ``total`` with L2Wrap.
+
+    ``total`` defaults to the mask's sum (the masked mean) and ``positions`` to the number of tokens;
+    infctx passes the whole sample's for each of its chunks. ``head_chunk``: tokens per chunk of the
+    head (-1: ``auto_head_chunk``; 0: the plain path, full logits).
+    """
+    total = mask.sum().clamp(min=1) if total is None else total
+    positions = positions or mask.numel()
+
+    def loss(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if head_chunk == 0:
+            logits = F.linear(hidden, weight)
+            return L2Wrap.apply(masked_ce_sum(logits, targets, mask) / total, logits, positions)
+        chunk = auto_head_chunk(weight.shape[0]) if head_chunk < 0 else head_chunk
+        return LinearCrossEntropy.apply(hidden, weight, targets, mask, total, positions, chunk,
+                                        torch.is_grad_enabled())
+
+    return loss
+
+
+def masked_loss(model: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                head_chunk: int = -1) -> torch.Tensor:
+    """The trainer's loss of a whole (B, T) sample: masked mean cross-entropy with L2Wrap.
+
+    ``model`` (or the DeepSpeed engine around it) takes ``(idx, loss=...)`` and applies the loss inside
+    its head's call, where DeepSpeed ZeRO-3 gathers the head weight for it.
+    """
+    return model(input_ids, loss=head_loss(targets, mask, head_chunk=head_chunk))
