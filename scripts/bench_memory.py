@@ -1,4 +1,4 @@
-"""Peak memory of one MiSS training step: plain vs infctx (chunked), full-precision vs int8 vs nf4 base.
+"""Peak memory of one MiSS training step: plain vs infctx, full-precision vs int8 vs nf4 base, plain vs chunked head.
 
 Every configuration runs in its own subprocess, so one cannot inherit another's memory. On CPU
 the number is the process's peak resident set (Linux VmHWM) during the step, after the
@@ -9,10 +9,13 @@ The children run with glibc's MALLOC_MMAP_THRESHOLD_=65536, so every tensor of 6
 its own mapping and leaves the resident set when freed; with the default (adaptive) threshold,
 freed chunk-sized tensors stay in the heap and the peak RSS would measure fragmentation.
 On CUDA it is torch.cuda.max_memory_allocated over the step. Ratios are taken over the memory
-above that fixed cost, against the full-precision plain step.
+above that fixed cost, against the full-precision plain step with the plain head. The loss is the
+trainer's (masked mean cross-entropy + L2Wrap); ``--head_chunk 0,-1`` compares the plain head (every
+logit at once, as before the chunked head) with the chunked one (auto chunk).
 
     python scripts/bench_memory.py [--ctx_len 4096] [--chunk_ctx 512] [--precision fp32|bf16]
-        [--n_layer 6] [--n_embd 512] [--vocab 8192] [--device cpu|cuda]
+        [--n_layer 6] [--n_embd 512] [--vocab 8192] [--device cpu|cuda] [--head_chunk 0,-1]
+    python scripts/bench_memory.py --n_layer 12 --n_embd 768 --vocab 65536 --bases full   # the 0.1B shape
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ def run_one(args: argparse.Namespace) -> dict:
     import rwkv_peft.quant as quant
     from rwkv_peft.model import RWKV7Config, init_model
     from rwkv_peft.peft.inject import apply_peft, parse_peft_config
-    from rwkv_peft.train.infctx import infctx_loss, masked_ce_sum
+    from rwkv_peft.train.infctx import infctx_loss
+    from rwkv_peft.train.loss import masked_loss
 
     if args.base != "full":
         quant._bnb()  # library import belongs to the fixed cost, not to the model
@@ -66,9 +70,9 @@ def run_one(args: argparse.Namespace) -> dict:
 
     def step() -> float:
         if args.mode == "infctx":
-            loss = infctx_loss(model, x, y, mask, args.chunk_ctx)
+            loss = infctx_loss(model, x, y, mask, args.chunk_ctx, args.hc)
         else:
-            loss = masked_ce_sum(model(x), y, mask) / mask.sum()
+            loss = masked_loss(model, x, y, mask, args.hc)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -109,8 +113,11 @@ def main() -> None:
     p.add_argument("--op", default="auto", help="WKV op (auto: the compiled kernel for the device)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--bases", default=",".join(BASES), help=f"comma-separated subset of {','.join(BASES)}")
+    p.add_argument("--head_chunk", default="0,-1",
+                   help="tokens per chunk of the head + loss, comma separated (0: plain, -1: auto)")
     p.add_argument("--base", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
+    p.add_argument("--hc", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.base:  # child
         print(json.dumps(run_one(args)))
@@ -120,40 +127,49 @@ def main() -> None:
     bad = [b for b in bases if b not in BASES]
     if bad:
         p.error(f"--bases: expected a subset of {','.join(BASES)}, got {bad}")
+    heads = [int(c) for c in args.head_chunk.split(",")]
     print(f"MiSS (balance, r={args.r}) step, RWKV-7 L{args.n_layer} D{args.n_embd} vocab {args.vocab}, "
           f"ctx_len {args.ctx_len}, {args.precision} compute, {args.device}, op={args.op}; "
           f"infctx chunk {args.chunk_ctx}")
     results = {}
     for mode in MODES:
         for base in bases:
-            cmd = [sys.executable, __file__, *sys.argv[1:], "--base", base, "--mode", mode]
-            env = os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536"}
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if proc.returncode:
-                sys.exit(f"{mode}/{base} failed:\n{proc.stderr[-2000:]}")
-            results[mode, base] = json.loads(proc.stdout.strip().splitlines()[-1])
+            for hc in heads:
+                cmd = [sys.executable, __file__, *sys.argv[1:], "--base", base, "--mode", mode, "--hc", str(hc)]
+                env = os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536"}
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                if proc.returncode:
+                    sys.exit(f"{mode}/{base}/head_chunk {hc} failed:\n{proc.stderr[-2000:]}")
+                results[mode, base, hc] = json.loads(proc.stdout.strip().splitlines()[-1])
 
-    ref = results["plain", bases[0]]
-    ref_step = ref["peak_mib"] - ref["fixed_mib"]
+    def step_mib(r: dict) -> float:
+        return r["peak_mib"] - r["fixed_mib"]
+
+    ref = step_mib(results["plain", bases[0], heads[0]])
     label = {"full": args.precision}
-    print(f"{'config':>22} {'fixed':>6} {'model+opt':>10} {'step peak':>10} {'ratio':>6} {'loss':>7}   (MiB)")
-    for (mode, base), r in results.items():
-        over = r["peak_mib"] - r["fixed_mib"]
-        name = f"{label.get(base, base)} base, {mode}"
-        print(f"{name:>22} {r['fixed_mib']:6.0f} {r['resting_mib'] - r['fixed_mib']:10.0f} {over:10.0f} "
-              f"{over / ref_step:6.3f} {r['loss']:7.4f}")
+    head = {0: "plain", -1: "auto"}
+    print(f"{'config':>34} {'fixed':>6} {'model+opt':>10} {'step peak':>10} {'ratio':>6} {'loss':>7}   (MiB)")
+    for (mode, base, hc), r in results.items():
+        name = f"{label.get(base, base)} base, {mode}, {head.get(hc, hc)} head"
+        print(f"{name:>34} {r['fixed_mib']:6.0f} {r['resting_mib'] - r['fixed_mib']:10.0f} {step_mib(r):10.0f} "
+              f"{step_mib(r) / ref:6.3f} {r['loss']:7.4f}")
     print(f"fixed: interpreter + libraries before the model; model+opt: resting above fixed; step peak: peak above "
-          f"fixed; ratio: step peak / that of the {label.get(bases[0], bases[0])} plain step")
+          f"fixed; ratio: step peak / that of the {label.get(bases[0], bases[0])} plain step, "
+          f"{head.get(heads[0], heads[0])} head")
     for base in bases:
-        a, b = results["infctx", base], results["plain", base]
-        print(f"infctx/plain, {label.get(base, base)} base: "
-              f"{(a['peak_mib'] - a['fixed_mib']) / (b['peak_mib'] - b['fixed_mib']):.3f}")
+        for hc in heads:
+            print(f"infctx/plain, {label.get(base, base)} base, {head.get(hc, hc)} head: "
+                  f"{step_mib(results['infctx', base, hc]) / step_mib(results['plain', base, hc]):.3f}")
     for mode in MODES:
-        full = results[mode, bases[0]]
         for base in bases[1:]:
-            r = results[mode, base]
-            print(f"{base}/{label.get(bases[0], bases[0])} base, {mode}: "
-                  f"{(r['peak_mib'] - r['fixed_mib']) / (full['peak_mib'] - full['fixed_mib']):.3f}")
+            for hc in heads:
+                print(f"{base}/{label.get(bases[0], bases[0])} base, {mode}, {head.get(hc, hc)} head: "
+                      f"{step_mib(results[mode, base, hc]) / step_mib(results[mode, bases[0], hc]):.3f}")
+    for mode in MODES:
+        for base in bases:
+            for hc in heads[1:]:
+                print(f"{head.get(hc, hc)}/{head.get(heads[0], heads[0])} head, {mode}, {label.get(base, base)} base: "
+                      f"{step_mib(results[mode, base, hc]) / step_mib(results[mode, base, heads[0]]):.3f}")
 
 
 if __name__ == "__main__":

@@ -2,13 +2,16 @@
 
     python scripts/bench_train.py [--n_layer 4 --n_embd 256 --ctx_len 256 --micro_bsz 4 --steps 5]
     python scripts/bench_train.py --shape 0.1b          # the released 0.1B shape: L12 D768, vocab 65536, ctx 512
+    python scripts/bench_train.py --shape 0.1b --methods miss --head_chunk 0,-1   # plain vs chunked head + loss
 
 Each method lives in its own worker process (same model, data and thread count), so the peak RSS
 printed is that method's own; the parent drives one step per worker per round (interleaved rounds, so
 a busy neighbour slows all methods alike) and keeps each method's fastest round after a warm-up
 step. The frozen row (no parameter gradients at all, only activation gradients) is the floor any
 adapter method can reach. ``--profile METHOD`` prints torch.profiler's table of the top costs of one
-more step of that method. Goal: a MiSS step <= 0.75x a full fine-tuning step.
+more step of that method. ``--head_chunk 0,-1`` runs every method with the plain head (all logits at
+once) and with the chunked one (auto chunk) side by side and prints their ratios. Goals: a MiSS step
+<= 0.75x a full fine-tuning step; the chunked head's step at least 5% faster than the plain one's.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def setup(method: str, a: argparse.Namespace):
+def setup(method: str, head_chunk: int, a: argparse.Namespace):
     """(step function, trainable count) for one method on a fresh copy of the same model."""
     import time
 
@@ -56,7 +59,7 @@ def setup(method: str, a: argparse.Namespace):
 
     def step() -> float:
         t0 = time.perf_counter()
-        masked_loss(model(idx[:, :-1]), idx[:, 1:], mask).backward()
+        masked_loss(model, idx[:, :-1], idx[:, 1:], mask, head_chunk).backward()
         if opt is not None:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
@@ -76,10 +79,10 @@ def profile_table(step, rows: int) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
-def worker(method: str, a: argparse.Namespace, conn) -> None:
+def worker(method: str, head_chunk: int, a: argparse.Namespace, conn) -> None:
     """One method's process: answers "step" with the step's seconds, "profile" with a table, "rss" with MiB."""
     sys.path.insert(0, str(ROOT))  # run from a clone without installing
-    step, trainable = setup(method, a)
+    step, trainable = setup(method, head_chunk, a)
     conn.send(trainable)
     while (cmd := conn.recv()) != "stop":
         conn.send(step() if cmd == "step" else profile_table(step, a.profile_rows) if cmd == "profile" else rss_mb())
@@ -101,11 +104,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lora_config", default='{"r":32,"alpha":32}')
     p.add_argument("--profile", default="miss", help="method whose step is profiled ('' for none)")
     p.add_argument("--profile_rows", type=int, default=15)
+    p.add_argument("--head_chunk", default="-1",
+                   help="tokens per chunk of the head + loss, comma separated to compare (0: plain, -1: auto)")
     shape = p.parse_known_args()[0].shape
     if shape:
         p.set_defaults(**SHAPES[shape])  # explicit flags still win
     a = p.parse_args()
     a.methods = a.methods.split(",")
+    a.head_chunk = [int(c) for c in a.head_chunk.split(",")]
     bad = [m for m in a.methods if m not in METHODS] + ([a.profile] if a.profile and a.profile not in a.methods else [])
     if bad:
         p.error(f"--methods/--profile: unknown or unselected method(s) {bad}; choose from {','.join(METHODS)}")
@@ -117,10 +123,13 @@ def main() -> None:
     ctx = mp.get_context("spawn")  # fresh interpreters: each worker's peak RSS is its own
     pipes = {}
     for m in a.methods:
-        here, there = ctx.Pipe()
-        ctx.Process(target=worker, args=(m, a, there), daemon=True).start()
-        pipes[m] = here
-    rows = {m: {"method": m, "trainable": pipe.recv(), "times": []} for m, pipe in pipes.items()}
+        for hc in a.head_chunk:
+            here, there = ctx.Pipe()
+            ctx.Process(target=worker, args=(m, hc, a, there), daemon=True).start()
+            pipes[m, hc] = here
+    head = {0: "plain", -1: "auto"}
+    rows = {k: {"method": k[0], "head": head.get(k[1], str(k[1])), "trainable": pipe.recv(), "times": []}
+            for k, pipe in pipes.items()}
     import torch  # after the workers started: only for the thread count printed
 
     print(f"RWKV-7 L{a.n_layer} D{a.n_embd} vocab {a.vocab_size}, {a.micro_bsz}x{a.ctx_len} tokens/step, "
@@ -130,8 +139,8 @@ def main() -> None:
             pipe.send("step")
             rows[m]["times"].append(pipe.recv())
     if a.profile:
-        pipes[a.profile].send("profile")
-        table = pipes[a.profile].recv()
+        pipes[a.profile, a.head_chunk[-1]].send("profile")
+        table = pipes[a.profile, a.head_chunk[-1]].recv()
     for m, pipe in pipes.items():
         pipe.send("rss")
         rows[m]["rss_mb"] = pipe.recv()
@@ -139,18 +148,27 @@ def main() -> None:
     for r in rows.values():  # the fastest round: the least disturbed by other processes
         r["step_s"] = min(r["times"])
         r["tok_s"] = a.micro_bsz * a.ctx_len / r["step_s"]
-    full = rows["full"]["step_s"] if "full" in rows else None
-    print(f"{'method':<8} {'trainable':>12} {'step s':>8} {'tok/s':>8} {'x full':>7} {'peak RSS MiB':>13}")
-    for r in rows.values():
-        rel = f"{r['step_s'] / full:>7.2f}" if full else f"{'-':>7}"
-        print(f"{r['method']:<8} {r['trainable']:>12,} {r['step_s']:>8.3f} {r['tok_s']:>8.1f} {rel} "
+    print(f"{'method':<8} {'head':>6} {'trainable':>12} {'step s':>8} {'tok/s':>8} {'x full':>7} {'peak RSS MiB':>13}")
+    for (m, hc), r in rows.items():
+        full = rows.get(("full", hc))
+        rel = f"{r['step_s'] / full['step_s']:>7.2f}" if full else f"{'-':>7}"
+        print(f"{m:<8} {r['head']:>6} {r['trainable']:>12,} {r['step_s']:>8.3f} {r['tok_s']:>8.1f} {rel} "
               f"{r['rss_mb']:>13.0f}")
-    if full and "miss" in rows:
-        ratio = rows["miss"]["step_s"] / full
-        verdict = "met" if ratio <= 0.75 else "NOT met"
-        print(f"MiSS step / full fine-tuning step = {ratio:.2f} (goal <= 0.75: {verdict})")
+    for hc in a.head_chunk:
+        if ("full", hc) in rows and ("miss", hc) in rows:
+            ratio = rows["miss", hc]["step_s"] / rows["full", hc]["step_s"]
+            verdict = "met" if ratio <= 0.75 else "NOT met"
+            print(f"MiSS step / full fine-tuning step ({rows['miss', hc]['head']} head) = {ratio:.2f} "
+                  f"(goal <= 0.75: {verdict})")
+    for m in a.methods:
+        for hc in a.head_chunk[1:]:
+            r, p = rows[m, hc], rows[m, a.head_chunk[0]]
+            ratio = r["step_s"] / p["step_s"]
+            print(f"{m}: {r['head']} head / {p['head']} head: step time {ratio:.3f} "
+                  f"(goal <= 0.95: {'met' if ratio <= 0.95 else 'NOT met'}), peak RSS {r['rss_mb'] / p['rss_mb']:.3f}")
     if a.profile:
-        print(f"\ntop costs of one {a.profile} step (torch.profiler, sorted by self CPU time):")
+        print(f"\ntop costs of one {a.profile} step ({rows[a.profile, a.head_chunk[-1]]['head']} head; "
+              "torch.profiler, sorted by self CPU time):")
         print(table)
 
 
