@@ -77,6 +77,27 @@ def test_merge_equals_adapted_and_unmerge_recovers_base():
     torch.testing.assert_close(torch.linalg.vector_norm(merged, dim=1), m, rtol=1e-5, atol=0)  # |W'_o| = m_o
 
 
+def test_zero_rows_stay_finite_train_and_merge():
+    """A fresh RWKV model zero-initialises att.output and ffn.value: a zero row has no direction, and
+    DoRA there must not divide 0 by 0 (NaN from the first step) -- it trains and merges like the others."""
+    base = nn.Linear(32, 16, bias=False)
+    with torch.no_grad():
+        base.weight[:8].zero_()
+    layer = DoraLinear(base, DoraConfig(r=4, alpha=8))
+    g = torch.Generator().manual_seed(0)
+    x, target = torch.randn(64, 32, generator=g), torch.randn(64, 16, generator=g)
+    assert torch.equal(layer(x), F.linear(x, base.weight))
+    opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(4):
+        opt.zero_grad()
+        (layer(x) - target).square().mean().backward()
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in layer.parameters())
+    y = layer(x)
+    assert y[:, :8].abs().max() > 0  # the zero rows learned
+    assert (F.linear(x, layer.merged_weight()) - y).abs().max() <= 1e-5 * y.abs().max()
+
+
 def test_config_is_loras_without_pissa():
     cfg = parse_peft_config("dora", '{"r":8,"alpha":16}')
     assert isinstance(cfg, DoraConfig) and cfg.r == 8 and cfg.scale == 2

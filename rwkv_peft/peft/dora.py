@@ -6,7 +6,9 @@ i.e. over the input dimension (peft's ``DoraLinearLayer.get_weight_norm`` on an 
     W' = m / ||V||_row * V,     m: (out,), initialised to ||W||_row so W' = W at step 0.
 
 The layer computes y = m / ||V|| * (x W^T + s x A^T B^T) and treats ||V|| as a constant in
-backward (DoRA paper, section 4.3, as peft does). Merging writes W'; unmerging needs ||V||,
+backward (DoRA paper, section 4.3, as peft does). A zero row of V has no direction (a fresh RWKV
+model's output projections are zero-initialised): its factor is 1, not 0/0, so the row is plain
+LoRA until it has a norm, and forward, merge and the gradients stay finite. Merging writes W'; unmerging needs ||V||,
 which a merged file does not keep: ``dora_unmerge`` takes it (the layer or caller that merged
 has it), and a file merge cannot be undone from the merged file and the adapter alone.
 """
@@ -36,17 +38,27 @@ def dora_weight_norm(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.T
     return torch.linalg.vector_norm(weight.float() + lora_delta(lora_a, lora_b, scale), dim=1)
 
 
+def dora_factor(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """m / ||V|| per output row; 1 where ||V|| = 0 (a zero row has no direction to rescale)."""
+    has_norm = norm > 0
+    return torch.where(has_norm, magnitude / torch.where(has_norm, norm, 1.0), 1.0)  # no 0/0, not even in backward
+
+
 def dora_merge(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, magnitude: torch.Tensor,
                scale: float) -> torch.Tensor:
     """W' = m / ||W + s B A||_row * (W + s B A), in fp32."""
     v = weight.float() + lora_delta(lora_a, lora_b, scale)
-    return v * (magnitude.float() / torch.linalg.vector_norm(v, dim=1))[:, None]
+    return v * dora_factor(magnitude.float(), torch.linalg.vector_norm(v, dim=1))[:, None]
 
 
 def dora_unmerge(merged: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, magnitude: torch.Tensor,
                  scale: float, weight_norm: torch.Tensor) -> torch.Tensor:
-    """W from W' and the row norms ||W + s B A|| the merge divided by (``dora_weight_norm`` of the base), fp32."""
-    return merged.float() * (weight_norm.float() / magnitude.float())[:, None] - lora_delta(lora_a, lora_b, scale)
+    """W from W' and the row norms ||W + s B A|| the merge divided by (``dora_weight_norm`` of the base), fp32.
+
+    A row whose magnitude is 0 was merged to zero and cannot come back.
+    """
+    factor = dora_factor(magnitude.float(), weight_norm.float())
+    return merged.float() / factor[:, None] - lora_delta(lora_a, lora_b, scale)
 
 
 def dora_fold(weight: torch.Tensor, tensors: dict[str, torch.Tensor], config: dict, where: str,
@@ -75,7 +87,7 @@ class DoraLinear(LoraLinear):
             return dora_weight_norm(self.weight, self.lora_A, self.lora_B, self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.lora_magnitude_vector / self.weight_norm()).to(x.dtype) * super().forward(x)
+        return dora_factor(self.lora_magnitude_vector, self.weight_norm()).to(x.dtype) * super().forward(x)
 
     def merged_weight(self) -> torch.Tensor:
         m = self.lora_magnitude_vector.detach()
