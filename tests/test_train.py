@@ -221,3 +221,21 @@ def test_baselines_train_through_deepspeed(files, tmp_path: Path, peft: str, con
     assert leaves == want
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["method"] == peft
+
+
+def test_messages_go_through_the_progress_bar(tmp_path, capsys):
+    """With --progress 1, rank 0's notes (eval lines, skipped saves) are written above the bar."""
+    from tqdm import tqdm
+
+    from rwkv_peft.train import TrainConfig
+    from rwkv_peft.train.loop import Run
+
+    run = Run(TrainConfig(), tmp_path, on_gpu=False, t_start=0.0)
+    run.say("plain", 1)
+    run.bar = tqdm(total=3, file=sys.stdout)
+    run.say("above the bar", 2)
+    run.bar.close()
+    out = capsys.readouterr().out
+    assert "plain 1\n" in out and "above the bar 2\n" in out
+    Run(TrainConfig(), tmp_path, on_gpu=False, t_start=0.0, rank=1).say("not rank 0")
+    assert "not rank 0" not in capsys.readouterr().out

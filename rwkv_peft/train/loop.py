@@ -233,8 +233,13 @@ class Run:
 
     def say(self, *args) -> None:
         """Print on rank 0 (through the progress bar when there is one)."""
-        if self.is_main:
-            (self.bar.write if self.bar is not None else print)(" ".join(map(str, args)), flush=True)
+        if not self.is_main:
+            return
+        text = " ".join(map(str, args))
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
 
 
 def train(cfg: TrainConfig, dataset=None) -> dict:
