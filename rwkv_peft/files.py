@@ -69,7 +69,7 @@ def _install_handlers() -> None:
         return  # only the main thread may set handlers; its own will clean up
     for sig in (signal.SIGINT, signal.SIGTERM):
         current = signal.getsignal(sig)
-        if current is not _on_signal:
+        if current is not _on_signal and current != signal.SIG_IGN:  # an ignored signal stays ignored
             _previous_handlers[sig] = current
             signal.signal(sig, _on_signal)
 

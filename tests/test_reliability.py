@@ -151,6 +151,23 @@ def test_second_run_on_a_busy_proj_dir_is_refused(data, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [files.LOCK_NAME]  # the refused run wrote nothing
 
 
+def test_signals_remove_live_temps_but_an_ignored_sigterm_stays_ignored(tmp_path):
+    """SIGTERM during a write: the temp is gone and the process dies by the signal, the target untouched;
+    a process that ignores SIGTERM keeps ignoring it (the cleanup handler is not installed over SIG_IGN)."""
+    code = ("import os, signal, sys\nfrom pathlib import Path\nfrom rwkv_peft import files\n"
+            "if sys.argv[2] == 'ignore':\n signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "with files.atomic_path(Path(sys.argv[1])) as tmp:\n tmp.write_text('new')\n"
+            " os.kill(os.getpid(), signal.SIGTERM)\nprint('survived', flush=True)\n")
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+    r = subprocess.run([sys.executable, "-c", code, str(target), "handle"], cwd=ROOT, env=sub_env(),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == -signal.SIGTERM and target.read_text() == "old" and leftovers(tmp_path) == []
+    r = subprocess.run([sys.executable, "-c", code, str(target), "ignore"], cwd=ROOT, env=sub_env(),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "survived" in r.stdout and target.read_text() == "new"
+
+
 # ----------------------------------------------------------------------------- bad inputs, one line each
 
 
