@@ -1,11 +1,12 @@
 """Every file the project writes or must trust: atomic writes, temp cleanup, the run lock, zip CRC checks.
 
 An output is written to a temp name beside its target, ``.<stem>.<pid>-<host>.<random>.tmp<suffix>`` (the
-suffix kept for readers that go by it), and renamed
-over the target only once complete (and synced), so a reader sees the old file or the new one, never part of
-one. An exception removes the temp; SIGINT/SIGTERM remove every live temp of the process before it stops; a
-temp whose process is gone (SIGKILL, power loss) is removed by ``remove_stale_temps`` at the next run in that
-directory. One run at a time per output directory: ``dir_lock``.
+suffix kept for readers that go by it), and renamed over the target only once complete and synced, so a
+reader sees the old file or the new one, never part of one. An exception removes the temp; SIGINT/SIGTERM
+remove every live temp of the process before it stops; a temp whose process is gone (SIGKILL, power loss)
+is removed by ``remove_stale_temps`` at the next run in that directory. One run at a time per output
+directory: ``dir_lock``. ``RWKV_PEFT_PAUSE_BEFORE_RENAME`` is the kill tests' hook (see
+``_pause_before_rename``).
 """
 
 from __future__ import annotations
