@@ -4,11 +4,12 @@
     python -m rwkv_peft.merge --unmerge --base_model MERGED.pth --peft_checkpoint OUT/rwkv-N.pth --output BASE.pth
 
 The result is an ordinary RWKV checkpoint: the base's keys, shapes and dtypes, no adapter keys.
-Peak memory stays near one tensor: the base is memory-mapped, each adapted weight is merged in
-fp32 and cast back to the base's dtype, written straight into the output (torch's zip format for
-``.pth``, the safetensors layout for ``.safetensors``) and its mapped pages are released. The
-output goes to a temp file (``rwkv_peft.files``) renamed only after every check passed; ``--verify``
-runs on that temp file, so a merge over its tolerance leaves no output.
+Peak memory stays near one tensor's fp32 copies: tensors the adapter leaves alone are copied from
+the base file to the output as bytes (rwkv_peft.model.stream: our own writer of torch's zip format
+for ``.pth`` and of the safetensors layout), each adapted weight is read once, merged in fp32 and
+cast back to the base's dtype. The output goes to a temp file (``rwkv_peft.files``) renamed only
+after every check passed; ``--verify`` runs on that temp file, so a merge over its tolerance leaves
+no output.
 
 Adapter keys: each method's suffixes (``<linear>.miss``, RWKV-PEFT's ``.disha`` / ``.bone``,
 ``.lora_A`` / ``.lora_B`` ...), grouped per linear and handed to the method that owns them (its
@@ -24,9 +25,7 @@ import functools
 import json
 import mmap
 import os
-import pickle
 import sys
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,36 +35,12 @@ import torch
 from rwkv_peft import files
 from rwkv_peft.model import config_from_state_dict, detect_version, read_state_dict
 from rwkv_peft.model.checkpoint import all_finite
+from rwkv_peft.model.stream import Span, prefetch, read_float, tensor_spans, write_pth, write_safetensors
 from rwkv_peft.peft.config import Fold
 from rwkv_peft.peft.registry import METHODS, adapter_keys, merge_flags, method_for_keys
 
 ARCH_FIELDS = ("n_layer", "n_embd", "vocab_size", "head_size", "dim_ffn")
-
-# legacy storage classes as torch.save pickles them (the weights_only loader allows exactly these)
-_STORAGE_TYPES = {
-    torch.float32: torch.FloatStorage,
-    torch.float64: torch.DoubleStorage,
-    torch.float16: torch.HalfStorage,
-    torch.bfloat16: torch.BFloat16Storage,
-    torch.int64: torch.LongStorage,
-    torch.int32: torch.IntStorage,
-    torch.int16: torch.ShortStorage,
-    torch.int8: torch.CharStorage,
-    torch.uint8: torch.ByteStorage,
-    torch.bool: torch.BoolStorage,
-}
-_SAFETENSORS_DTYPES = {
-    torch.float32: "F32",
-    torch.float64: "F64",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
+PREFETCH = 1 << 29  # bytes of the base read ahead of the merge (page cache, not this process's memory)
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -246,14 +221,17 @@ class _SafetensorsReader(Mapping):
         return len(self._keys)
 
 
-def open_checkpoint(path: str | os.PathLike, safetensors: bool | None = None) -> Mapping[str, torch.Tensor]:
-    """A checkpoint whose tensors are read lazily: memory-mapped .pth, or per-tensor .safetensors."""
+def open_checkpoint(
+    path: str | os.PathLike, safetensors: bool | None = None, crc: bool = True
+) -> Mapping[str, torch.Tensor]:
+    """A checkpoint whose tensors are read lazily: memory-mapped .pth, or per-tensor .safetensors.
+    ``crc=False``: no CRC pass over the whole file first (the streamed merge checks each record it reads)."""
     path = Path(path)
     if safetensors if safetensors is not None else path.suffix == ".safetensors":
         if not path.is_file():
             raise FileNotFoundError(f"{path}: checkpoint file not found")
         return _SafetensorsReader(path)
-    return read_state_dict(path, mmap=True)
+    return read_state_dict(path, mmap=True, crc=crc)
 
 
 @functools.cache
@@ -289,108 +267,33 @@ def _release(t: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
     end = start + t.untyped_storage().nbytes()
     lo, hi = start - start % page, end + (-end) % page
     if any(m_lo <= lo and hi <= m_hi for m_lo, m_hi in mapped):
-        _libc().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # MADV_DONTNEED
+        _drop(lo, hi)
 
 
-def _trim_heap() -> None:
-    """Hand freed heap memory back to the OS (glibc keeps it otherwise, and RSS creeps up per tensor)."""
-    trim = getattr(_libc(), "malloc_trim", None) if sys.platform == "linux" else None  # glibc only
-    if trim is not None:
-        trim(0)
+def _drop(lo: int, hi: int) -> None:
+    _libc().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # MADV_DONTNEED
 
 
-class _Slot:
-    """Stands in for one tensor while pickling the .pth header (no data needed)."""
+def reuse_heap() -> None:
+    """Make this process keep freed memory for the next tensor instead of handing it back (glibc only).
 
-    def __init__(self, index: int, dtype: torch.dtype, shape: tuple[int, ...]):
-        self.index, self.dtype, self.shape = index, dtype, shape
-
-    def __reduce__(self):
-        stride, acc = [], 1
-        for n in reversed(self.shape):
-            stride.insert(0, acc)
-            acc *= n
-        storage = _StorageRef(str(self.index), _STORAGE_TYPES[self.dtype], acc)
-        return torch._utils._rebuild_tensor_v2, (storage, 0, self.shape, tuple(stride), False, OrderedDict())
-
-
-@dataclass
-class _StorageRef:
-    key: str
-    storage_type: type
-    numel: int
+    Each merged tensor needs fp32 temporaries of its size; glibc maps big ones fresh and unmaps them
+    on free, and fresh memory costs a page fault per 4 KiB (about a second per GB, more than the
+    merge arithmetic). Served from a heap that is never trimmed, the next tensor reuses the same
+    pages: peak memory is unchanged (one tensor's temporaries), the faults are gone. Process-wide,
+    so only the merge CLI calls it.
+    """
+    mallopt = getattr(_libc(), "mallopt", None) if sys.platform == "linux" else None
+    if mallopt is not None:
+        mallopt(-4, 0)  # M_MMAP_MAX: no allocation gets its own mapping
+        mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD (a C int): keep up to 2 GiB of free heap
 
 
-class _HeaderPickler(pickle.Pickler):
-    def persistent_id(self, obj: object) -> tuple | None:
-        if isinstance(obj, _StorageRef):
-            return ("storage", obj.storage_type, obj.key, "cpu", obj.numel)
-        return None
-
-
-def _pth_header(specs: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> bytes:
-    """data.pkl of torch.save({key: tensor}) for tensors with these dtypes/shapes, each its own storage."""
-    for key, dtype, _ in specs:
-        if dtype not in _STORAGE_TYPES:
-            raise ValueError(f"{key}: dtype {dtype} cannot be written by the streaming .pth writer")
-    buf = __import__("io").BytesIO()
-    _HeaderPickler(buf, protocol=2).dump({k: _Slot(i, d, tuple(s)) for i, (k, d, s) in enumerate(specs)})
-    return buf.getvalue()
-
-
-def _exact(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as a contiguous tensor owning exactly its bytes (what torch.save would store)."""
-    t = t.contiguous()
-    if t.storage_offset() or t.untyped_storage().nbytes() != t.nbytes:
-        t = t.clone()
-    return t
-
-
-def _write_pth(f, specs, tensors: Iterator[torch.Tensor]) -> None:
-    """Stream tensors into torch's zip format, byte for byte what torch.save(dict, fileobj) writes."""
-    header = _pth_header(specs)
-    writer = torch._C.PyTorchFileWriter(f, torch.serialization.get_crc32_options(), _storage_alignment())
-    try:
-        writer.write_record("data.pkl", header, len(header))
-        writer.write_record(".format_version", "1", 1)
-        align = str(_storage_alignment())
-        writer.write_record(".storage_alignment", align, len(align))
-        writer.write_record("byteorder", sys.byteorder, len(sys.byteorder))
-        for i, t in enumerate(tensors):
-            t = _exact(t)
-            writer.write_record(f"data/{i}", t.untyped_storage(), t.nbytes)
-    finally:  # also on error: an unfinished writer would write to the closed file when collected
-        writer.write_end_of_file()
-
-
-def _storage_alignment() -> int:
-    from torch.utils.serialization import config
-
-    return int(config.save.storage_alignment)
-
-
-def _write_safetensors(f, specs, tensors: Iterator[torch.Tensor]) -> None:
-    """Stream tensors into the safetensors layout (8-byte length, JSON header, data in order)."""
-    header, offset = {}, 0
-    for key, dtype, shape in specs:
-        if dtype not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{key}: dtype {dtype} cannot be written to .safetensors")
-        n = dtype.itemsize
-        for s in shape:
-            n *= s
-        header[key] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * ((-len(text)) % 8)
-    f.write(len(text).to_bytes(8, "little"))
-    f.write(text)
-    for t in tensors:
-        f.write(memoryview(_exact(t).view(torch.uint8).reshape(-1).numpy()))
 
 
 def _check_written(path: Path, safetensors: bool, specs, name: str) -> None:
     """Re-open the written file (metadata only) and compare keys, shapes and dtypes with the base."""
-    got = open_checkpoint(path, safetensors)
+    got = open_checkpoint(path, safetensors, crc=False)
     want_keys, got_keys = [k for k, _, _ in specs], list(got)
     missing, extra = sorted(set(want_keys) - set(got_keys)), sorted(set(got_keys) - set(want_keys))
     if missing or extra:
@@ -425,41 +328,66 @@ def write_edited(
     log: Callable[[str], None] | None = None,
     mapped: list[tuple[int, int]] = (),
     check: Callable[[Path], None] | None = None,
+    spans: Mapping[str, Span] | None = None,
+    adapter_mapped: list[tuple[int, int]] = (),
 ) -> Path:
     """Write ``base`` with ``edits`` applied to ``output`` (temp file, checks, rename).
 
     Each changed tensor is computed in fp32, checked for NaN/inf and stored in the base's dtype.
-    ``mapped``: where ``base`` is memory-mapped (``mapped_ranges``); those pages are dropped as
-    soon as each tensor is written. ``check`` gets the complete temp file before the rename (--verify);
-    an exception there leaves no output.
+    ``spans`` (``tensor_spans`` of the base file): unchanged tensors found there are copied from
+    the file as bytes, never loaded, and changed ones are read from it (CRC-checked, read ahead);
+    the others come from ``base``. ``mapped``: where ``base`` is memory-mapped (``mapped_ranges``);
+    those pages are dropped once a tensor is written. ``adapter_mapped``: the adapter's mapping,
+    dropped after each edit (each adapter tensor is used once; a 7B adapter is ~150 MB).
+    ``check`` gets the complete temp file before the rename (--verify); an exception there leaves no
+    output.
     """
     output = Path(output)
     specs = [(k, v.dtype, tuple(v.shape)) for k, v in base.items()]
+    spans = spans or {}
 
-    def tensors() -> Iterator[torch.Tensor]:
-        for k, _, _ in specs:
-            src = base[k]
+    def edited(k: str, dtype: torch.dtype, shape: tuple[int, ...], src: torch.Tensor | None) -> torch.Tensor:
+        # what every fold takes: fp32; from the file, one CRC-checked read, not page faults on a mapping
+        w = read_float(spans[k], dtype, shape) if src is None else src.float()
+        new = edits[k].apply(w, unmerge)
+        del w
+        for lo, hi in adapter_mapped:
+            _drop(lo, hi)
+        out = new.to(dtype)
+        del new
+        if not all_finite(out):  # checked after the cast, which can overflow too (fp16)
+            stored = read_float(spans[k], dtype, shape) if src is None else src
+            cause = "the base tensor itself holds NaN/inf" if not all_finite(stored) else "check the adapter's values"
+            raise ValueError(
+                f"{name}: {k} would contain NaN/inf after {'unmerging' if unmerge else 'merging'} "
+                f"{edits[k].source} ({cause})"
+            )
+        if log:
+            log(f"{'unmerged' if unmerge else 'merged'} {edits[k].source} -> {k}")
+        return out
+
+    ahead = iter([spans[k] for k, _, _ in specs if k in spans])
+    window = 0  # bytes asked for ahead of the one being written: the disk reads while we compute
+
+    def tensors() -> Iterator[torch.Tensor | Span]:
+        nonlocal window
+        for k, dtype, shape in specs:
+            while window < PREFETCH and (nxt := next(ahead, None)) is not None:
+                prefetch(nxt)
+                window += nxt.nbytes
+            window -= spans[k].nbytes if k in spans else 0
+            src = None if k in spans else base[k]
             if k in edits:
-                new = edits[k].apply(src, unmerge).to(src.dtype)
-                if not all_finite(new):  # checked after the cast, which can overflow too (fp16)
-                    cause = ("the base tensor itself holds NaN/inf" if not all_finite(src)
-                             else "check the adapter's values")
-                    raise ValueError(
-                        f"{name}: {k} would contain NaN/inf after {'unmerging' if unmerge else 'merging'} "
-                        f"{edits[k].source} ({cause})"
-                    )
-                if log:
-                    log(f"{'unmerged' if unmerge else 'merged'} {edits[k].source} -> {k}")
-                yield new
-                _trim_heap()  # the fp32 temporaries of this merge
+                yield edited(k, dtype, shape, src)
             else:
-                yield src
-            _release(src, mapped)
+                yield spans[k] if src is None else src
+            if src is not None:
+                _release(src, mapped)
 
     safetensors = output.suffix == ".safetensors"
     with files.atomic_path(output) as tmp:
         with open(tmp, "wb") as f:
-            (_write_safetensors if safetensors else _write_pth)(f, specs, tensors())
+            (write_safetensors if safetensors else write_pth)(f, specs, tensors(), check=True)
         _check_written(tmp, safetensors, specs, name)
         if check is not None:
             check(tmp)
@@ -504,16 +432,21 @@ def merge_adapter(
             raise FileNotFoundError(f"{path}: {flag} file not found")
     _prepare_output(output, [base_path, adapter_path])
     cfg = _resolve_config(adapter_path, config)
-    base = open_checkpoint(base_path)
+    spans = tensor_spans(base_path)  # where tensors can be copied from as bytes, and read with their CRC
+    base = open_checkpoint(base_path, crc=False)  # each record's CRC is checked as the stream reads it
+    if quant is not None or not spans.keys() >= base.keys():  # tensors read through the mapping: CRCs first
+        base = open_checkpoint(base_path)
     if quant is not None:  # trained with --quant: fold into the dequantized weights training used
         from rwkv_peft.quant import RoundtripView
 
         model_cls = _model_class(detect_version(base, str(base_path)))
-        base = RoundtripView(base, {f"{p}.weight" for p in _targets(iter(base), model_cls)}, quant)
+        rounded = {f"{p}.weight" for p in _targets(iter(base), model_cls)}
+        base = RoundtripView(base, rounded, quant)
+        spans = {k: v for k, v in spans.items() if k not in rounded}
     adapter = read_state_dict(adapter_path)
     edits = plan_edits(base, adapter, cfg, str(base_path), str(adapter_path), unmerge=unmerge)
-    mapped = mapped_ranges(base_path)
-    return write_edited(base, edits, output, unmerge=unmerge, name=str(output), log=log, mapped=mapped, check=check)
+    return write_edited(base, edits, output, unmerge=unmerge, name=str(output), log=log, check=check,
+                        mapped=mapped_ranges(base_path), spans=spans, adapter_mapped=mapped_ranges(adapter_path))
 
 
 def unmerge_adapter(
@@ -665,6 +598,7 @@ def _parser(description: str) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, description: str = "Fold a PEFT adapter into an RWKV checkpoint") -> None:
     a = _parser(description).parse_args(argv)
+    reuse_heap()
     overrides = {f.key: getattr(a, f.key) for f in merge_flags()}
     log = None if a.quiet else print
     output = Path(a.output)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import perturbed_model
 
-from rwkv_peft.merge import main, merge_adapter, merge_state_dict, unmerge_adapter, verify_merged
+from rwkv_peft.merge import main, merge_adapter, merge_state_dict, plan_edits, unmerge_adapter, verify_merged
 from rwkv_peft.model import load_model, save_model
 from rwkv_peft.peft.inject import adapter_config, apply_peft, parse_peft_config, trainable_state_dict
 from rwkv_peft.peft.miss import miss_delta
@@ -29,6 +29,7 @@ CASES = {  # name: (method, config JSON); r=48 leaves a partial shard on the 128
     "lora": ("lora", '{"r": 8, "alpha": 16}'),
     "pissa": ("pissa", '{"r": 8, "alpha": 8}'),
 }
+COPY_CASES = CASES | {"dora": ("dora", '{"r": 8, "alpha": 16}')}  # DoRA folds but cannot unmerge
 
 
 def _logits(model: torch.nn.Module) -> torch.Tensor:
@@ -45,7 +46,7 @@ def base_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _train(base_file: Path, out: Path, case: str, seed: int = 0) -> tuple[Path, torch.Tensor]:
     """An adapter as the trainer saves it (rwkv-final.pth + adapter_config.json) and the adapted logits."""
-    method, text = CASES[case]
+    method, text = COPY_CASES[case]
     model = load_model(base_file, op="torch")
     cfg = parse_peft_config(method, text)
     apply_peft(model, method, cfg)
@@ -183,14 +184,62 @@ def test_bad_input_is_a_clear_error_and_leaves_no_file(
         main(["--base_model", str(base_file), "--peft_checkpoint", str(adapter), "--output", str(output), "--quiet"])
 
 
-def test_streamed_file_is_what_torch_save_writes(base_file: Path, trained: dict, tmp_path: Path) -> None:
-    adapter, _ = trained["bat_row"]
-    ours = merge_adapter(base_file, adapter, tmp_path / "merged.pth")
-    in_memory = merge_state_dict(torch.load(base_file, weights_only=True), torch.load(adapter, weights_only=True),
-                                 json.loads((adapter.parent / "adapter_config.json").read_text()))
-    with open(tmp_path / "saved.pth", "wb") as f:  # a file object: torch names the archive "archive" too
-        torch.save(in_memory, f)
-    assert ours.read_bytes() == (tmp_path / "saved.pth").read_bytes()
+def _save_base(sd: dict, path: Path, dtype: torch.dtype) -> Path:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.to(dtype) for k, v in sd.items()}, path)
+    else:
+        save_model(sd, path, dtype=dtype)
+    return path
+
+
+@pytest.mark.parametrize("base_kind", ["fp32.pth", "bf16.pth", "bf16.safetensors"])
+@pytest.mark.parametrize("case", list(COPY_CASES))
+def test_byte_copied_merge_equals_decoded_merge(
+    case: str, base_kind: str, base_file: Path, trained: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Untouched tensors go from the input file to the output as bytes; every tensor, merged and unmerged,
+    .pth and .safetensors, equals the in-memory merge's (which decodes and re-encodes everything)."""
+    from safetensors.torch import load_file
+
+    from rwkv_peft.model.stream import _Copier
+
+    copied = []
+    for name in ("_copy_in_kernel", "_copy_through"):  # the two ways a span reaches the output
+        original = getattr(_Copier, name)
+        monkeypatch.setattr(_Copier, name, lambda self, span, f=original: (copied.append(span), f(self, span))[1])
+
+    def load(p: Path) -> dict:
+        return load_file(p) if p.suffix == ".safetensors" else torch.load(p, weights_only=True)
+
+    adapter = trained[case][0] if case in trained else _train(base_file, tmp_path / case, case)[0]
+    cfg = json.loads((adapter.parent / "adapter_config.json").read_text())
+    ad = torch.load(adapter, weights_only=True)
+    dtype = torch.bfloat16 if base_kind.startswith("bf16") else torch.float32
+    base = _save_base(torch.load(base_file, weights_only=True), tmp_path / f"base.{base_kind.split('.')[1]}", dtype)
+    base_sd = load(base)
+    untouched = set(base_sd) - set(plan_edits(base_sd, ad, cfg))
+    want = merge_state_dict(base_sd, ad, cfg)
+    folded = tmp_path / "folded" / "rwkv-final.pth"  # unmerge: without train_parts' replaced tensors
+    folded.parent.mkdir()
+    folded_sd = {k: v for k, v in ad.items() if k not in base_sd}
+    torch.save(folded_sd, folded)
+    (folded.parent / "adapter_config.json").write_text(json.dumps(cfg))
+    for suffix in (".pth", ".safetensors"):
+        copied.clear()
+        merged = load(merge_adapter(base, adapter, tmp_path / f"merged{suffix}"))
+        assert len(copied) == len(untouched) > 0 and {s.path for s in copied} == {base}
+        assert sorted(merged) == sorted(want) and (suffix != ".pth" or list(merged) == list(want))  # .pth keeps order
+        assert all(merged[k].dtype == v.dtype and torch.equal(merged[k], v) for k, v in want.items())
+        if base_kind != "bf16.pth" or case == "dora":  # unmerge: every mode and output format once
+            continue
+        copied.clear()
+        back = load(unmerge_adapter(tmp_path / f"merged{suffix}", folded, tmp_path / f"back{suffix}"))
+        assert len(copied) == len(set(base_sd) - set(plan_edits(base_sd, folded_sd, cfg, unmerge=True)))
+        want_back = merge_state_dict(merged, folded_sd, cfg, unmerge=True)
+        assert sorted(back) == sorted(want_back)
+        assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in want_back.items())
 
 
 def test_verify_in_runtime_prints_diff_and_answer(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -215,3 +264,21 @@ def _train_demo(base: Path, out: Path) -> Path:
     torch.save(trainable_state_dict(model), out / "rwkv-final.pth")
     (out / "adapter_config.json").write_text(json.dumps(adapter_config(model, "miss", cfg)))
     return out / "rwkv-final.pth"
+
+
+@pytest.mark.parametrize("key", ["emb.weight", "blocks.1.att.key.weight"])  # copied as bytes / read and merged
+def test_bit_rot_in_the_base_fails_the_merge_and_leaves_no_file(key: str, base_file: Path, trained: dict,
+                                                                tmp_path: Path) -> None:
+    """No CRC pass before the stream: every record's CRC is checked as it is copied or read."""
+    from rwkv_peft.model.stream import tensor_spans
+
+    span = tensor_spans(base_file)[key]
+    raw = bytearray(base_file.read_bytes())
+    raw[span.offset + span.nbytes // 2] ^= 0x10
+    (tmp_path / "rotten.pth").write_bytes(raw)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(SystemExit) as e:
+        main(["--base_model", str(tmp_path / "rotten.pth"), "--peft_checkpoint", str(trained["balance"][0]),
+              "--output", str(tmp_path / "out" / "merged.pth"), "--quiet"])
+    assert "rotten.pth" in str(e.value) and "CRC-32 mismatch" in str(e.value) and "\n" not in str(e.value)
+    assert list((tmp_path / "out").iterdir()) == []

@@ -1,0 +1,396 @@
+"""Checkpoint files written as a stream, with unchanged tensors copied from the input as bytes.
+
+A torch ``.pth`` is a zip of stored (uncompressed) records: ``data.pkl``, the pickled dict whose
+tensors name their storage records, and one ``data/<n>`` record per storage, 64-byte aligned. A
+``.safetensors`` file is a JSON header and then the tensors' bytes. Both hold a tensor as its plain
+little-endian bytes, so a tensor that a merge leaves alone goes from the input file to the output
+as bytes: no decode, no dtype round trip, no page of it in this process (``os.copy_file_range``).
+
+``tensor_spans`` says where those bytes lie (read from the zip's and the pickle's metadata with
+torch's own ``weights_only`` loader on the meta device: nothing else is unpickled, no data read);
+``write_pth`` / ``write_safetensors`` take, per key of the output, a tensor or such a span.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import pickle
+import struct
+import sys
+import zipfile
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+# legacy storage classes as torch.save pickles them (the weights_only loader allows exactly these)
+STORAGE_TYPES = {
+    torch.float32: torch.FloatStorage,
+    torch.float64: torch.DoubleStorage,
+    torch.float16: torch.HalfStorage,
+    torch.bfloat16: torch.BFloat16Storage,
+    torch.int64: torch.LongStorage,
+    torch.int32: torch.IntStorage,
+    torch.int16: torch.ShortStorage,
+    torch.int8: torch.CharStorage,
+    torch.uint8: torch.ByteStorage,
+    torch.bool: torch.BoolStorage,
+}
+SAFETENSORS_DTYPES = {
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+ALIGN = 64  # torch.save's storage alignment: records start on 64-byte boundaries (mmap loads rely on it)
+CHUNK = 1 << 23  # bytes per read when a copy must pass through this process (CRC computed or checked)
+
+Spec = tuple[str, torch.dtype, tuple[int, ...]]  # key, dtype, shape of one output tensor
+
+
+@dataclass(frozen=True)
+class Span:
+    """One tensor's bytes inside a checkpoint file; ``crc``: the zip's CRC-32 of them (None if unknown)."""
+
+    path: Path
+    offset: int
+    nbytes: int
+    crc: int | None = None
+
+
+def tensor_spans(path: str | os.PathLike) -> dict[str, Span]:
+    """Keys of ``path`` whose tensor is exactly the bytes of one stored region, and where those lie.
+
+    Tensors that are views (offset into, or part of, a larger storage) or stored big-endian are
+    left out; a caller writes those from the loaded tensor instead.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return _safetensors_spans(path)
+    if not zipfile.is_zipfile(path):
+        return {}  # not a zip checkpoint (legacy format, or no file): every tensor is written from memory
+    try:
+        meta = torch.load(path, map_location="meta", weights_only=True)
+        with zipfile.ZipFile(path) as z, open(path, "rb") as f:
+            records = {_data_offset(f, info): info for info in z.infolist() if info.compress_type == zipfile.ZIP_STORED}
+            order = [z.read(i) for i in z.infolist() if i.filename.endswith("/byteorder")]
+    except (OSError, RuntimeError, ValueError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError):
+        return {}  # unreadable here: the loader that reads the tensors says why
+    if order and order[0].decode() != sys.byteorder or not order and sys.byteorder != "little":
+        return {}
+    spans = {}
+    for key, t in meta.items() if isinstance(meta, dict) else ():
+        s = t.untyped_storage() if isinstance(t, torch.Tensor) else None
+        info = records.get(getattr(s, "_checkpoint_offset", None))
+        if info and t.is_contiguous() and t.storage_offset() == 0 and t.nbytes == s.nbytes() == info.file_size > 0:
+            spans[key] = Span(path, s._checkpoint_offset, t.nbytes, info.CRC)
+    return spans
+
+
+def _data_offset(f: BinaryIO, info: zipfile.ZipInfo) -> int:
+    """Where a zip record's data starts: after its local header (whose name and extra lengths may differ
+    from the central directory's)."""
+    f.seek(info.header_offset)
+    head = f.read(30)
+    name_len, extra_len = struct.unpack("<HH", head[26:30])
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def _safetensors_spans(path: Path) -> dict[str, Span]:
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        start = 8 + n
+        return {
+            k: Span(path, start + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0])
+            for k, v in header.items()
+            if k != "__metadata__" and v["data_offsets"][1] > v["data_offsets"][0]
+        }
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
+        return {}  # unreadable here: the loader that reads the tensors says why
+
+
+def read_float(span: Span, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """The tensor stored at ``span`` (``dtype``, ``shape``) in fp32, CRC-checked where the CRC is known.
+
+    Read and converted a chunk at a time, so memory peaks at the fp32 result plus one chunk,
+    not the stored copy as well.
+    """
+    out = torch.empty(shape, dtype=torch.float32)
+    flat, size = out.view(-1), dtype.itemsize
+    if _nbytes(dtype, shape) != span.nbytes:
+        raise ValueError(f"{span.path}: {span.nbytes} bytes at {span.offset} cannot hold {dtype} {tuple(shape)}")
+    chunk = torch.empty(min(CHUNK - CHUNK % size, span.nbytes), dtype=torch.uint8)
+    crc, done = 0, 0
+    fd = os.open(span.path, os.O_RDONLY)
+    try:
+        while done < span.nbytes:
+            n = min(chunk.numel(), span.nbytes - done)
+            view = memoryview(chunk.numpy())[:n]
+            got = 0
+            while got < n:
+                m = os.preadv(fd, [view[got:]], span.offset + done + got)
+                if m == 0:
+                    raise ValueError(f"{span.path}: truncated (a tensor's bytes end past the end of the file)")
+                got += m
+            crc = zlib.crc32(view, crc)
+            flat[done // size : (done + n) // size].copy_(chunk[:n].view(dtype))
+            done += n
+    finally:
+        os.close(fd)
+    if span.crc is not None and crc != span.crc:
+        raise ValueError(f"{span.path}: CRC-32 mismatch in the tensor at byte {span.offset} (read {crc:08x}, "
+                         f"recorded {span.crc:08x})")
+    return out
+
+
+def prefetch(span: Span) -> None:
+    """Ask the kernel to start reading ``span`` now (it arrives while other work goes on)."""
+    fd = os.open(span.path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, span.offset, span.nbytes, os.POSIX_FADV_WILLNEED)
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _next(pieces: Iterator[torch.Tensor | Span], key: str) -> torch.Tensor | Span:
+    """The next piece, never bound in the writer's loop: a written tensor is freed before the next is made."""
+    piece = next(pieces, None)
+    if piece is None:
+        raise ValueError(f"{key}: no data given for it")
+    return piece
+
+
+def _no_more(pieces: Iterator[torch.Tensor | Span]) -> None:
+    if next(pieces, None) is not None:
+        raise ValueError("more tensors given than keys")
+
+
+def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    n = dtype.itemsize
+    for s in shape:
+        n *= s
+    return n
+
+
+class _Copier:
+    """Writes pieces to ``f``: bytes from memory, or a Span copied from its file inside the kernel.
+
+    ``check``: pass copied spans through this process to compare them with their CRC-32 (the input's
+    integrity check, at the cost of reading every byte here).
+    """
+
+    def __init__(self, f: BinaryIO, check: bool):
+        self.f, self.check, self._fds = f, check, {}
+
+    def write(self, piece: torch.Tensor | Span, want: int, key: str, crc: bool) -> int | None:
+        """Write one tensor's bytes; returns their CRC-32 when ``crc`` (None: unknown, not needed)."""
+        if isinstance(piece, Span):
+            if piece.nbytes != want:
+                raise ValueError(f"{piece.path}: {key} holds {piece.nbytes} bytes, expected {want}")
+            if (crc and piece.crc is None) or (self.check and piece.crc is not None):
+                got = self._copy_through(piece)
+                if piece.crc is not None and got != piece.crc:
+                    raise ValueError(f"{piece.path}: {key}: CRC-32 mismatch (read {got:08x}, recorded {piece.crc:08x})")
+                return got
+            self._copy_in_kernel(piece)
+            return piece.crc
+        data = memoryview(piece.contiguous().reshape(-1).view(torch.uint8).numpy())  # exactly its bytes
+        if len(data) != want:
+            raise ValueError(f"{key}: {len(data)} bytes computed, expected {want}")
+        self.f.write(data)
+        return zlib.crc32(data) if crc else None
+
+    def _fd(self, path: Path) -> int:
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
+    def _short(self, span: Span) -> ValueError:
+        return ValueError(f"{span.path}: truncated (a tensor's bytes end past the end of the file)")
+
+    def _copy_through(self, span: Span) -> int:
+        fd, crc, done = self._fd(span.path), 0, 0
+        while done < span.nbytes:
+            chunk = os.pread(fd, min(CHUNK, span.nbytes - done), span.offset + done)
+            if not chunk:
+                raise self._short(span)
+            crc = zlib.crc32(chunk, crc)
+            self.f.write(chunk)
+            done += len(chunk)
+        return crc
+
+    def _copy_in_kernel(self, span: Span) -> None:
+        self.f.flush()
+        src, dst, done = self._fd(span.path), self.f.fileno(), 0
+        while done < span.nbytes:
+            try:
+                n = os.copy_file_range(src, dst, span.nbytes - done, span.offset + done)
+            except OSError as e:  # filesystems / kernels without it: sendfile does the same
+                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                n = os.sendfile(dst, src, span.offset + done, span.nbytes - done)
+            if n == 0:
+                raise self._short(span)
+            done += n
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+class _ZipWriter:
+    """A zip of stored records in the layout torch.load reads: ``archive/<name>``, data 64-byte aligned,
+    zip64 fields for sizes and offsets from ``limit`` (4 GiB - 1) on."""
+
+    limit = 0xFFFFFFFF
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.entries = f, []
+
+    def _clip(self, v: int, full: int = 0xFFFFFFFF) -> int:
+        return full if v >= self.limit else v
+
+    def add(self, name: str, size: int, write: Callable[[], int]) -> None:
+        """Write the local header, then ``write()`` (which returns the CRC-32), then patch that CRC in."""
+        name_b = f"archive/{name}".encode()
+        start = self.f.tell()
+        zip64 = struct.pack("<HHQQ", 1, 16, size, size) if size >= self.limit else b""
+        pad = (-(start + 30 + len(name_b) + len(zip64) + 4)) % ALIGN
+        extra = zip64 + struct.pack("<HH", 0x4246, pad) + b"Z" * pad  # padding field "FB", as torch's writer
+        self.f.write(struct.pack("<IHHHHHIIIHH", 0x04034B50, 45 if zip64 else 20, 0, 0, 0, 0x21, 0,
+                                 self._clip(size), self._clip(size), len(name_b), len(extra)) + name_b + extra)
+        crc = write()
+        end = self.f.tell()
+        self.f.seek(start + 14)
+        self.f.write(struct.pack("<I", crc))
+        self.f.seek(end)
+        self.entries.append((name_b, size, crc, start))
+
+    def add_bytes(self, name: str, data: bytes) -> None:
+        def write() -> int:
+            self.f.write(data)
+            return zlib.crc32(data)
+
+        self.add(name, len(data), write)
+
+    def close(self) -> None:
+        """The central directory and end records (zip64 ones where counts, sizes or offsets need them)."""
+        cd_start = self.f.tell()
+        for name_b, size, crc, offset in self.entries:
+            big = [v for v in (size, size, offset) if v >= self.limit]
+            extra = struct.pack(f"<HH{len(big)}Q", 1, 8 * len(big), *big) if big else b""
+            self.f.write(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 45, 45 if big else 20, 0, 0, 0, 0x21, crc,
+                                     self._clip(size), self._clip(size), len(name_b), len(extra), 0, 0, 0, 0,
+                                     self._clip(offset)) + name_b + extra)
+        cd_end = self.f.tell()
+        n, cd_size = len(self.entries), cd_end - cd_start
+        if n >= 0xFFFF or cd_end >= self.limit:
+            self.f.write(struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, n, n, cd_size, cd_start))
+            self.f.write(struct.pack("<IIQI", 0x07064B50, 0, cd_end, 1))
+        count = 0xFFFF if n >= 0xFFFF else n
+        self.f.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, count, count, self._clip(cd_size),
+                                 self._clip(cd_start), 0))
+
+
+class _Slot:
+    """Stands in for one tensor while pickling data.pkl (no data needed)."""
+
+    def __init__(self, index: int, dtype: torch.dtype, shape: tuple[int, ...]):
+        self.index, self.dtype, self.shape = index, dtype, shape
+
+    def __reduce__(self):
+        stride, acc = [], 1
+        for n in reversed(self.shape):
+            stride.insert(0, acc)
+            acc *= n
+        storage = _StorageRef(str(self.index), STORAGE_TYPES[self.dtype], acc)
+        return torch._utils._rebuild_tensor_v2, (storage, 0, self.shape, tuple(stride), False, OrderedDict())
+
+
+@dataclass
+class _StorageRef:
+    key: str
+    storage_type: type
+    numel: int
+
+
+class _HeaderPickler(pickle.Pickler):
+    def persistent_id(self, obj: object) -> tuple | None:
+        if isinstance(obj, _StorageRef):
+            return ("storage", obj.storage_type, obj.key, "cpu", obj.numel)
+        return None
+
+
+def pth_header(specs: list[Spec]) -> bytes:
+    """data.pkl of torch.save({key: tensor}) for tensors with these dtypes/shapes, each its own storage."""
+    for key, dtype, _ in specs:
+        if dtype not in STORAGE_TYPES:
+            raise ValueError(f"{key}: dtype {dtype} cannot be written by the streaming .pth writer")
+    buf = io.BytesIO()
+    _HeaderPickler(buf, protocol=2).dump({k: _Slot(i, d, tuple(s)) for i, (k, d, s) in enumerate(specs)})
+    return buf.getvalue()
+
+
+def write_pth(f: BinaryIO, specs: list[Spec], pieces: Iterable[torch.Tensor | Span], check: bool = False) -> None:
+    """Stream a torch.load-able .pth: the dict ``{key: tensor}`` of ``specs``, bytes from ``pieces`` in order.
+
+    Spans keep their CRC-32 from the input zip (so a corrupt input stays detectable); ``check``
+    recomputes it while copying and fails on a mismatch. No ``.format_version`` record: with it,
+    torch.load computes record offsets from miniz's layout (data descriptors) instead of reading them.
+    """
+    z, out = _ZipWriter(f), _Copier(f, check)
+    try:
+        z.add_bytes("data.pkl", pth_header(specs))
+        z.add_bytes("byteorder", sys.byteorder.encode())
+        pieces = iter(pieces)
+        for i, (key, dtype, shape) in enumerate(specs):
+            size = _nbytes(dtype, shape)
+            z.add(f"data/{i}", size, lambda n=size, k=key: out.write(_next(pieces, k), n, k, crc=True))
+        _no_more(pieces)
+        z.add_bytes("version", b"3\n")
+        z.close()
+    finally:
+        out.close()
+
+
+def write_safetensors(f: BinaryIO, specs: list[Spec], pieces: Iterable[torch.Tensor | Span],
+                      check: bool = False) -> None:
+    """Stream the safetensors layout (8-byte length, JSON header, data in order) from ``pieces``."""
+    header, offset = {}, 0
+    for key, dtype, shape in specs:
+        if dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{key}: dtype {dtype} cannot be written to .safetensors")
+        n = _nbytes(dtype, shape)
+        header[key] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * ((-len(text)) % 8)
+    f.write(len(text).to_bytes(8, "little"))
+    f.write(text)
+    out = _Copier(f, check)
+    try:
+        pieces = iter(pieces)
+        for key, dtype, shape in specs:
+            out.write(_next(pieces, key), _nbytes(dtype, shape), key, crc=False)
+        _no_more(pieces)
+    finally:
+        out.close()
