@@ -82,7 +82,8 @@ def test_corrupt_input_is_not_laundered(tmp_path: Path) -> None:
     pth.write_bytes(raw)
     specs = [(k, v.dtype, tuple(v.shape)) for k, v in sd.items()]
     pieces = [tensor_spans(pth).get(k, v) for k, v in sd.items()]
-    with open(tmp_path / "out.pth", "wb") as f, pytest.raises(ValueError, match=rf"{pth}: w: CRC-32 mismatch"):
+    bad = rf"{pth}: corrupt: CRC-32 mismatch in w"
+    with open(tmp_path / "out.pth", "wb") as f, pytest.raises(ValueError, match=bad):
         write_pth(f, specs, pieces, check=True)
     with open(tmp_path / "out.pth", "wb") as f:
         write_pth(f, specs, pieces)
@@ -111,5 +112,5 @@ def test_read_float_in_chunks_checks_the_crc(tmp_path: Path, monkeypatch: pytest
     raw = bytearray(pth.read_bytes())
     raw[span.offset + 3000] ^= 0x01
     pth.write_bytes(raw)
-    with pytest.raises(ValueError, match=f"{pth}: CRC-32 mismatch in the tensor"):
+    with pytest.raises(ValueError, match=f"{pth}: corrupt: CRC-32 mismatch in the tensor"):
         stream.read_float(span, torch.bfloat16, (64, 48))

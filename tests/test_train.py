@@ -162,17 +162,49 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_equal_one_with_twice_the_micro_batch(files, tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    main(args(files, one, epoch_count=1, epoch_steps=3, micro_bsz=4))
-    # The world of one is torn down: nothing of its rendezvous is left for the torchrun child to inherit.
+@pytest.fixture(scope="module")
+def one_process(files, tmp_path_factory) -> Path:
+    """The reference for the multi-process runs: one process, micro batch 4 (their global batch)."""
+    out = tmp_path_factory.mktemp("one")
+    main(args(files, out, epoch_count=1, epoch_steps=3, micro_bsz=4))
+    # The world of one is torn down: nothing of its rendezvous is left for a torchrun child to inherit.
     assert not torch.distributed.is_initialized()
     assert not [k for k in os.environ if k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") or k.startswith("MASTER_")]
+    return out
+
+
+def test_two_processes_equal_one_with_twice_the_micro_batch(files, one_process, tmp_path):
+    one, two = one_process, tmp_path / "two"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                         "--master_port", str(free_port()), "-m", "rwkv_peft.train",
                         *args(files, two, epoch_count=1, epoch_steps=3, micro_bsz=2)],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    a, b = adapter(one), adapter(two)
+    for k in a:  # fp32; the all-reduce sums in another order
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_two_nodes_equal_one_process_with_the_global_batch(files, one_process, tmp_path):
+    """Two "nodes" on this machine (torchrun --nnodes 2, one process each, gloo over 127.0.0.1), launched
+    as on a cluster: the same command on every node but for --node_rank."""
+    one, two = one_process, tmp_path / "two"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
+                        "MASTER_PORT") and not k.startswith("TORCHELASTIC_")}
+    port = free_port()
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(i),
+                               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                               "-m", "rwkv_peft.train",
+                               *args(files, two, epoch_count=1, epoch_steps=3, micro_bsz=2, num_nodes=2)],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in (0, 1)]
+    try:
+        outs = [n.communicate(timeout=300)[0] for n in nodes]
+    finally:
+        for n in nodes:
+            n.kill()
+    assert [n.returncode for n in nodes] == [0, 0], "\n".join(o[-2000:] for o in outs)
     a, b = adapter(one), adapter(two)
     for k in a:  # fp32; the all-reduce sums in another order
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)

@@ -153,8 +153,8 @@ def read_float(span: Span, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.
     finally:
         os.close(fd)
     if span.crc is not None and crc != span.crc:
-        raise ValueError(f"{span.path}: CRC-32 mismatch in the tensor at byte {span.offset} (read {crc:08x}, "
-                         f"recorded {span.crc:08x})")
+        raise ValueError(f"{span.path}: corrupt: CRC-32 mismatch in the tensor at byte {span.offset} "
+                         f"(read {crc:08x}, recorded {span.crc:08x})")
     return out
 
 
@@ -208,7 +208,8 @@ class _Copier:
             if (crc and piece.crc is None) or (self.check and piece.crc is not None):
                 got = self._copy_through(piece)
                 if piece.crc is not None and got != piece.crc:
-                    raise ValueError(f"{piece.path}: {key}: CRC-32 mismatch (read {got:08x}, recorded {piece.crc:08x})")
+                    raise ValueError(f"{piece.path}: corrupt: CRC-32 mismatch in {key} (read {got:08x}, "
+                                     f"recorded {piece.crc:08x})")
                 return got
             self._copy_in_kernel(piece)
             return piece.crc
