@@ -442,7 +442,7 @@ def train_step(run: Run, j: int, lr: float) -> tuple[list[torch.Tensor], int]:
                                cfg.head_chunk)
         else:
             loss = masked_loss(engine, batch["input_ids"], batch["targets"], batch["mask"], cfg.head_chunk)
-        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0])
+        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=loss.device)  # nccl needs it on the GPU
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank skips together
         if bad.item():
             bad_micro += 1
