@@ -245,12 +245,12 @@ def check_writable_dir(directory: str | os.PathLike, what: str, create: bool = T
         raise PermissionError(f"{what}: cannot write in {d} (read-only file system or no permission)")
 
 
-def check_free_space(directory: str | os.PathLike, need: int, flag: str) -> None:
-    """One-line error when the file system of ``directory`` has less than ``need`` bytes free."""
+def check_free_space(directory: str | os.PathLike, need: int, what: str) -> None:
+    """One-line error, prefixed by ``what``, when the file system of ``directory`` has under ``need`` bytes free."""
     free = shutil.disk_usage(directory).free
     if free < need:
-        raise OSError(errno.ENOSPC, f"needs about {need / 2**20:.1f} MiB, only {free / 2**20:.1f} MiB free",
-                      f"{flag} {directory}")
+        raise OSError(errno.ENOSPC, f"needs about {need / 2**20:.1f} MiB, only {free / 2**20:.1f} MiB free in "
+                                    f"{directory}", what)
 
 
 def describe(e: BaseException) -> str:

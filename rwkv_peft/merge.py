@@ -553,9 +553,9 @@ def verify_merged(
     print(f"max |logit diff|, rwkv runtime (merged) vs adapted model: {diff:.3g} over {len(tokens)} tokens{note}")
     limit = tol if tol is not None else verify_tolerance(dtype, float(ours.abs().max()))
     if not diff <= limit:  # NaN fails too
-        raise ValueError(f"--verify: max |logit diff| {diff:.3g} is over the tolerance {limit:.3g}"
-                         f"{'' if tol is not None else ' (set it with --verify_tol)'}: the merged file "
-                         "does not compute what the adapted model does")
+        raise ValueError(f"--verify: max |logit diff| {diff:.3g} is over the tolerance {limit:.3g} "
+                         f"({'--verify_tol' if tol is not None else f'the default for {dtype}; see --verify_tol'}): "
+                         "the merged file does not compute what the adapted model does")
     new = runtime_generate(runtime, tokens, n_tokens)
     if 0 in new:
         new = new[: new.index(0)]

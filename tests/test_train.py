@@ -210,7 +210,7 @@ def test_two_nodes_equal_one_process_with_the_global_batch(files, one_process, t
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", ["data", "checkpoint", "n_embd", "strategy", "head_chunk"])
+@pytest.mark.parametrize("case", ["data", "checkpoint", "n_embd", "strategy", "head_chunk", "data_type"])
 def test_bad_input_is_one_line_before_heavy_work(files, tmp_path, case):
     kw = {}
     if case == "data":
@@ -223,6 +223,8 @@ def test_bad_input_is_one_line_before_heavy_work(files, tmp_path, case):
         kw["n_embd"] = 128
     elif case == "strategy":
         kw["strategy"] = "deepspeed_stage_9"
+    elif case == "data_type":
+        kw["data_type"] = "csv"  # named as the flag at fault, not as a missing --data_file
     else:
         kw["head_chunk"] = -2
     with pytest.raises(SystemExit) as e:
@@ -230,7 +232,7 @@ def test_bad_input_is_one_line_before_heavy_work(files, tmp_path, case):
     msg = str(e.value)
     assert msg.startswith("error: ") and "\n" not in msg
     assert {"data": "--data_file", "checkpoint": "not an RWKV", "n_embd": "--n_embd 128",
-            "strategy": "--strategy", "head_chunk": "--head_chunk"}[case] in msg
+            "strategy": "--strategy", "head_chunk": "--head_chunk", "data_type": "--data_type"}[case] in msg
     assert not (tmp_path / "out").exists()
 
 

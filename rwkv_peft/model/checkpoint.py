@@ -21,19 +21,23 @@ def load_checked(path: str | os.PathLike, mmap: bool = False, crc: bool = True) 
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint file not found")
     with open(path, "rb") as f:
-        is_zip = f.read(4) == b"PK\x03\x04"  # torch's format since 1.6; older files are one pickle stream
+        head = f.read(4)
+    is_zip = head == b"PK\x03\x04"  # torch's format since 1.6; older files are pickle streams (protocol 2+)
     if is_zip and crc:
         check_zip(path)
+    elif not is_zip and head[:1] != b"\x80":
+        raise ValueError(f"{path}: not a .pth checkpoint (neither torch's zip format nor its older pickle format"
+                         f"{'; the file is empty' if not head else ''})")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and is_zip)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        lines = [x.strip() for x in str(e).splitlines() if "GLOBAL" in x]  # not torch's advice to trust it
+        why = lines[0].removeprefix("WeightsUnpickler error: ").split(" Please use")[0] if lines else "a pickle"
         raise ValueError(
-            f"{path}: refused to load: the file holds Python objects, not only tensors "
-            f"(weights_only load failed: {first})"
+            f"{path}: refused to load: the file holds Python objects, not only tensors ({why})"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}" if str(e).strip() else type(e).__name__
         raise ValueError(f"{path}: not a readable .pth checkpoint (truncated or corrupt: {first})") from None
 
 

@@ -7,6 +7,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from rwkv_peft.data import DATA_TYPES
 from rwkv_peft.ops import OPS
 from rwkv_peft.peft.registry import METHODS, get_method
 
@@ -195,6 +196,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--precision: expected one of {'|'.join(PRECISIONS)}, got {cfg.precision!r}")
     if cfg.accelerator not in ACCELERATORS:
         raise ValueError(f"--accelerator: expected one of {'|'.join(ACCELERATORS)}, got {cfg.accelerator!r}")
+    if cfg.data_type not in DATA_TYPES:  # before the path checks, which read the path by the type
+        raise ValueError(f"--data_type: expected one of {'|'.join(DATA_TYPES)}, got {cfg.data_type!r}")
     if cfg.lr_schedule not in ("cos", "wsd", "const"):
         raise ValueError(f"--lr_schedule: expected cos|wsd|const, got {cfg.lr_schedule!r}")
     for flag in ("grad_cp", "resume", "save_best", "strict"):
