@@ -213,11 +213,18 @@ def test_damaged_trainer_state_is_one_line_and_runs_nothing(data, reference, tmp
         torch.save({"epoch": 0, "payload": _Evil()}, state)
     else:
         torch.save({"epoch": torch.zeros(1)}, state)
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as e:
-        main(flags(data, out, resume=1))
-    one_line_error(e, str(state), {"truncated": "truncated or corrupt", "pickle": "refused to load",
-                                   "not_a_state": "not a trainer state"}[damage])
+    needle = {"truncated": "truncated or corrupt", "pickle": "refused to load", "not_a_state": "not a trainer state"}
+    if damage == "pickle":  # a fresh process, as users run it: its error path tears down a group DeepSpeed never set up
+        r = subprocess.run([sys.executable, "-m", "rwkv_peft.train", *flags(data, out, resume=1)], cwd=tmp_path,
+                           env=sub_env(), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and str(state) in last and needle[damage] in last, last
+    else:
+        monkeypatch.chdir(tmp_path)
+        with pytest.raises(SystemExit) as e:
+            main(flags(data, out, resume=1))
+        one_line_error(e, str(state), needle[damage])
     assert not (tmp_path / "pwned").exists()
     assert leftovers(out) == []
 

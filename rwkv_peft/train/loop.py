@@ -72,8 +72,10 @@ def process_group(cfg: TrainConfig, on_gpu: bool, deepspeed) -> Iterator[tuple[i
             dist.init_process_group("nccl" if on_gpu else "gloo", **init)
         yield dist.get_rank(), dist.get_world_size(), local_rank
     finally:
-        if owned and dist.is_initialized():
-            deepspeed.comm.destroy_process_group()
+        if owned and dist.is_initialized():  # through DeepSpeed's comm once the engine set it up
+            from deepspeed.comm import comm
+
+            (deepspeed.comm if comm.cdb is not None else dist).destroy_process_group()
         if set_local_rank:
             os.environ.pop("LOCAL_RANK", None)
 
