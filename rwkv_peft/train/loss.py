@@ -58,6 +58,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
                 total: torch.Tensor, positions: int, chunk: int, grad_enabled: bool) -> torch.Tensor:
+        # forward runs with grad mode off and needs_input_grad ignores it: the caller's mode comes in
         want_h, want_w = (grad_enabled and need for need in ctx.needs_input_grad[:2])
         h = hidden.reshape(-1, hidden.shape[-1])
         y = targets.reshape(-1, 1)
