@@ -47,8 +47,7 @@ def run_one(args: argparse.Namespace) -> dict:
     import rwkv_peft.quant as quant
     from rwkv_peft.model import RWKV7Config, init_model
     from rwkv_peft.peft.inject import apply_peft, parse_peft_config
-    from rwkv_peft.train.infctx import infctx_loss
-    from rwkv_peft.train.loss import masked_loss
+    from rwkv_peft.train.loss import infctx_loss, masked_loss
 
     if args.base != "full":
         quant._bnb()  # library import belongs to the fixed cost, not to the model

@@ -13,7 +13,7 @@ from rwkv_peft.data import ChatTemplate, build_dataset, get_tokenizer, load_chat
 from rwkv_peft.data.chat import encode_chat
 from rwkv_peft.data.make_binidx import main as make_binidx_main
 from rwkv_peft.train import masked_loss
-from rwkv_peft.train.infctx import infctx_loss
+from rwkv_peft.train.loss import infctx_loss
 
 V = 65536
 THREE_TURNS = [

@@ -9,8 +9,7 @@ from torch import nn
 
 from rwkv_peft.ops import wkv7
 from rwkv_peft.peft.state import add_time_state
-from rwkv_peft.train.infctx import infctx_loss
-from rwkv_peft.train.loss import masked_loss
+from rwkv_peft.train.loss import infctx_loss, masked_loss
 
 # fp32 throughout; chunking only changes float summation order, so 1e-4 relative is generous.
 REL = 1e-4

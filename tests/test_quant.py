@@ -13,8 +13,7 @@ pytest.importorskip("bitsandbytes.functional", reason="--quant needs bitsandbyte
 
 from rwkv_peft.peft.inject import apply_peft, parse_peft_config, trainable_state_dict  # noqa: E402
 from rwkv_peft.quant import QuantWeight, RoundtripView, quant_roundtrip, quantize_base  # noqa: E402
-from rwkv_peft.train.infctx import infctx_loss  # noqa: E402
-from rwkv_peft.train.loss import masked_loss  # noqa: E402
+from rwkv_peft.train.loss import infctx_loss, masked_loss  # noqa: E402
 
 FORMATS = ["int8", "nf4"]
 

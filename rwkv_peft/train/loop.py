@@ -24,9 +24,8 @@ from rwkv_peft import files
 from rwkv_peft.train import progress
 from rwkv_peft.train.config import ARCH_FLAGS, TrainConfig, parse_args
 from rwkv_peft.train.ds_config import build_ds_config, check_supported
-from rwkv_peft.train.infctx import infctx_loss
 from rwkv_peft.train.loggers import RunLog, check_loggers
-from rwkv_peft.train.loss import masked_loss
+from rwkv_peft.train.loss import infctx_loss, masked_loss
 from rwkv_peft.train.schedule import lr_at
 
 STATE_FILE = "trainer_state.pt"
