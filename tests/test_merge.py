@@ -208,7 +208,8 @@ def test_byte_copied_merge_equals_decoded_merge(
     copied = []
     for name in ("_copy_in_kernel", "_copy_through"):  # the two ways a span reaches the output
         original = getattr(_Copier, name)
-        monkeypatch.setattr(_Copier, name, lambda self, span, f=original: (copied.append(span), f(self, span))[1])
+        monkeypatch.setattr(_Copier, name,
+                            lambda self, span, *a, f=original: (copied.append(span), f(self, span, *a))[1])
 
     def load(p: Path) -> dict:
         return load_file(p) if p.suffix == ".safetensors" else torch.load(p, weights_only=True)
@@ -221,6 +222,7 @@ def test_byte_copied_merge_equals_decoded_merge(
     base_sd = load(base)
     untouched = set(base_sd) - set(plan_edits(base_sd, ad, cfg))
     want = merge_state_dict(base_sd, ad, cfg)
+    assert all(torch.equal(base_sd[k], v) for k, v in load(base).items())  # folds in place only on their own copy
     folded = tmp_path / "folded" / "rwkv-final.pth"  # unmerge: without train_parts' replaced tensors
     folded.parent.mkdir()
     folded_sd = {k: v for k, v in ad.items() if k not in base_sd}
@@ -240,6 +242,21 @@ def test_byte_copied_merge_equals_decoded_merge(
         want_back = merge_state_dict(merged, folded_sd, cfg, unmerge=True)
         assert sorted(back) == sorted(want_back)
         assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in want_back.items())
+
+
+def test_a_result_that_overflows_the_stored_dtype_is_refused(base_file: Path, trained: dict, tmp_path: Path) -> None:
+    """Finite in fp32 but not in an fp16 base (max 65504): caught by the check after the cast, no file."""
+    base = _save_base(torch.load(base_file, weights_only=True), tmp_path / "fp16.pth", torch.float16)
+    adapter, _ = trained["mini"]
+    big = tmp_path / "big" / "rwkv-final.pth"
+    big.parent.mkdir()
+    torch.save({k: v * 1e7 for k, v in torch.load(adapter, weights_only=True).items()}, big)
+    (big.parent / "adapter_config.json").write_text((adapter.parent / "adapter_config.json").read_text())
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ValueError, match="would contain NaN/inf after merging .*check the adapter's values"):
+        merge_adapter(base, big, tmp_path / "out" / "merged.pth")
+    assert list((tmp_path / "out").iterdir()) == []
+    merge_adapter(base, adapter, tmp_path / "out" / "merged.pth")  # the same base with a sane adapter: fine
 
 
 def test_verify_in_runtime_prints_diff_and_answer(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -255,7 +255,7 @@ def test_parse_config_and_adapter_config():
 
 def test_registry_is_the_one_list_of_methods(tmp_path):
     """Trainer flags, adapter keys, the merge CLI and the printed merge command all come from the records."""
-    from rwkv_peft.merge import _parser
+    from rwkv_peft.merge.cli import _parser
     from rwkv_peft.peft.registry import METHODS, method_for_keys
     from rwkv_peft.train.config import TrainConfig, build_parser
     from rwkv_peft.train.loop import merge_command

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from rwkv_peft.model import stream
 from rwkv_peft.model.stream import _ZipWriter, tensor_spans, write_pth, write_safetensors
 
 
@@ -70,6 +71,24 @@ def test_written_files_read_back_exactly(
     meta = torch.load(tmp_path / "out.pth", weights_only=True, map_location="meta")
     assert {k: tuple(v.shape) for k, v in meta.items()} == {k: tuple(v.shape) for k, v in sd.items()}
     assert sorted(tensor_spans(tmp_path / "out.pth")) == sorted(sd)  # our own output: every tensor copyable
+
+
+def test_computed_tensors_are_cast_to_the_stored_dtype_chunk_by_chunk(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A merge hands fp32 results to the writer, which casts them a chunk at a time (no stored-dtype copy of
+    the whole tensor): the file holds exactly what one whole cast gives, in every dtype and both formats."""
+    monkeypatch.setattr(stream, "CHUNK", 96)  # many chunks, the last one partial
+    x = torch.randn(37, 29, generator=torch.Generator().manual_seed(1)) * 300
+    dtypes = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+    specs = [(str(d), d, (37, 29)) for d in dtypes]
+    with open(tmp_path / "out.pth", "wb") as f:
+        write_pth(f, specs, [x] * len(specs))
+    with open(tmp_path / "out.safetensors", "wb") as f:
+        write_safetensors(f, specs, [x] * len(specs))
+    with zipfile.ZipFile(tmp_path / "out.pth") as z:
+        assert z.testzip() is None  # the CRC-32 continued over the chunks is the record's
+    for got in (torch.load(tmp_path / "out.pth", weights_only=True), load_file(tmp_path / "out.safetensors")):
+        assert all(got[str(d)].dtype == d and torch.equal(got[str(d)], x.to(d)) for d in dtypes)
 
 
 def test_corrupt_input_is_not_laundered(tmp_path: Path) -> None:

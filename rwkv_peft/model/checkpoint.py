@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import pickle
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
 
 from rwkv_peft.files import atomic_path, check_zip
+from rwkv_peft.model.stream import SAFETENSORS_DTYPES, Spec
 
 
 def load_checked(path: str | os.PathLike, mmap: bool = False, crc: bool = True) -> object:
@@ -63,12 +64,73 @@ def read_state_dict(path: str | os.PathLike, mmap: bool = True, crc: bool = True
     return sd
 
 
-def all_finite(t: torch.Tensor) -> bool:
-    """No NaN/inf in ``t``: one min/max pass (both propagate NaN; no overflow, unlike a sum) instead of a
-    slow elementwise isfinite."""
+class SafetensorsReader(Mapping):
+    """Lazy name -> tensor view of a .safetensors file (each tensor read when asked for)."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        try:
+            self._f = safe_open(str(path), framework="pt")
+        except Exception as e:  # safetensors raises its own error types
+            raise ValueError(f"{path}: not a readable .safetensors file ({e})") from None
+        self._keys = list(self._f.keys())
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._f.get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def specs(self) -> list[Spec]:
+        """Every tensor's key, dtype and shape from the header (no data read)."""
+        out = []
+        for k in self._keys:
+            s = self._f.get_slice(k)
+            out.append((k, _FROM_SAFETENSORS[s.get_dtype()], tuple(s.get_shape())))
+        return out
+
+
+_FROM_SAFETENSORS = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+
+
+def open_checkpoint(path: str | os.PathLike, crc: bool = True) -> Mapping[str, torch.Tensor]:
+    """A checkpoint whose tensors are read lazily: memory-mapped .pth, or per-tensor .safetensors.
+    ``crc=False``: no CRC pass over the whole file first (for a reader that checks each record it reads)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: checkpoint file not found")
+        return SafetensorsReader(path)
+    return read_state_dict(path, mmap=True, crc=crc)
+
+
+def tensor_specs(sd: Mapping[str, torch.Tensor]) -> list[Spec]:
+    """(key, dtype, shape) of every tensor, in order, without reading data (mapped or lazy checkpoints)."""
+    if isinstance(sd, SafetensorsReader):
+        return sd.specs()
+    return [(k, v.dtype, tuple(v.shape)) for k, v in sd.items()]
+
+
+def meta_state_dict(specs: list[Spec]) -> dict[str, torch.Tensor]:
+    """Data-less tensors of these keys, dtypes and shapes: what planning from metadata alone needs."""
+    return {k: torch.empty(shape, dtype=dtype, device="meta") for k, dtype, shape in specs}
+
+
+def all_finite(t: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+    """No NaN/inf in ``t`` (nor once it is cast to ``dtype``, which can overflow): one min/max pass (both
+    propagate NaN; no overflow, unlike a sum) instead of a slow elementwise isfinite. Rounding is
+    monotone, so if the extremes cast to finite values, every element does."""
     if not t.is_floating_point() or t.numel() == 0:
         return True
     lo, hi = torch.aminmax(t)
+    if dtype is not None and dtype.is_floating_point:
+        lo, hi = lo.to(dtype), hi.to(dtype)
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 

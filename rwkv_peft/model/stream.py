@@ -13,9 +13,12 @@ torch's own ``weights_only`` loader on the meta device: nothing else is unpickle
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import functools
 import io
 import json
+import mmap
 import os
 import pickle
 import struct
@@ -124,37 +127,53 @@ def _safetensors_spans(path: Path) -> dict[str, Span]:
         return {}  # unreadable here: the loader that reads the tensors says why
 
 
+def read_chunks(span: Span, multiple: int = 1, what: str = "") -> Iterator[memoryview]:
+    """The bytes at ``span``, a chunk (a multiple of ``multiple`` bytes) at a time, read into one reused
+    buffer; at the end, a ValueError naming ``what`` (a key) if they differ from their recorded CRC-32."""
+    buf = bytearray(min(CHUNK - CHUNK % multiple, span.nbytes))
+    crc, done = 0, 0
+    fd = os.open(span.path, os.O_RDONLY)
+    try:
+        while done < span.nbytes:
+            view = memoryview(buf)[: min(len(buf), span.nbytes - done)]
+            got = 0
+            while got < len(view):
+                m = os.preadv(fd, [view[got:]], span.offset + done + got)
+                if m == 0:
+                    raise ValueError(f"{span.path}: truncated (a tensor's bytes end past the end of the file)")
+                got += m
+            if span.crc is not None:
+                crc = zlib.crc32(view, crc)
+            yield view
+            done += len(view)
+    finally:
+        os.close(fd)
+    if span.crc is not None and crc != span.crc:
+        raise ValueError(f"{span.path}: corrupt: CRC-32 mismatch in {what or f'the tensor at byte {span.offset}'} "
+                         f"(read {crc:08x}, recorded {span.crc:08x})")
+
+
+def check_crc(span: Span, what: str = "") -> None:
+    """Read ``span`` through and compare it with its recorded CRC-32 (a no-op without one)."""
+    if span.crc is not None:
+        for _ in read_chunks(span, what=what):
+            pass
+
+
 def read_float(span: Span, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     """The tensor stored at ``span`` (``dtype``, ``shape``) in fp32, CRC-checked where the CRC is known.
 
     Read and converted a chunk at a time, so memory peaks at the fp32 result plus one chunk,
     not the stored copy as well.
     """
-    out = torch.empty(shape, dtype=torch.float32)
-    flat, size = out.view(-1), dtype.itemsize
     if _nbytes(dtype, shape) != span.nbytes:
         raise ValueError(f"{span.path}: {span.nbytes} bytes at {span.offset} cannot hold {dtype} {tuple(shape)}")
-    chunk = torch.empty(min(CHUNK - CHUNK % size, span.nbytes), dtype=torch.uint8)
-    crc, done = 0, 0
-    fd = os.open(span.path, os.O_RDONLY)
-    try:
-        while done < span.nbytes:
-            n = min(chunk.numel(), span.nbytes - done)
-            view = memoryview(chunk.numpy())[:n]
-            got = 0
-            while got < n:
-                m = os.preadv(fd, [view[got:]], span.offset + done + got)
-                if m == 0:
-                    raise ValueError(f"{span.path}: truncated (a tensor's bytes end past the end of the file)")
-                got += m
-            crc = zlib.crc32(view, crc)
-            flat[done // size : (done + n) // size].copy_(chunk[:n].view(dtype))
-            done += n
-    finally:
-        os.close(fd)
-    if span.crc is not None and crc != span.crc:
-        raise ValueError(f"{span.path}: corrupt: CRC-32 mismatch in the tensor at byte {span.offset} "
-                         f"(read {crc:08x}, recorded {span.crc:08x})")
+    out = torch.empty(shape, dtype=torch.float32)
+    flat, size, done = out.view(-1), dtype.itemsize, 0
+    for view in read_chunks(span, size):
+        n = len(view) // size
+        flat[done : done + n].copy_(torch.frombuffer(view, dtype=dtype))
+        done += n
     return out
 
 
@@ -165,6 +184,65 @@ def prefetch(span: Span) -> None:
         os.posix_fadvise(fd, span.offset, span.nbytes, os.POSIX_FADV_WILLNEED)
     finally:
         os.close(fd)
+
+
+# ----------------------------------------------------------------------------- process memory
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None)
+
+
+def mapped_ranges(path: str | os.PathLike) -> list[tuple[int, int]]:
+    """Address ranges where this process has ``path`` memory-mapped (Linux; [] elsewhere)."""
+    maps = Path("/proc/self/maps")
+    if sys.platform != "linux" or not maps.is_file():
+        return []
+    target, out = os.path.realpath(path), []
+    for line in maps.read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == target:
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            out.append((lo, hi))
+    return out
+
+
+def release_pages(t: torch.Tensor, mapped: Iterable[tuple[int, int]]) -> None:
+    """Drop the resident pages of a tensor read from a memory-mapped file (re-read from disk if touched again).
+
+    Without this, every page of the base that was read stays in our RSS until exit, and peak
+    memory grows to the whole model even though each tensor is needed only once. Only pages
+    inside ``mapped`` (a file's read-only private mapping) are touched, never heap memory.
+    """
+    if not mapped or t.device.type != "cpu" or t.numel() == 0:
+        return
+    page = mmap.PAGESIZE
+    start = t.untyped_storage().data_ptr()
+    end = start + t.untyped_storage().nbytes()
+    lo, hi = start - start % page, end + (-end) % page
+    if any(m_lo <= lo and hi <= m_hi for m_lo, m_hi in mapped):
+        drop_pages(lo, hi)
+
+
+def drop_pages(lo: int, hi: int) -> None:
+    """MADV_DONTNEED over [lo, hi): only for ranges of a read-only file mapping (see ``release_pages``)."""
+    _libc().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)
+
+
+def reuse_heap() -> None:
+    """Make this process keep freed memory for the next tensor instead of handing it back (glibc only).
+
+    Each merged tensor needs fp32 temporaries of its size; glibc maps big ones fresh and unmaps them
+    on free, and fresh memory costs a page fault per 4 KiB (about a second per GB, more than the
+    merge arithmetic). Served from a heap that is never trimmed, the next tensor reuses the same
+    pages: peak memory is unchanged (one tensor's temporaries), the faults are gone. Process-wide,
+    so only the merge CLI calls it.
+    """
+    mallopt = getattr(_libc(), "mallopt", None) if sys.platform == "linux" else None
+    if mallopt is not None:
+        mallopt(-4, 0)  # M_MMAP_MAX: no allocation gets its own mapping
+        mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD (a C int): keep up to 2 GiB of free heap
 
 
 # ----------------------------------------------------------------------------- writing
@@ -199,25 +277,36 @@ class _Copier:
 
     def __init__(self, f: BinaryIO, check: bool):
         self.f, self.check, self._fds = f, check, {}
+        self._cast: torch.Tensor | None = None
 
-    def write(self, piece: torch.Tensor | Span, want: int, key: str, crc: bool) -> int | None:
-        """Write one tensor's bytes; returns their CRC-32 when ``crc`` (None: unknown, not needed)."""
+    def write(self, piece: torch.Tensor | Span, dtype: torch.dtype, want: int, key: str, crc: bool) -> int | None:
+        """Write one tensor's bytes as ``dtype``; returns their CRC-32 when ``crc`` (None: unknown, not needed)."""
         if isinstance(piece, Span):
             if piece.nbytes != want:
                 raise ValueError(f"{piece.path}: {key} holds {piece.nbytes} bytes, expected {want}")
             if (crc and piece.crc is None) or (self.check and piece.crc is not None):
-                got = self._copy_through(piece)
-                if piece.crc is not None and got != piece.crc:
-                    raise ValueError(f"{piece.path}: corrupt: CRC-32 mismatch in {key} (read {got:08x}, "
-                                     f"recorded {piece.crc:08x})")
-                return got
+                return self._copy_through(piece, key)
             self._copy_in_kernel(piece)
             return piece.crc
-        data = memoryview(piece.contiguous().reshape(-1).view(torch.uint8).numpy())  # exactly its bytes
-        if len(data) != want:
-            raise ValueError(f"{key}: {len(data)} bytes computed, expected {want}")
+        flat = piece.detach().contiguous().reshape(-1)
+        if flat.numel() * dtype.itemsize != want:
+            raise ValueError(f"{key}: {flat.numel() * dtype.itemsize} bytes computed, expected {want}")
+        if flat.dtype == dtype:
+            return self._put(memoryview(flat.view(torch.uint8).numpy()), 0 if crc else None)
+        step = max(1, CHUNK // dtype.itemsize)  # cast a chunk at a time: no stored-dtype copy of the whole tensor
+        if self._cast is None or self._cast.dtype != dtype:
+            self._cast = torch.empty(step, dtype=dtype)
+        c = 0 if crc else None
+        for i in range(0, flat.numel(), step):
+            part = self._cast[: min(step, flat.numel() - i)]
+            part.copy_(flat[i : i + step])
+            c = self._put(memoryview(part.view(torch.uint8).numpy()), c)
+        return c
+
+    def _put(self, data: memoryview, crc: int | None) -> int | None:
+        """Write ``data``; returns the running CRC-32 ``crc`` continued over it (None: not computed)."""
         self.f.write(data)
-        return zlib.crc32(data) if crc else None
+        return None if crc is None else zlib.crc32(data, crc)
 
     def _fd(self, path: Path) -> int:
         if path not in self._fds:
@@ -227,16 +316,13 @@ class _Copier:
     def _short(self, span: Span) -> ValueError:
         return ValueError(f"{span.path}: truncated (a tensor's bytes end past the end of the file)")
 
-    def _copy_through(self, span: Span) -> int:
-        fd, crc, done = self._fd(span.path), 0, 0
-        while done < span.nbytes:
-            chunk = os.pread(fd, min(CHUNK, span.nbytes - done), span.offset + done)
-            if not chunk:
-                raise self._short(span)
-            crc = zlib.crc32(chunk, crc)
-            self.f.write(chunk)
-            done += len(chunk)
-        return crc
+    def _copy_through(self, span: Span, key: str) -> int:
+        crc = 0
+        for view in read_chunks(span, what=key):  # checks a recorded CRC itself
+            if span.crc is None:
+                crc = zlib.crc32(view, crc)
+            self.f.write(view)
+        return crc if span.crc is None else span.crc
 
     def _copy_in_kernel(self, span: Span) -> None:
         self.f.flush()
@@ -365,7 +451,7 @@ def write_pth(f: BinaryIO, specs: list[Spec], pieces: Iterable[torch.Tensor | Sp
         pieces = iter(pieces)
         for i, (key, dtype, shape) in enumerate(specs):
             size = _nbytes(dtype, shape)
-            z.add(f"data/{i}", size, lambda n=size, k=key: out.write(_next(pieces, k), n, k, crc=True))
+            z.add(f"data/{i}", size, lambda n=size, k=key, d=dtype: out.write(_next(pieces, k), d, n, k, crc=True))
         _no_more(pieces)
         z.add_bytes("version", b"3\n")
         z.close()
@@ -391,7 +477,7 @@ def write_safetensors(f: BinaryIO, specs: list[Spec], pieces: Iterable[torch.Ten
     try:
         pieces = iter(pieces)
         for key, dtype, shape in specs:
-            out.write(_next(pieces, key), _nbytes(dtype, shape), key, crc=False)
+            out.write(_next(pieces, key), dtype, _nbytes(dtype, shape), key, crc=False)
         _no_more(pieces)
     finally:
         out.close()

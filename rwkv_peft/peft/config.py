@@ -47,8 +47,10 @@ class Fold:
 
     ``method`` and ``spec`` (the method's JSON config: r, mode, alpha...) rebuild the adapted layer
     that produced the tensors, so a merged file can be compared with the adapted model.
-    ``merge`` / ``unmerge`` map the fp32 weight to the fp32 result; a method whose merge cannot be
-    undone from the merged weight and the adapter has no ``unmerge`` and says why in ``no_unmerge``.
+    ``merge`` / ``unmerge`` map the fp32 weight to the fp32 result and may overwrite their argument
+    (the caller hands over its own copy: no second weight-sized buffer per tensor); a method whose
+    merge cannot be undone from the merged weight and the adapter has no ``unmerge`` and says why in
+    ``no_unmerge``.
     """
 
     method: str

@@ -47,8 +47,14 @@ def dora_factor(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
 def dora_merge(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, magnitude: torch.Tensor,
                scale: float) -> torch.Tensor:
     """W' = m / ||W + s B A||_row * (W + s B A), in fp32."""
-    v = weight.float() + lora_delta(lora_a, lora_b, scale)
-    return v * dora_factor(magnitude.float(), torch.linalg.vector_norm(v, dim=1))[:, None]
+    return dora_merge_(weight.to(torch.float32, copy=True), lora_a, lora_b, magnitude, scale)
+
+
+def dora_merge_(w: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, magnitude: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    """``dora_merge`` into the fp32 ``w`` itself (the merge's own copy of the weight)."""
+    v = w.add_(lora_delta(lora_a, lora_b, scale))
+    return v.mul_(dora_factor(magnitude.float(), torch.linalg.vector_norm(v, dim=1))[:, None])
 
 
 def dora_unmerge(merged: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, magnitude: torch.Tensor,
@@ -68,7 +74,7 @@ def dora_fold(weight: torch.Tensor, tensors: dict[str, torch.Tensor], config: di
     if MAGNITUDE not in tensors:
         raise ValueError(f"{where}: a DoRA adapter needs .{MAGNITUDE}, found {sorted(tensors)}")
     m = tensors[MAGNITUDE]
-    return Fold("dora", {"r": a.shape[0], "alpha": config["alpha"]}, lambda w: dora_merge(w, a, b, m, scale),
+    return Fold("dora", {"r": a.shape[0], "alpha": config["alpha"]}, lambda w: dora_merge_(w, a, b, m, scale),
                 no_unmerge="DoRA rescales each row of W + sBA to its magnitude and the merged file does not keep "
                            "the norms it divided by, so the base cannot be recovered from it (keep the base file)")
 

@@ -116,7 +116,7 @@ def lora_fold(weight: torch.Tensor, tensors: dict[str, torch.Tensor], config: di
         return d - lora_delta(tensors["pissa_A0"], tensors["pissa_B0"], scale) if pissa else d  # trained on W - s B0 A0
 
     spec = {"r": a.shape[0], "alpha": config["alpha"]}
-    return Fold("pissa" if pissa else "lora", spec, lambda w: w + delta(), lambda w: w - delta())
+    return Fold("pissa" if pissa else "lora", spec, lambda w: w.add_(delta()), lambda w: w.sub_(delta()))
 
 
 def pissa_factors(weight: torch.Tensor, r: int, scale: float, niter: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -134,17 +134,27 @@ def _add_shards_(w: torch.Tensor, adapter: torch.Tensor, mode: str, sign: float 
 
 def miss_merge(weight: torch.Tensor, adapter: torch.Tensor, mode: str) -> torch.Tensor:
     """W + dW, computed in fp32 and returned in ``weight``'s dtype."""
+    return miss_merge_(weight.to(torch.float32, copy=True), adapter, mode).to(weight.dtype)
+
+
+def miss_merge_(w: torch.Tensor, adapter: torch.Tensor, mode: str) -> torch.Tensor:
+    """W + dW into the fp32 ``w`` itself (the merge's own copy of the weight)."""
     _check_mode(mode)
     if mode in ("balance", "mini"):
-        return _add_shards_(weight.to(torch.float32, copy=True), adapter, mode).to(weight.dtype)
-    return (weight.float() + miss_delta(weight, adapter, mode)).to(weight.dtype)
+        return _add_shards_(w, adapter, mode)
+    return w.add_(miss_delta(w, adapter, mode))
 
 
 def miss_unmerge(merged: torch.Tensor, adapter: torch.Tensor, mode: str) -> torch.Tensor:
     """Recover W from W + dW: subtract for balance/mini; Bat solves W_ab (I + D) = W'_ab - D (in fp64)."""
+    return miss_unmerge_(merged.to(torch.float32, copy=True), adapter, mode).to(merged.dtype)
+
+
+def miss_unmerge_(merged: torch.Tensor, adapter: torch.Tensor, mode: str) -> torch.Tensor:
+    """``miss_unmerge`` of the fp32 ``merged``, subtracting in place for balance/mini (Bat returns a new tensor)."""
     _check_mode(mode)
     if mode in ("balance", "mini"):
-        return _add_shards_(merged.to(torch.float32, copy=True), adapter, mode, -1.0).to(merged.dtype)
+        return _add_shards_(merged, adapter, mode, -1.0)
     d = adapter.double()
     r = d.shape[-1]
     wb = _blocks(merged.double(), r)
@@ -155,7 +165,7 @@ def miss_unmerge(merged: torch.Tensor, adapter: torch.Tensor, mode: str) -> torc
     else:  # rhs[b, a] = W'_ab - D_b
         rhs = wb.permute(2, 0, 1, 3) - d[:, None]
         w = torch.linalg.solve((eye + d)[:, None], rhs, left=False).permute(1, 2, 0, 3)
-    return w.reshape(merged.shape).to(merged.dtype)
+    return w.reshape(merged.shape).float()
 
 
 def miss_fold(weight: torch.Tensor, tensors: dict[str, torch.Tensor], config: dict, where: str,
@@ -194,7 +204,7 @@ def miss_fold(weight: torch.Tensor, tensors: dict[str, torch.Tensor], config: di
         raise ValueError(f"{where}: shape {tuple(adapter.shape)} does not fit weight {out_f}x{in_f} "
                          f"in mode {mode} (expected {expected})")
     spec = {"mode": mode, "r": cfg.r} | ({"mini_r": cfg.mini_r} if mode == "mini" else {})
-    return Fold("miss", spec, lambda w: miss_merge(w, adapter, mode), lambda w: miss_unmerge(w, adapter, mode))
+    return Fold("miss", spec, lambda w: miss_merge_(w, adapter, mode), lambda w: miss_unmerge_(w, adapter, mode))
 
 
 def _shard_sum(x: torch.Tensor, r: int) -> torch.Tensor:

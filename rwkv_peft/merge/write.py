@@ -1,0 +1,218 @@
+"""Writing a merged (or unmerged) checkpoint as a stream, one base tensor at a time.
+
+Tensors the adapter leaves alone go from the base file to the output as bytes (rwkv_peft.model.stream);
+each edited weight is read once into fp32 (CRC-checked), folded in place, checked for NaN/inf and
+cast to the base's dtype chunk by chunk as it is written. Worker threads read and fold the next
+edited tensor while this one is written, and read the copied ones through to check their CRC-32,
+so disk and arithmetic overlap; at most two edited tensors are in memory. The output goes to a temp
+file (rwkv_peft.files) renamed only after every check passed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from rwkv_peft import files
+from rwkv_peft.merge.plan import Edit, model_class, plan_edits, resolve_config, target_weights
+from rwkv_peft.model import detect_version, read_state_dict
+from rwkv_peft.model.checkpoint import all_finite, meta_state_dict, open_checkpoint, tensor_specs
+from rwkv_peft.model.stream import (
+    Span,
+    Spec,
+    check_crc,
+    drop_pages,
+    mapped_ranges,
+    prefetch,
+    read_float,
+    release_pages,
+    tensor_spans,
+    write_pth,
+    write_safetensors,
+)
+
+PREFETCH = 1 << 29  # bytes of the base read ahead of the merge (page cache, not this process's memory)
+
+
+class _Source:
+    """The output's tensors in order: spans copied as bytes, and edited tensors in fp32, each folded in
+    a worker thread one edited tensor ahead of the writer."""
+
+    def __init__(self, base: Mapping[str, torch.Tensor], edits: Mapping[str, Edit], specs: list[Spec],
+                 spans: Mapping[str, Span], unmerge: bool, name: str, log: Callable[[str], None] | None,
+                 mapped: list[tuple[int, int]], adapter_mapped: list[tuple[int, int]]):
+        self.base, self.edits, self.specs, self.spans = base, edits, specs, spans
+        self.unmerge, self.name, self.log = unmerge, name, log
+        self.mapped, self.adapter_mapped = mapped, adapter_mapped
+
+    def edited(self, key: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """The new tensor in fp32, checked to hold no NaN/inf, also once cast to ``dtype``."""
+        edit, span = self.edits[key], self.spans.get(key)
+        src = None if span else self.base[key]
+        new = edit.apply(read_float(span, dtype, shape) if span else src, self.unmerge, owned=span is not None)
+        for lo, hi in self.adapter_mapped:  # each adapter tensor is used once
+            drop_pages(lo, hi)
+        if not all_finite(new, dtype):
+            stored = read_float(span, dtype, shape) if span else src
+            cause = "the base tensor itself holds NaN/inf" if not all_finite(stored) else "check the adapter's values"
+            raise ValueError(f"{self.name}: {key} would contain NaN/inf after "
+                             f"{'unmerging' if self.unmerge else 'merging'} {edit.source} ({cause})")
+        if src is not None:
+            release_pages(src, self.mapped)
+        if self.log:
+            self.log(f"{'unmerged' if self.unmerge else 'merged'} {edit.source} -> {key}")
+        return new
+
+    def pieces(self, pool: ThreadPoolExecutor) -> Iterator[torch.Tensor | Span]:
+        """What the writer writes, key by key. Spans are copied inside the kernel while a worker reads them
+        through to check their CRC-32 (all checked before the last piece is handed over)."""
+        todo = iter([s for s in self.specs if s[0] in self.edits])
+        ahead: deque[Future] = deque()
+        checks: list[Future] = []
+
+        def start_next() -> None:
+            if (spec := next(todo, None)) is not None:
+                ahead.append(pool.submit(self.edited, *spec))
+
+        reads = iter([self.spans[k] for k, _, _ in self.specs if k in self.spans])
+        window = 0  # bytes asked for ahead of the one being written: the disk reads while we compute
+        start_next()
+        for k, _, _ in self.specs:
+            while window < PREFETCH and (nxt := next(reads, None)) is not None:
+                prefetch(nxt)
+                window += nxt.nbytes
+            window -= self.spans[k].nbytes if k in self.spans else 0
+            if k in self.edits:
+                done = ahead.popleft()
+                start_next()  # folded while this one is written
+                yield done.result()  # not kept here: the writer frees it before asking for the next
+            elif k in self.spans:
+                checks.append(pool.submit(check_crc, self.spans[k], k))
+                yield self.spans[k]
+            else:
+                t = self.base[k]
+                yield t
+                release_pages(t, self.mapped)
+                del t
+        for c in checks:
+            c.result()
+
+
+def _check_written(path: Path, specs: list[Spec], name: str) -> None:
+    """Re-open the written file (metadata only) and compare keys, dtypes and shapes with the base's."""
+    want = {k: (d, tuple(s)) for k, d, s in specs}
+    got = {k: (d, tuple(s)) for k, d, s in tensor_specs(open_checkpoint(path, crc=False))}
+    if got != want:
+        missing, extra = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
+        wrong = [f"{k} is {got[k]}, expected {want[k]}" for k in want.keys() & got.keys() if got[k] != want[k]]
+        raise RuntimeError(f"{name}: written tensors differ from the base's (missing {missing[:5]}, "
+                           f"extra {extra[:5]}, {wrong[:3]})")
+
+
+def write_edited(
+    base: Mapping[str, torch.Tensor],
+    edits: Mapping[str, Edit],
+    output: str | os.PathLike,
+    unmerge: bool = False,
+    name: str = "merge",
+    log: Callable[[str], None] | None = None,
+    mapped: list[tuple[int, int]] = (),
+    check: Callable[[Path], None] | None = None,
+    spans: Mapping[str, Span] | None = None,
+    adapter_mapped: list[tuple[int, int]] = (),
+    specs: list[Spec] | None = None,
+) -> Path:
+    """Write ``base`` with ``edits`` applied to ``output`` (temp file, checks, rename).
+
+    ``specs``: the output's (key, dtype, shape) (default: ``base``'s). ``spans`` (``tensor_spans`` of
+    the base file): unchanged tensors found there are copied from the file as bytes, never loaded,
+    and changed ones are read from it (CRC-checked, read ahead); the others come from ``base``.
+    ``mapped``: where ``base`` is memory-mapped (``mapped_ranges``), pages dropped once a tensor is
+    done; ``adapter_mapped``: the adapter's mapping, dropped after each edit. ``check`` gets the
+    complete temp file before the rename (--verify); an exception there leaves no output.
+    """
+    output = Path(output)
+    specs = specs or tensor_specs(base)
+    source = _Source(base, edits, specs, spans or {}, unmerge, name, log, mapped, adapter_mapped)
+    safetensors = output.suffix == ".safetensors"
+    with files.atomic_path(output) as tmp:
+        pool = ThreadPoolExecutor(2, thread_name_prefix="merge")
+        try:
+            with open(tmp, "wb") as f:
+                (write_safetensors if safetensors else write_pth)(f, specs, source.pieces(pool))
+        finally:
+            pool.shutdown(cancel_futures=True)
+        _check_written(tmp, specs, name)
+        if check is not None:
+            check(tmp)
+    return output
+
+
+def _prepare_output(output: Path, inputs: list[Path]) -> None:
+    """Before reading anything big: the output directory exists and is writable, has room for a file
+    the size of the base (``inputs[0]``), and temps of merges killed there before are removed."""
+    files.check_writable_dir(output.parent, f"--output {output}", create=False)
+    if output.suffix not in (".pth", ".safetensors"):
+        raise ValueError(f"{output}: --output must end in .pth or .safetensors")
+    for p in inputs:
+        if p.exists() and output.exists() and os.path.samefile(p, output):
+            raise ValueError(f"{output}: --output must differ from the input {p}")
+    files.note_removed(files.remove_stale_temps(output.parent, output.name))
+    files.check_free_space(output.parent, inputs[0].stat().st_size, f"--output {output}")
+
+
+def merge_adapter(
+    base_path: str | os.PathLike,
+    adapter_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    config: dict | None = None,
+    quant: str | None = None,
+    unmerge: bool = False,
+    log: Callable[[str], None] | None = None,
+    check: Callable[[Path], None] | None = None,
+) -> Path:
+    """Fold the adapter at ``adapter_path`` into ``base_path`` and write ``output_path``.
+
+    ``config`` overrides adapter_config.json (e.g. {"mode": "bat_col"} or {"alpha": 32});
+    ``unmerge=True`` does the inverse, reading a merged file as ``base_path``; ``check`` sees the
+    finished temp file before its rename (see write_edited).
+    """
+    if quant is not None and unmerge:
+        raise ValueError(f"--quant {quant}: merges onto the quantized base; it does not apply to --unmerge")
+    base_path, adapter_path, output = Path(base_path), Path(adapter_path), Path(output_path)
+    for path, flag in ((base_path, "--base_model"), (adapter_path, "--peft_checkpoint")):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: {flag} file not found")
+    _prepare_output(output, [base_path, adapter_path])
+    cfg = resolve_config(adapter_path, config)
+    spans = tensor_spans(base_path)  # where tensors can be copied from as bytes, and read with their CRC
+    base = open_checkpoint(base_path, crc=False)  # each record's CRC is checked as the stream reads it
+    if quant is not None or not spans.keys() >= base.keys():  # tensors read through the mapping: CRCs first
+        base = open_checkpoint(base_path)
+    specs = tensor_specs(base)
+    adapter = read_state_dict(adapter_path)
+    edits = plan_edits(meta_state_dict(specs), adapter, cfg, str(base_path), str(adapter_path), unmerge=unmerge)
+    if quant is not None:  # trained with --quant: fold into the dequantized weights training used
+        from rwkv_peft.quant import RoundtripView
+
+        rounded = {f"{p}.weight" for p in target_weights(base, model_class(detect_version(base, str(base_path))))}
+        base = RoundtripView(base, rounded, quant)
+        spans = {k: v for k, v in spans.items() if k not in rounded}
+    return write_edited(base, edits, output, unmerge=unmerge, name=str(output), log=log, check=check, specs=specs,
+                        mapped=mapped_ranges(base_path), spans=spans, adapter_mapped=mapped_ranges(adapter_path))
+
+
+def unmerge_adapter(
+    merged_path: str | os.PathLike,
+    adapter_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    config: dict | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """Recover the base from a merged checkpoint and its adapter (Bat via the inverse of I + D)."""
+    return merge_adapter(merged_path, adapter_path, output_path, config, unmerge=True, log=log)
