@@ -31,7 +31,7 @@ from rwkv_peft.model.stream import (
     prefetch,
     read_float,
     release_pages,
-    tensor_spans,
+    tensor_layout,
     write_pth,
     write_safetensors,
 )
@@ -190,11 +190,11 @@ def merge_adapter(
             raise FileNotFoundError(f"{path}: {flag} file not found")
     _prepare_output(output, [base_path, adapter_path])
     cfg = resolve_config(adapter_path, config)
-    spans = tensor_spans(base_path)  # where tensors can be copied from as bytes, and read with their CRC
-    base = open_checkpoint(base_path, crc=False)  # each record's CRC is checked as the stream reads it
-    if quant is not None or not spans.keys() >= base.keys():  # tensors read through the mapping: CRCs first
-        base = open_checkpoint(base_path)
-    specs = tensor_specs(base)
+    specs, spans = tensor_layout(base_path)  # every tensor, and where its bytes lie (CRC checked as they stream)
+    base: Mapping[str, torch.Tensor] = {}
+    if quant is not None or not specs or len(spans) < len(specs):  # tensors read from a loaded checkpoint
+        base = open_checkpoint(base_path)  # a .pth read through its mapping: every CRC checked first
+        specs = tensor_specs(base)
     adapter = read_state_dict(adapter_path)
     edits = plan_edits(meta_state_dict(specs), adapter, cfg, str(base_path), str(adapter_path), unmerge=unmerge)
     if quant is not None:  # trained with --quant: fold into the dequantized weights training used

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from rwkv_peft.files import atomic_path, check_zip
-from rwkv_peft.model.stream import SAFETENSORS_DTYPES, Spec
+from rwkv_peft.model.stream import FROM_SAFETENSORS, Spec
 
 
 def load_checked(path: str | os.PathLike, mmap: bool = False, crc: bool = True) -> object:
@@ -92,11 +92,8 @@ class SafetensorsReader(Mapping):
         out = []
         for k in self._keys:
             s = self._f.get_slice(k)
-            out.append((k, _FROM_SAFETENSORS[s.get_dtype()], tuple(s.get_shape())))
+            out.append((k, FROM_SAFETENSORS[s.get_dtype()], tuple(s.get_shape())))
         return out
-
-
-_FROM_SAFETENSORS = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 
 
 def open_checkpoint(path: str | os.PathLike, crc: bool = True) -> Mapping[str, torch.Tensor]:

@@ -58,6 +58,7 @@ SAFETENSORS_DTYPES = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+FROM_SAFETENSORS = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 ALIGN = 64  # torch.save's storage alignment: records start on 64-byte boundaries (mmap loads rely on it)
 CHUNK = 1 << 23  # bytes per read when a copy must pass through this process (CRC computed or checked)
 
@@ -80,27 +81,36 @@ def tensor_spans(path: str | os.PathLike) -> dict[str, Span]:
     Tensors that are views (offset into, or part of, a larger storage) or stored big-endian are
     left out; a caller writes those from the loaded tensor instead.
     """
+    return tensor_layout(path)[1]
+
+
+def tensor_layout(path: str | os.PathLike) -> tuple[list[Spec], dict[str, Span]]:
+    """Every tensor's (key, dtype, shape) in the file's order, and ``tensor_spans``, from one read of the
+    metadata; ``([], {})`` for a file this cannot read (the loader that reads the tensors says why)."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        return _safetensors_spans(path)
+        return _safetensors_layout(path)
     if not zipfile.is_zipfile(path):
-        return {}  # not a zip checkpoint (legacy format, or no file): every tensor is written from memory
+        return [], {}  # not a zip checkpoint (legacy format, or no file): every tensor is written from memory
     try:
         meta = torch.load(path, map_location="meta", weights_only=True)
         with zipfile.ZipFile(path) as z, open(path, "rb") as f:
             records = {_data_offset(f, info): info for info in z.infolist() if info.compress_type == zipfile.ZIP_STORED}
             order = [z.read(i) for i in z.infolist() if i.filename.endswith("/byteorder")]
     except (OSError, RuntimeError, ValueError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError):
-        return {}  # unreadable here: the loader that reads the tensors says why
+        return [], {}
+    if not isinstance(meta, dict) or not all(isinstance(t, torch.Tensor) for t in meta.values()):
+        return [], {}
+    specs = [(k, t.dtype, tuple(t.shape)) for k, t in meta.items()]
     if order and order[0].decode() != sys.byteorder or not order and sys.byteorder != "little":
-        return {}
+        return specs, {}
     spans = {}
-    for key, t in meta.items() if isinstance(meta, dict) else ():
-        s = t.untyped_storage() if isinstance(t, torch.Tensor) else None
+    for key, t in meta.items():
+        s = t.untyped_storage()
         info = records.get(getattr(s, "_checkpoint_offset", None))
         if info and t.is_contiguous() and t.storage_offset() == 0 and t.nbytes == s.nbytes() == info.file_size > 0:
             spans[key] = Span(path, s._checkpoint_offset, t.nbytes, info.CRC)
-    return spans
+    return specs, spans
 
 
 def _data_offset(f: BinaryIO, info: zipfile.ZipInfo) -> int:
@@ -112,19 +122,22 @@ def _data_offset(f: BinaryIO, info: zipfile.ZipInfo) -> int:
     return info.header_offset + 30 + name_len + extra_len
 
 
-def _safetensors_spans(path: Path) -> dict[str, Span]:
+def _safetensors_layout(path: Path) -> tuple[list[Spec], dict[str, Span]]:
     try:
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(n))
-        start = 8 + n
-        return {
-            k: Span(path, start + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0])
-            for k, v in header.items()
-            if k != "__metadata__" and v["data_offsets"][1] > v["data_offsets"][0]
-        }
+        start, specs, spans = 8 + n, [], {}
+        for k, v in header.items():
+            if k == "__metadata__":
+                continue
+            lo, hi = v["data_offsets"]
+            specs.append((k, FROM_SAFETENSORS[v["dtype"]], tuple(v["shape"])))
+            if hi > lo:
+                spans[k] = Span(path, start + lo, hi - lo)
+        return specs, spans
     except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
-        return {}  # unreadable here: the loader that reads the tensors says why
+        return [], {}
 
 
 def read_chunks(span: Span, multiple: int = 1, what: str = "") -> Iterator[memoryview]:
