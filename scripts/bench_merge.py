@@ -14,8 +14,8 @@ best round is kept. The floor is a copy of the base file (read it, write it once
 merge output is before its rename); ``through`` reads every byte into the process and writes it
 back (+fsync), what a merge must do at least for the bytes it changes; ``startup`` is the
 interpreter importing torch and rwkv_peft.merge, which every merge pays whatever the model's size.
-With ``--compare`` the outputs are checked to hold the same tensors. Goals: ours <= 0.5x their wall time, <= 1.5x the copy's, peak RSS <= 0.3x theirs;
---shape 7b: < 1 GB.
+With ``--compare`` the outputs are checked to hold the same tensors. Goals: ours <= 0.5x their
+wall time, <= 1.5x the copy's, peak RSS <= 0.3x theirs; --shape 7b: < 1 GB.
 """
 
 from __future__ import annotations
