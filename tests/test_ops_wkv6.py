@@ -15,8 +15,6 @@ import torch
 from helpers import emulated_cuda_kernel, pointers
 
 from rwkv_peft.ops import wkv5, wkv6
-from rwkv_peft.ops.wkv5_torch import wkv5_torch
-from rwkv_peft.ops.wkv6_torch import wkv6_torch
 
 RTOL = 1e-4  # fp32 on both sides; measured ~3e-7 relative to each tensor's max
 
@@ -56,20 +54,20 @@ def test_cpu_kernel_matches_reference(B: int, T: int, H: int, N: int) -> None:
     """T around the kernel's 16-step chunks (ragged, exact, single step)."""
     xs = make_inputs(B, T, H, N, seed=T)
     assert_close_all(run(lambda *a, state: wkv6(*a, state=state, op="cpu"), xs),
-                     run(lambda *a, state: wkv6_torch(*a, state), xs))
+                     run(lambda *a, state: wkv6(*a, state=state, op="torch"), xs))
 
 
 def test_cpu_kernel_wkv5_constant_decay() -> None:
     xs = make_inputs(2, 21, 2, 16, seed=1, const_decay=True)
     assert_close_all(run(lambda *a, state: wkv5(*a, state=state, op="cpu"), xs),
-                     run(lambda *a, state: wkv5_torch(*a, state), xs))
+                     run(lambda *a, state: wkv5(*a, state=state, op="torch"), xs))
 
 
 def test_cpu_kernel_bf16_inputs_computed_in_fp32() -> None:
     """bf16 in, bf16 out (and bf16 grads), fp32 state; the reference sees the same bf16 values."""
     xs = make_inputs(1, 19, 2, 16, seed=2, dtype=torch.bfloat16)
     got = run(lambda *a, state: wkv6(*a, state=state, op="cpu"), xs)
-    want = run(lambda *a, state: wkv6_torch(*a, state), xs)
+    want = run(lambda *a, state: wkv6(*a, state=state, op="torch"), xs)
     assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
     for a, b in zip(got, want, strict=True):  # both round once to bf16 at the end
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2 * b.float().abs().max().item())
@@ -81,14 +79,14 @@ def test_extreme_decays_stay_finite() -> None:
     xs[1] = torch.where(torch.rand(xs[1].shape, generator=torch.Generator().manual_seed(4)) < 0.5, -20.0, 20.0)
     got = run(lambda *a, state: wkv6(*a, state=state, op="cpu"), xs)
     assert all(torch.isfinite(t).all() for t in got)
-    assert_close_all(got, run(lambda *a, state: wkv6_torch(*a, state), xs))
+    assert_close_all(got, run(lambda *a, state: wkv6(*a, state=state, op="torch"), xs))
 
 
 def test_no_state_and_no_grad() -> None:
     r, w, k, v, u, _ = make_inputs(2, 5, 1, 16, seed=5)
     with torch.no_grad():
         y, sT = wkv6(r, w, k, v, u, op="cpu")
-    y_ref, s_ref = wkv6_torch(r, w, k, v, u)
+    y_ref, s_ref = wkv6(r, w, k, v, u, op="torch")
     torch.testing.assert_close(y, y_ref, rtol=RTOL, atol=1e-5)
     torch.testing.assert_close(sT, s_ref, rtol=RTOL, atol=1e-5)
 
@@ -131,9 +129,8 @@ def test_model_logits_and_grads_same_with_cpu_and_torch_op() -> None:
 def test_cuda_kernel_matches_reference(version: str) -> None:
     xs = make_inputs(2, 37, 2, 64, seed=7, const_decay=version == "wkv5")
     fn = wkv6 if version == "wkv6" else wkv5
-    ref = wkv6_torch if version == "wkv6" else wkv5_torch
     got = run(lambda *a, state: fn(*(x.cuda() for x in a), state=state.cuda(), op="cuda"), xs)
-    assert_close_all([t.cpu() for t in got], run(lambda *a, state: ref(*a, state), xs))
+    assert_close_all([t.cpu() for t in got], run(lambda *a, state: fn(*a, state=state, op="torch"), xs))
 
 
 EMULATED_ENTRY_POINTS = r"""
@@ -169,4 +166,4 @@ def test_cuda_kernels_emulated_on_cpu_match_reference(tmp_path: Path) -> None:
         du, ds0, hist = torch.empty(B, H, N), torch.empty_like(s0), torch.empty(B * H * 16 * N * N)
         lib.emu_backward(B, T, H, *pointers(r, w, k, v, u, gy, gs, ckpt, hist, *grads, du, ds0))
         assert_close_all([y, sT, *grads, du.sum(0), ds0],
-                         run(lambda *a, state: wkv6_torch(*a, state), [r, w, k, v, u, s0]))
+                         run(lambda *a, state: wkv6(*a, state=state, op="torch"), [r, w, k, v, u, s0]))

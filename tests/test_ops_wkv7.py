@@ -13,7 +13,6 @@ from helpers import emulated_cuda_kernel, pointers
 
 from rwkv_peft.ops import wkv7
 from rwkv_peft.ops.build import CSRC
-from rwkv_peft.ops.wkv7_torch import wkv7_torch
 
 # fp32 throughout; both sides sum the same products in a different order, so relative
 # differences sit near 1e-6 -- 1e-4 leaves room for long sequences without hiding a bug.
@@ -116,7 +115,7 @@ def test_no_grad_inference_matches() -> None:
     xs = make_inputs(1, 18, 1, 16, seed=2)
     with torch.no_grad():
         y, s = wkv7(*xs, op="cpu")
-    y_ref, s_ref = wkv7_torch(*xs)
+    y_ref, s_ref = wkv7(*xs, op="torch")
     torch.testing.assert_close(y, y_ref, rtol=RTOL, atol=RTOL * y_ref.abs().max().item())
     torch.testing.assert_close(s, s_ref, rtol=RTOL, atol=RTOL * s_ref.abs().max().item())
 
@@ -169,7 +168,7 @@ def test_odd_head_size_is_a_clear_error_on_cpu_and_auto_float64_uses_reference()
         wkv7(*make_inputs(1, 3, 1, 15, seed=0), op="cpu")
     xs = [x.double() for x in make_inputs(1, 3, 1, 16, seed=0)]
     y, s = wkv7(*xs, op="auto")
-    y_ref, s_ref = wkv7_torch(*xs)
+    y_ref, s_ref = wkv7(*xs, op="torch")
     assert y.dtype == torch.float64 and torch.equal(y, y_ref) and torch.equal(s, s_ref)
 
 
@@ -241,7 +240,7 @@ def test_auto_falls_back_to_reference_with_one_line_warning(monkeypatch, tmp_pat
             y, s = wkv7(*xs, op="auto")
         assert len(rec) == 1 and "\n" not in str(rec[0].message)
         assert "no_such_kernel.cpp" in str(rec[0].message)
-        y_ref, s_ref = wkv7_torch(*xs)
+        y_ref, s_ref = wkv7(*xs, op="torch")
         assert torch.equal(y, y_ref) and torch.equal(s, s_ref)
         with pytest.raises(FileNotFoundError, match="no_such_kernel.cpp"):
             wkv7(*xs, op="cpu")  # an explicit op never falls back silently

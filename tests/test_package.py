@@ -19,7 +19,6 @@ import sys, torch
 import rwkv_peft
 from rwkv_peft.ops import wkv7
 from rwkv_peft.ops.build import CSRC
-from rwkv_peft.ops.wkv7_torch import wkv7_torch
 assert rwkv_peft.__file__.startswith(sys.argv[1]), rwkv_peft.__file__
 assert str(CSRC).startswith(sys.argv[1]), CSRC
 g = torch.Generator().manual_seed(0)
@@ -27,7 +26,7 @@ r, w, k, v = (torch.randn(1, 5, 1, 16, generator=g) for _ in range(4))
 kk = torch.nn.functional.normalize(torch.randn(1, 5, 1, 16, generator=g), dim=-1)
 xs = (r, w, k, v, -kk, kk * 0.5)
 y, s = wkv7(*xs, op="cpu")
-y_ref, s_ref = wkv7_torch(*xs)
+y_ref, s_ref = wkv7(*xs, op="torch")
 torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
 torch.testing.assert_close(s, s_ref, rtol=1e-4, atol=1e-5)
 print("ok", sorted(p.name for p in CSRC.iterdir()))

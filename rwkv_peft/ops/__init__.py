@@ -1,4 +1,9 @@
-"""WKV dispatch: one entry point per recurrence, backed by cuda | cpu | torch implementations."""
+"""WKV dispatch: one entry point per recurrence, backed by cuda | cpu | fla | torch implementations.
+
+Every backend ``rwkv_peft.ops.<family>_<op>`` exports ``<family>_<op>(xs, state)`` (WKV-6:
+``(xs, u, state)``), checks its own inputs and returns (y, final fp32 state); the entry points
+below pick one and hand the inputs over.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +15,8 @@ from collections.abc import Callable
 import torch
 
 from rwkv_peft.ops.build import load_kernel
-from rwkv_peft.ops.checks import check_wkv6_inputs, check_wkv7_inputs
-from rwkv_peft.ops.wkv6_torch import wkv6_torch
-from rwkv_peft.ops.wkv7_torch import wkv7_torch
 
 OPS = ("auto", "cuda", "cpu", "torch", "fla")
-TORCH_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 @functools.cache
@@ -30,7 +31,7 @@ def _kernel_unavailable(kind: str, head_size: int, family: str = "wkv7") -> str 
 
 
 def _backend(family: str, op: str) -> Callable:
-    """``<family>_<op>`` from ``rwkv_peft.ops.<family>_<op>``, imported on first use (cuda, cpu, fla)."""
+    """``<family>_<op>`` from ``rwkv_peft.ops.<family>_<op>``, imported on first use."""
     return getattr(importlib.import_module(f"rwkv_peft.ops.{family}_{op}"), f"{family}_{op}")
 
 
@@ -74,13 +75,9 @@ def wkv7(
     for the kernels.
     """
     op = _resolve_op(op, r)
-    xs = (r, w, k, v, a, b)
     if isinstance(state, torch.Tensor):
         state = state.contiguous()
-    if op != "torch":
-        return _backend("wkv7", op)(xs, state)
-    check_wkv7_inputs(xs, state, TORCH_DTYPES, need_contiguous=False, op="torch")
-    return wkv7_torch(*xs, state)
+    return _backend("wkv7", op)((r, w, k, v, a, b), state)
 
 
 def wkv6(
@@ -99,10 +96,7 @@ def wkv6(
     op = _resolve_op(op, r, "wkv6")
     if op == "fla":
         raise ValueError("--op fla: flash-linear-attention is wired for WKV-7 only; use cuda, cpu or torch")
-    if op != "torch":
-        return _backend("wkv6", op)((r, w, k, v), u, state)
-    check_wkv6_inputs((r, w, k, v), u, state, "torch")
-    return wkv6_torch(r, w, k, v, u, state)
+    return _backend("wkv6", op)((r, w, k, v), u, state)
 
 
 def wkv5(
@@ -114,9 +108,11 @@ def wkv5(
     state: torch.Tensor | None = None,
     op: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """WKV-5: WKV-6 with a constant decay ``w`` (H, N) broadcast over batch and time. See ``wkv5_torch``.
+    """WKV-5 (RWKV-5.2 "Eagle"): WKV-6 with a decay that does not depend on the data.
 
-    Every op (kernels and reference) is the WKV-6 one; autograd sums dw over B and T.
+    ``w`` (H, N) is the checkpoint's ``time_decay`` (decay ``exp(-exp(w))``, the same at every step),
+    ``u`` (H, N) the bonus ``time_faaaa``. The recurrence is exactly WKV-6's with ``w`` broadcast over
+    batch and time, so every op (kernels and reference) is the WKV-6 one; autograd sums dw over B and T.
     """
     if not isinstance(w, torch.Tensor) or w.dim() != 2:
         raise ValueError(f"wkv5: w must be the (H, N) time_decay, got {getattr(w, 'shape', type(w))}")

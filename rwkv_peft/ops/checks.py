@@ -6,6 +6,7 @@ import torch
 
 NAMES = ("r", "w", "k", "v", "a", "b")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # what the compiled kernels read
+TORCH_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # the reference: any float
 
 
 def check_wkv7_inputs(

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+
+from rwkv_peft.ops.checks import check_wkv6_inputs
 
 
 def wkv6_torch(
-    r: torch.Tensor,
-    w: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    u: torch.Tensor,
-    state: torch.Tensor | None = None,
+    xs: Sequence[torch.Tensor], u: torch.Tensor, state: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """WKV-6 over a sequence, autograd-differentiable.
+    """WKV-6 of r, w, k, v and the bonus u over a sequence, autograd-differentiable.
 
     ``r, w, k, v`` are (B, T, H, N); ``w`` is the log-log decay, so the per-key-channel
     decay at step t is ``exp(-exp(w_t))`` (data dependent in RWKV-6). ``u`` (H, N) is the
@@ -24,9 +23,10 @@ def wkv6_torch(
 
     Returns ``y`` in the input dtype and the final state in fp32.
     """
-    B, T, H, N = r.shape
-    dtype = r.dtype
-    r, w, k, v, u = (t.float() for t in (r, w, k, v, u))
+    check_wkv6_inputs(xs, u, state, "torch")
+    B, T, H, N = xs[0].shape
+    dtype = xs[0].dtype
+    r, w, k, v, u = (t.float() for t in (*xs, u))
     decay = torch.exp(-torch.exp(w))
     S = r.new_zeros(B, H, N, N) if state is None else state.float()
     ys = []

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
+from rwkv_peft.ops.checks import TORCH_DTYPES, check_wkv7_inputs
 
-def wkv7_torch(
-    r: torch.Tensor,
-    w: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    state: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """WKV-7 over a sequence, autograd-differentiable.
+
+def wkv7_torch(xs: Sequence[torch.Tensor], state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """WKV-7 of r, w, k, v, a, b over a sequence, autograd-differentiable, in any float dtype.
 
     Inputs are (B, T, H, N); ``w`` is the log-log decay of RWKV-LM's trainer, so the
     per-channel decay is ``exp(-exp(w))``. ``state`` is (B, H, N, N) fp32 indexed
@@ -24,9 +20,10 @@ def wkv7_torch(
 
     Returns ``y`` in the input dtype and the final state in fp32.
     """
-    B, T, H, N = r.shape
-    dtype = r.dtype
-    r, w, k, v, a, b = (t.float() for t in (r, w, k, v, a, b))
+    check_wkv7_inputs(xs, state, TORCH_DTYPES, need_contiguous=False, op="torch")
+    B, T, H, N = xs[0].shape
+    dtype = xs[0].dtype
+    r, w, k, v, a, b = (t.float() for t in xs)
     decay = torch.exp(-torch.exp(w))
     S = r.new_zeros(B, H, N, N) if state is None else state.float()
     ys = []
