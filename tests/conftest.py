@@ -1,11 +1,24 @@
-"""Shared fixtures: tiny RWKV-7 models, perturbed away from their init so every parameter matters."""
+"""Shared fixtures: tiny RWKV models, perturbed away from their init so every parameter matters."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
-from rwkv_peft.model import RWKV7, RWKV7Config, init_model
+from rwkv_peft.model import RWKV7, VERSIONS, init_model
+
+
+def perturbed(version: str, n_layer: int = 2, n_embd: int = 128, vocab: int = 300, head_size: int = 64,
+              seed: int = 0, op: str = "torch", **dims: int) -> nn.Module:
+    """An fp32 model of ``version`` with every parameter moved off its init (so zeros don't hide bugs)."""
+    cfg = VERSIONS[version].config(n_layer, n_embd, vocab, head_size, **dims)
+    model = init_model(cfg, seed=seed, op=op)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * (0.1 if p.dim() < 2 else 0.05))
+    return model
 
 
 def perturbed_model(
@@ -16,13 +29,8 @@ def perturbed_model(
     seed: int = 0,
     op: str = "torch",
 ) -> RWKV7:
-    """An fp32 x070 model with every parameter moved off its init (so zeros don't hide bugs)."""
-    model = init_model(RWKV7Config(n_layer, n_embd, vocab, head_size), seed=seed, op=op)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * (0.1 if p.dim() < 2 else 0.05))
-    return model
+    """``perturbed`` for x070, the version most tests use."""
+    return perturbed("x070", n_layer, n_embd, vocab, head_size, seed, op)
 
 
 @pytest.fixture

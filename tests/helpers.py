@@ -1,4 +1,5 @@
-"""Test helpers shared by several modules: the CUDA kernels' device code, run on CPU threads."""
+"""Test helpers shared by several modules: tiny training runs, op parity on a model, and the CUDA
+kernels' device code run on CPU threads."""
 
 from __future__ import annotations
 
@@ -6,9 +7,62 @@ import ctypes
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import torch
+from conftest import perturbed_model
 
+from rwkv_peft.data import BinIdxWriter, largest_magic_prime
+from rwkv_peft.model import save_model
 from rwkv_peft.ops.build import CSRC
+
+
+def token_stream(prefix: Path | str, vocab: int, n: int) -> list[int]:
+    """``n`` tokens of a learnable stream (a fixed random successor map, from token 1), written as PREFIX.bin/.idx."""
+    succ = np.random.default_rng(0).permutation(vocab)
+    ids = [1]
+    while len(ids) < n:
+        ids.append(int(succ[ids[-1]]))
+    writer = BinIdxWriter(str(prefix))
+    writer.add_document(np.asarray(ids, dtype=np.uint16))
+    writer.close()
+    return ids
+
+
+def tiny_run_files(d: Path, n_tokens: int, vocab: int = 256) -> dict:
+    """A tiny fp32 x070 base (1 layer, 64 wide) and a token stream in ``d``, as ``train_flags`` reads them."""
+    save_model(perturbed_model(n_layer=1, n_embd=64, vocab=vocab, head_size=32, seed=3), d / "base.pth")
+    token_stream(d / "data", vocab, n_tokens)
+    return {"base": str(d / "base.pth"), "data": str(d / "data"), "n_tokens": n_tokens, "dir": str(d)}
+
+
+def cli(flags: dict) -> list[str]:
+    """Flags as command-line words: ``{"ctx_len": 16}`` -> ``["--ctx_len", "16"]``."""
+    return [x for k, v in flags.items() for x in (f"--{k}", str(v))]
+
+
+def train_flags(files: dict, out: Path, ctx: int = 16, **kw: object) -> list[str]:
+    """The trainer's command line for a short CPU MiSS run on ``files`` (``tiny_run_files``); ``kw`` overrides."""
+    flags = {"load_model": files["base"], "data_file": files["data"], "data_type": "binidx", "proj_dir": out,
+             "peft": "miss", "miss_config": '{"r":8}', "ctx_len": ctx, "micro_bsz": 4, "epoch_steps": 4,
+             "epoch_count": 2, "lr_init": 1e-2, "lr_final": 1e-3, "op": "torch", "progress": 0,
+             "accelerator": "cpu", "random_seed": 1, "magic_prime": largest_magic_prime(files["n_tokens"], ctx)}
+    return cli({**flags, **kw})
+
+
+def assert_cpu_op_matches_torch(model: torch.nn.Module, vocab: int, rtol: float) -> None:
+    """The model's logits and every weight gradient are the same with the compiled CPU op and the reference."""
+    idx = torch.randint(0, vocab, (2, 21), generator=torch.Generator().manual_seed(2))
+    out = {}
+    for op in ("torch", "cpu"):
+        model.set_op(op)
+        model.zero_grad()
+        logits = model(idx)
+        logits.float().logsumexp(-1).sum().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        out[op] = [logits.detach(), *grads]  # x070: layer 0's v-mix is unused, so it has no grad
+    assert len(out["cpu"]) == len(out["torch"]) > 20
+    for got, want in zip(out["cpu"], out["torch"], strict=True):
+        torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * want.abs().max().item())
 
 # Runs a CUDA kernel header's device code on the CPU: each block's N threads become std::threads
 # sharing the static "__shared__" arrays, with a std::barrier for __syncthreads. bf16 is stood in

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_model_v6v5 import perturbed
+from conftest import perturbed
+from helpers import cli
 
 from rwkv_peft.data import BinIdxWriter, largest_magic_prime
 from rwkv_peft.data.tokenizer import get_tokenizer
@@ -233,7 +234,7 @@ def state_runs(tmp_path_factory) -> dict[str, dict[str, Path]]:
                  "peft": "state", "ctx_len": 16, "micro_bsz": 2, "epoch_steps": 3, "epoch_count": 1,
                  "lr_init": 0.1, "lr_final": 0.1, "op": "torch", "progress": 0, "accelerator": "cpu",
                  "magic_prime": largest_magic_prime(len(ids), 16)}
-        train_main([x for k, v in flags.items() for x in (f"--{k}", str(v))])
+        train_main(cli(flags))
         out[version] = {"base": d / "base.pth", "state": d / "out" / "rwkv-final.pth", "dir": d}
     return out
 

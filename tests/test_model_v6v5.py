@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import perturbed
+from helpers import token_stream, train_flags
 from torch import nn
 
 from rwkv_peft.model import (
@@ -15,7 +17,6 @@ from rwkv_peft.model import (
     build_model,
     config_from_state_dict,
     detect_version,
-    init_model,
     load_model,
     read_state_dict,
     save_model,
@@ -30,18 +31,6 @@ VERSIONS_65 = ("x060", "x052")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def perturbed(version: str, n_layer: int = 2, n_embd: int = 128, vocab: int = 300, head_size: int = 64,
-              seed: int = 0, **dims: int) -> nn.Module:
-    """An fp32 model of ``version`` with every parameter moved off its init (so zeros don't hide bugs)."""
-    cfg = VERSIONS[version].config(n_layer, n_embd, vocab, head_size, **dims)
-    model = init_model(cfg, seed=seed, op="torch")
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * (0.1 if p.dim() < 2 else 0.05))
-    return model
 
 
 def tokens(n: int = 64, vocab: int = 300, seed: int = 3) -> list[int]:
@@ -193,19 +182,16 @@ def test_old_generations_refused() -> None:
         load_model(rwkv4)
 
 
-def test_inconsistent_heads(tmp_path: Path) -> None:
-    sd = perturbed("x060", n_embd=64, head_size=32).state_dict()
-    sd["blocks.0.att.time_faaaa"] = torch.zeros(3, 32)
+@pytest.mark.parametrize(("version", "key", "shape", "match"), [
+    ("x060", "blocks.0.att.time_faaaa", (3, 32), r"bad\.pth: blocks\.0\.att\.time_faaaa is \(3, 32\)"),
+    ("x052", "blocks.1.att.gate.weight", (64, 10), r"RWKV x052 checkpoint.*wrong shape: blocks\.1\.att\.gate\.weight"),
+])
+def test_bad_shape_names_the_key(tmp_path: Path, version: str, key: str, shape: tuple, match: str) -> None:
+    """Inconsistent heads (x060) or a mis-shaped linear (x052): one error naming the file or the key."""
+    sd = perturbed(version, n_embd=64, head_size=32).state_dict()
+    sd[key] = torch.zeros(shape)
     torch.save(sd, tmp_path / "bad.pth")
-    with pytest.raises(ValueError, match=r"bad\.pth: blocks\.0\.att\.time_faaaa is \(3, 32\)"):
-        load_model(tmp_path / "bad.pth")
-
-
-def test_wrong_shape_names_key(tmp_path: Path) -> None:
-    sd = perturbed("x052", n_embd=64, head_size=32).state_dict()
-    sd["blocks.1.att.gate.weight"] = torch.zeros(64, 10)
-    torch.save(sd, tmp_path / "bad.pth")
-    with pytest.raises(ValueError, match=r"RWKV x052 checkpoint.*wrong shape: blocks\.1\.att\.gate\.weight"):
+    with pytest.raises(ValueError, match=match):
         load_model(tmp_path / "bad.pth")
 
 
@@ -305,27 +291,15 @@ def test_trainer_learns_and_its_merged_adapter_runs_in_runtime(tmp_path: Path, v
     """The DeepSpeed trainer on an x060/x052 base (MiSS), then merge_adapter, then the `rwkv` runtime."""
     import numpy as np
 
-    from rwkv_peft.data import BinIdxWriter, largest_magic_prime
     from rwkv_peft.merge import adapted_model, merge_adapter
     from rwkv_peft.train import main
 
-    vocab, ctx = 256, 16
     base = tmp_path / "base.pth"
     # 2 layers: the runtime recognises v5.2 only from a time_decay key after an ln_x key (block 1's)
-    save_model(perturbed(version, n_layer=2, n_embd=64, vocab=vocab, head_size=32, seed=3), base)
-    succ = np.random.default_rng(0).permutation(vocab)  # a learnable stream: fixed successor map
-    ids = [1]
-    while len(ids) < 3000:
-        ids.append(int(succ[ids[-1]]))
-    writer = BinIdxWriter(str(tmp_path / "data"))
-    writer.add_document(np.asarray(ids, dtype=np.uint16))
-    writer.close()
+    save_model(perturbed(version, n_layer=2, n_embd=64, vocab=256, head_size=32, seed=3), base)
+    ids = token_stream(tmp_path / "data", 256, 3000)
     out = tmp_path / "out"
-    flags = {"load_model": base, "data_file": tmp_path / "data", "data_type": "binidx", "proj_dir": out,
-             "peft": "miss", "miss_config": '{"r":8}', "ctx_len": ctx, "micro_bsz": 4, "epoch_steps": 4,
-             "epoch_count": 2, "lr_init": 1e-2, "lr_final": 1e-3, "op": "cpu", "progress": 0,
-             "accelerator": "cpu", "random_seed": 1, "magic_prime": largest_magic_prime(len(ids), ctx)}
-    main([x for k, v in flags.items() for x in (f"--{k}", str(v))])
+    main(train_flags({"base": base, "data": tmp_path / "data", "n_tokens": len(ids)}, out, op="cpu"))
     loss = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()
             if '"loss"' in line]
     print(f"{version} trainer loss {loss[0]:.3f} -> {loss[-1]:.3f}")

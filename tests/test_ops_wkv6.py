@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import emulated_cuda_kernel, pointers
+from conftest import perturbed
+from helpers import assert_cpu_op_matches_torch, emulated_cuda_kernel, pointers
 
 from rwkv_peft.ops import wkv5, wkv6
 
@@ -102,26 +103,10 @@ def test_bad_input_is_one_clear_error(op: str) -> None:
         wkv6(r, w, k[0], v, u, op=op)
 
 
-def test_model_logits_and_grads_same_with_cpu_and_torch_op() -> None:
+@pytest.mark.parametrize("version", ["x060", "x052"])
+def test_model_logits_and_grads_same_with_cpu_and_torch_op(version: str) -> None:
     """x060 and x052 models: same logits and weight gradients with the compiled op and the reference."""
-    from rwkv_peft.model import RWKV5Config, RWKV6Config, init_model
-
-    for cfg in (RWKV6Config(2, 32, 50, 16), RWKV5Config(2, 32, 50, 16)):
-        model = init_model(cfg, seed=0)
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * (0.1 if p.dim() < 2 else 0.05))
-        idx = torch.randint(0, 50, (2, 21), generator=g)
-        out = {}
-        for op in ("torch", "cpu"):
-            model.set_op(op)
-            model.zero_grad()
-            logits = model(idx)
-            logits.logsumexp(-1).sum().backward()
-            out[op] = [logits.detach()] + [p.grad.clone() for p in model.parameters()]
-        for got, want in zip(out["cpu"], out["torch"], strict=True):
-            torch.testing.assert_close(got, want, rtol=RTOL, atol=RTOL * want.abs().max().item())
+    assert_cpu_op_matches_torch(perturbed(version, 2, 32, 50, 16), 50, RTOL)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import emulated_cuda_kernel, pointers
+from conftest import perturbed
+from helpers import assert_cpu_op_matches_torch, emulated_cuda_kernel, pointers
 
 from rwkv_peft.ops import wkv7
 from rwkv_peft.ops.build import CSRC
@@ -203,25 +204,7 @@ def test_cuda_sources_compile_for_sm80_sm90(tmp_path: Path) -> None:
 
 def test_model_logits_and_grads_same_with_cpu_and_torch_op() -> None:
     """The RWKV-7 model gives the same logits (and weight gradients) with op cpu and torch."""
-    from rwkv_peft.model import RWKV7Config, init_model
-
-    model = init_model(RWKV7Config(n_layer=2, n_embd=32, vocab_size=50, head_size=16), seed=0)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():  # move off the init so no parameter is trivially zero
-            p.add_(torch.randn(p.shape, generator=g) * (0.1 if p.dim() < 2 else 0.05))
-    idx = torch.randint(0, 50, (2, 21), generator=g)
-    out = {}
-    for op in ("torch", "cpu"):
-        model.set_op(op)
-        model.zero_grad()
-        logits = model(idx)
-        logits.float().logsumexp(-1).sum().backward()
-        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
-        out[op] = [logits.detach(), *grads]  # layer 0's v-mix is unused, so it has no grad
-    assert len(out["cpu"]) == len(out["torch"]) > 20
-    for got, want in zip(out["cpu"], out["torch"], strict=True):
-        torch.testing.assert_close(got, want, rtol=RTOL, atol=RTOL * want.abs().max().item())
+    assert_cpu_op_matches_torch(perturbed("x070", 2, 32, 50, 16), 50, RTOL)
 
 
 def test_auto_falls_back_to_reference_with_one_line_warning(monkeypatch, tmp_path) -> None:

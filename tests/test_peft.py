@@ -177,18 +177,15 @@ def test_adapter_save_load_roundtrip(method, cfg, tmp_path):
 def test_load_errors(tmp_path):
     model = small_model()
     apply_peft(model, "miss", miss_cfg("balance"))
-    other = small_model()
-    apply_peft(other, "lora", LoraConfig(r=4))
-    path = tmp_path / "lora.pth"
-    torch.save(trainable_state_dict(other), path)
-    with pytest.raises(ValueError, match=r"lora\.pth: no key matches"):
-        load_adapter(model, path)
-    wrong_r = small_model()
-    apply_peft(wrong_r, "miss", MissConfig(r=8))
-    path = tmp_path / "r8.pth"
-    torch.save(trainable_state_dict(wrong_r), path)
-    with pytest.raises(ValueError, match=r"r8\.pth: blocks\.0\.att\.receptance\.miss has shape \(8, 64\)"):
-        load_adapter(model, path)
+    for name, method, cfg, match in (
+        ("lora", "lora", LoraConfig(r=4), r"lora\.pth: no key matches"),
+        ("r8", "miss", MissConfig(r=8), r"r8\.pth: blocks\.0\.att\.receptance\.miss has shape \(8, 64\)"),
+    ):
+        other = small_model()
+        apply_peft(other, method, cfg)
+        torch.save(trainable_state_dict(other), tmp_path / f"{name}.pth")
+        with pytest.raises(ValueError, match=match):
+            load_adapter(model, tmp_path / f"{name}.pth")
     partial = {"blocks.0.att.key.miss": torch.zeros(16, 64), "blocks.9.att.key.miss": torch.zeros(16, 64)}
     with pytest.raises(ValueError, match=r"not in the model.*blocks\.9"):
         load_adapter(model, partial)

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import perturbed_model
+from helpers import tiny_run_files, train_flags
 
 pytest.importorskip("bitsandbytes.functional", reason="--quant needs bitsandbytes (pip install 'bitsandbytes>=0.50')")
 
@@ -183,30 +184,14 @@ def _targets(model):
 def test_trainer_infctx_on_quantized_base_then_merge(tmp_path) -> None:
     """`python -m rwkv_peft.train --train_type infctx --quant nf4` learns; `merge --quant nf4` of its
     adapter reproduces the adapted quantized model."""
-    import numpy as np
-
-    from rwkv_peft.data import BinIdxWriter, largest_magic_prime
     from rwkv_peft.merge import adapted_model, merge_adapter
-    from rwkv_peft.model import load_model, save_model
+    from rwkv_peft.model import load_model
     from rwkv_peft.train import main
 
-    vocab, ctx = 97, 20
-    base = tmp_path / "base.pth"
-    save_model(perturbed_model(n_layer=1, n_embd=64, vocab=vocab, head_size=32, seed=3), base)
-    succ = np.random.default_rng(0).permutation(vocab)
-    ids = [1]
-    for _ in range(3000):
-        ids.append(int(succ[ids[-1]]))
-    w = BinIdxWriter(str(tmp_path / "data"))
-    w.add_document(np.asarray(ids, dtype=np.uint16))
-    w.close()
-    out = tmp_path / "out"
-    flags = {"load_model": base, "data_file": tmp_path / "data", "data_type": "binidx", "proj_dir": out,
-             "peft": "miss", "miss_config": '{"r":8}', "ctx_len": ctx, "micro_bsz": 2, "epoch_steps": 6,
-             "epoch_count": 1, "lr_init": 2e-2, "lr_final": 1e-2, "op": "torch", "progress": 0,
-             "accelerator": "cpu", "magic_prime": largest_magic_prime(len(ids), ctx),
-             "train_type": "infctx", "chunk_ctx": 8, "quant": "nf4"}
-    main([x for k, v in flags.items() for x in (f"--{k}", str(v))])
+    vocab, base, out = 97, tmp_path / "base.pth", tmp_path / "out"
+    files = tiny_run_files(tmp_path, 3001, vocab)
+    main(train_flags(files, out, 20, micro_bsz=2, epoch_steps=6, epoch_count=1, lr_init=2e-2, lr_final=1e-2,
+                     random_seed=42, train_type="infctx", chunk_ctx=8, quant="nf4"))
     log = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert log[-1] < log[0], log
 

@@ -15,13 +15,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from conftest import perturbed_model
+from helpers import tiny_run_files, train_flags
 
 from rwkv_peft import files
-from rwkv_peft.data import BinIdxWriter, largest_magic_prime
 from rwkv_peft.model import read_state_dict, save_model
 from rwkv_peft.train import main
 from rwkv_peft.train import progress as progress_mod
@@ -34,27 +33,11 @@ DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, str]:
     """A tiny fp32 x070 base and a learnable binidx token stream."""
-    d = tmp_path_factory.mktemp("rel")
-    base = d / "base.pth"
-    save_model(perturbed_model(n_layer=1, n_embd=64, vocab=VOCAB, head_size=32, seed=3), base)
-    succ = np.random.default_rng(0).permutation(VOCAB)
-    ids, t = [], 1
-    for _ in range(3000):
-        ids.append(t)
-        t = int(succ[t])
-    w = BinIdxWriter(str(d / "data"))
-    w.add_document(np.asarray(ids, dtype=np.uint16))
-    w.close()
-    return {"base": str(base), "data": str(d / "data"), "n_tokens": len(ids), "dir": str(d)}
+    return tiny_run_files(tmp_path_factory.mktemp("rel"), 3000, VOCAB)
 
 
 def flags(data: dict, out: Path, **kw) -> list[str]:
-    f = {"load_model": data["base"], "data_file": data["data"], "data_type": "binidx", "proj_dir": str(out),
-         "peft": "miss", "miss_config": '{"r":8}', "ctx_len": CTX, "micro_bsz": 4, "epoch_steps": 2,
-         "epoch_count": 2, "lr_init": 1e-2, "lr_final": 1e-3, "op": "torch", "progress": 0,
-         "accelerator": "cpu", "random_seed": 1, "magic_prime": largest_magic_prime(data["n_tokens"], CTX)}
-    f.update(kw)
-    return [x for k, v in f.items() for x in (f"--{k}", str(v))]
+    return train_flags(data, out, CTX, **{"epoch_steps": 2, **kw})
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import perturbed_model
+from helpers import tiny_run_files, train_flags
 
-from rwkv_peft.data import BinIdxWriter, largest_magic_prime
-from rwkv_peft.model import load_model, save_model
+from rwkv_peft.model import load_model
 from rwkv_peft.peft import apply_peft, parse_peft_config
 from rwkv_peft.train import lr_at, main, masked_loss
 from rwkv_peft.train import progress as progress_mod
@@ -26,28 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, str]:
     """A tiny fp32 base and a learnable token stream (a fixed random successor map)."""
-    d = tmp_path_factory.mktemp("train")
-    base = d / "base.pth"
-    save_model(perturbed_model(n_layer=1, n_embd=64, vocab=VOCAB, head_size=32, seed=3), base)
-    succ = np.random.default_rng(0).permutation(VOCAB)
-    ids, t = [], 1
-    for _ in range(6000):
-        ids.append(t)
-        t = int(succ[t])
-    w = BinIdxWriter(str(d / "data"))
-    w.add_document(np.asarray(ids, dtype=np.uint16))
-    w.close()
-    return {"base": str(base), "data": str(d / "data"), "n_tokens": len(ids)}
-
-
-def args(files: dict, out: Path, **kw) -> list[str]:
-    flags = {"load_model": files["base"], "data_file": files["data"], "data_type": "binidx",
-             "proj_dir": str(out), "peft": "miss", "miss_config": '{"r":8}', "ctx_len": CTX,
-             "micro_bsz": 4, "epoch_steps": 4, "epoch_count": 2, "lr_init": 1e-2, "lr_final": 1e-3,
-             "op": "torch", "progress": 0, "accelerator": "cpu", "random_seed": 1,
-             "magic_prime": largest_magic_prime(files["n_tokens"], CTX)}
-    flags.update(kw)
-    return [x for k, v in flags.items() for x in (f"--{k}", str(v))]
+    return tiny_run_files(tmp_path_factory.mktemp("train"), 6000, VOCAB)
 
 
 def adapter(out: Path, name: str = "rwkv-final.pth") -> dict[str, torch.Tensor]:
@@ -71,7 +50,7 @@ def test_lr_schedules():
 @pytest.mark.parametrize("stage", [1, 2])
 def test_zero_stage_learns_and_moves_only_the_adapter(files, tmp_path, stage):
     out = tmp_path / "out"
-    summary = main(args(files, out, strategy=f"deepspeed_stage_{stage}", train_parts="ln"))
+    summary = main(train_flags(files, out, strategy=f"deepspeed_stage_{stage}", train_parts="ln"))
     loss = losses(out)
     assert len(loss) == 8 and np.mean(loss[-2:]) < np.mean(loss[:2]) - 0.1
     base = load_model(files["base"]).state_dict()
@@ -97,7 +76,7 @@ def test_zero3_trains_the_head_through_the_chunked_loss(files, tmp_path):
     gathers it for forward and backward: the trained head equals the plain path's (stage 1)."""
     runs = {}
     for name, kw in (("z3", {"strategy": "deepspeed_stage_3", "head_chunk": 5}), ("plain", {"head_chunk": 0})):
-        main(args(files, tmp_path / name, epoch_count=1, epoch_steps=2, train_parts="head", **kw))
+        main(train_flags(files, tmp_path / name, epoch_count=1, epoch_steps=2, train_parts="head", **kw))
         runs[name] = adapter(tmp_path / name)
     assert "head.weight" in runs["z3"] and runs["z3"].keys() == runs["plain"].keys()
     for k, v in runs["plain"].items():
@@ -106,7 +85,7 @@ def test_zero3_trains_the_head_through_the_chunked_loss(files, tmp_path):
 
 def test_resume_follows_the_uninterrupted_run(files, tmp_path, monkeypatch):
     full, cut = tmp_path / "full", tmp_path / "cut"
-    main(args(files, full, epoch_count=3))
+    main(train_flags(files, full, epoch_count=3))
     real_plot = progress_mod.plot_loss
 
     def killed_after_first_save(*a, **k):
@@ -115,10 +94,10 @@ def test_resume_follows_the_uninterrupted_run(files, tmp_path, monkeypatch):
 
     monkeypatch.setattr(progress_mod, "plot_loss", killed_after_first_save)
     with pytest.raises(KeyboardInterrupt):
-        main(args(files, cut, epoch_count=3))
+        main(train_flags(files, cut, epoch_count=3))
     monkeypatch.setattr(progress_mod, "plot_loss", real_plot)
     assert len(losses(cut)) == 4
-    main(args(files, cut, epoch_count=3, resume=1))
+    main(train_flags(files, cut, epoch_count=3, resume=1))
     assert losses(cut) == losses(full)  # exactly: same samples, optimizer state and schedule
     a, b = adapter(full), adapter(cut)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -126,8 +105,8 @@ def test_resume_follows_the_uninterrupted_run(files, tmp_path, monkeypatch):
 
 def test_grad_accumulation_equals_a_bigger_micro_batch(files, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    main(args(files, one, epoch_count=1, micro_bsz=4))
-    main(args(files, two, epoch_count=1, micro_bsz=2, accumulate_grad_batches=2))
+    main(train_flags(files, one, epoch_count=1, micro_bsz=4))
+    main(train_flags(files, two, epoch_count=1, micro_bsz=2, accumulate_grad_batches=2))
     a, b = adapter(one), adapter(two)
     for k in a:  # fp32: the same sums in a different order
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
@@ -166,7 +145,7 @@ def free_port() -> int:
 def one_process(files, tmp_path_factory) -> Path:
     """The reference for the multi-process runs: one process, micro batch 4 (their global batch)."""
     out = tmp_path_factory.mktemp("one")
-    main(args(files, out, epoch_count=1, epoch_steps=3, micro_bsz=4))
+    main(train_flags(files, out, epoch_count=1, epoch_steps=3, micro_bsz=4))
     # The world of one is torn down: nothing of its rendezvous is left for a torchrun child to inherit.
     assert not torch.distributed.is_initialized()
     assert not [k for k in os.environ if k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") or k.startswith("MASTER_")]
@@ -177,7 +156,7 @@ def test_two_processes_equal_one_with_twice_the_micro_batch(files, one_process, 
     one, two = one_process, tmp_path / "two"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                         "--master_port", str(free_port()), "-m", "rwkv_peft.train",
-                        *args(files, two, epoch_count=1, epoch_steps=3, micro_bsz=2)],
+                        *train_flags(files, two, epoch_count=1, epoch_steps=3, micro_bsz=2)],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = adapter(one), adapter(two)
@@ -196,7 +175,7 @@ def test_two_nodes_equal_one_process_with_the_global_batch(files, one_process, t
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(i),
                                "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
                                "-m", "rwkv_peft.train",
-                               *args(files, two, epoch_count=1, epoch_steps=3, micro_bsz=2, num_nodes=2)],
+                               *train_flags(files, two, epoch_count=1, epoch_steps=3, micro_bsz=2, num_nodes=2)],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in (0, 1)]
     try:
@@ -228,7 +207,7 @@ def test_bad_input_is_one_line_before_heavy_work(files, tmp_path, case):
     else:
         kw["head_chunk"] = -2
     with pytest.raises(SystemExit) as e:
-        main(args(files, tmp_path / "out", **kw))
+        main(train_flags(files, tmp_path / "out", **kw))
     msg = str(e.value)
     assert msg.startswith("error: ") and "\n" not in msg
     assert {"data": "--data_file", "checkpoint": "not an RWKV", "n_embd": "--n_embd 128",
@@ -243,7 +222,7 @@ def test_baselines_train_through_deepspeed(files, tmp_path: Path, peft: str, con
     train in the same loop; the saved adapter holds exactly the method's tensors."""
     out = tmp_path / peft
     flag = "peft_config" if peft == "state" else "lora_config"
-    main(args(files, out, peft=peft, **{flag: config}, epoch_count=1, epoch_steps=6, lr_init=3e-2))
+    main(train_flags(files, out, peft=peft, **{flag: config}, epoch_count=1, epoch_steps=6, lr_init=3e-2))
     seen = losses(out)
     if peft == "state":  # a start state cannot store a successor table; it must still train
         assert all(np.isfinite(seen)) and adapter(out)["blocks.0.att.time_state"].abs().max() > 0

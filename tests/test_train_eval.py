@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import perturbed_model
+from helpers import cli
 
 from rwkv_peft.data import get_tokenizer, load_documents
 from rwkv_peft.eval import heldout_loss
@@ -70,7 +71,7 @@ def run(tmp_path_factory) -> dict:
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
         for k, v in env.items():
             mp.setenv(k, v)
-        summary = main([x for k, v in flags.items() for x in (f"--{k}", str(v))])
+        summary = main(cli(flags))
     return {**files, "summary": summary, "stdout": out.getvalue(),
             "log": progress_mod.read_log(files["out"] / "train_log.jsonl")}
 
