@@ -43,8 +43,7 @@ def load_texts(path: str, vocab_size: int, tokenizer: str = "world", strict: boo
         ids = np.append(tok.encode_array(text), END_TOKEN).astype(np.int32)
         check_vocab_range(ids, vocab_size, f"{path}:{lineno}")
         docs.append(ids)
-        stats.documents += 1
-        stats.tokens += len(ids)
+        stats.keep(len(ids))
     if not docs:
         raise ValueError(f"{path}: no usable documents with a string field '{field}' "
                          f"({stats.summary(with_path=False)})")
@@ -100,8 +99,7 @@ def load_sft(path: str, vocab_size: int, ctx_len: int, tokenizer: str = "world",
             continue
         docs.append(ids)
         starts.append(k)
-        stats.documents += 1
-        stats.tokens += len(ids)
+        stats.keep(len(ids))
     if not docs:
         raise ValueError(f"{path}: no usable prompt/response records with string fields "
                          f"'{fields[0]}', '{fields[1]}' ({stats.summary(with_path=False)})")

@@ -251,9 +251,7 @@ def load_chat(path: str, vocab_size: int, ctx_len: int, tokenizer: str = "world"
             stats.kept_changed[f"truncated to ctx_len+1 = {ctx_len + 1} tokens"] += 1
         docs.append(ids)
         masks.append(flags)
-        stats.documents += 1
-        stats.tokens += len(ids)
-        stats.trained += int(window.sum())
+        stats.keep(len(ids), int(window.sum()))
     if not docs:
         raise ValueError(f"{path}: no usable conversations ({stats.summary(with_path=False)}); "
                          f"expected one per line: {EXPECTED}")

@@ -31,6 +31,13 @@ class JsonlStats:
         self.skipped[reason] += 1
         self.first_line.setdefault(reason, lineno)
 
+    def keep(self, n_tokens: int, trained: int | None = None, documents: int = 1) -> None:
+        """Count kept documents and their tokens (``trained`` of them carrying loss, where a mask decides)."""
+        self.documents += documents
+        self.tokens += n_tokens
+        if trained is not None:
+            self.trained += trained
+
     def summary(self, with_path: bool = True) -> str:
         s = f"{self.documents} documents, {self.tokens} tokens"
         if self.trained is not None:

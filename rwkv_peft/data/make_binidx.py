@@ -43,8 +43,7 @@ def make_binidx(input_path: str, output_prefix: str, tokenizer: str = "world",
             if values:
                 ids, sizes = tok.encode_documents([v[0] for v in values], END_TOKEN)
                 out.add_documents(ids, sizes)
-                stats.documents += len(sizes)
-                stats.tokens += len(ids)
+                stats.keep(len(ids), documents=len(sizes))
             bar.update(done - bar.n)
         bar.close()
         if stats.documents == 0:
@@ -72,9 +71,7 @@ def make_chat_binidx(input_path: str, output_prefix: str, tokenizer: str = "worl
         for _, ids, flags in iter_conversations(input_path, tokenizer, template, stats, strict):
             out.add_document(ids)
             flags_out.add_document(flags)
-            stats.documents += 1
-            stats.tokens += len(ids)
-            stats.trained += int(flags.sum())
+            stats.keep(len(ids), int(flags.sum()))
             bar.update(1)
         if stats.documents == 0:
             raise ValueError(f"{input_path}: no usable conversations "
