@@ -13,38 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rwkv_peft.model import base
-from rwkv_peft.model.rwkv6 import (
-    RWKV6,
-    add_ffn_projections,
-    add_projections,
-    ffn_width,
-    gated_output,
-    init_linears_,
-    ramps,
-    read_common,
-)
+from rwkv_peft.model import base, rwkv6
+from rwkv_peft.model.rwkv6 import RWKV6, RWKV56Config, add_projections, gated_output, init_linears_, ramps, read_common
 from rwkv_peft.ops import wkv5
 
 
 @dataclass
-class RWKV5Config:
-    n_layer: int
-    n_embd: int
-    vocab_size: int
-    head_size: int = 64
-    dim_ffn: int = 0  # 0: ffn_width(n_embd)
-    dim_att: int = 0  # 0: n_embd
-
-    def __post_init__(self) -> None:
-        self.dim_att = self.dim_att or self.n_embd
-        if self.dim_att % self.head_size:
-            raise ValueError(f"dim_att {self.dim_att} is not a multiple of head_size {self.head_size}")
-        self.dim_ffn = self.dim_ffn or ffn_width(self.n_embd)
-
-    @property
-    def n_head(self) -> int:
-        return self.dim_att // self.head_size
+class RWKV5Config(RWKV56Config):
+    """x052's architecture: the fields it shares with x060, nothing more."""
 
 
 def config_from_state_dict(sd: Mapping[str, torch.Tensor], name: str = "checkpoint") -> RWKV5Config:
@@ -83,16 +59,11 @@ class TimeMix(base.TimeMix):
         return gated_output(self, y, g), v_first, wkv_state
 
 
-class ChannelMix(base.ChannelMix):
-    def __init__(self, cfg: RWKV5Config, layer_id: int):
-        super().__init__()
-        self.time_mix_k = nn.Parameter(torch.zeros(1, 1, cfg.n_embd))
-        self.time_mix_r = nn.Parameter(torch.zeros(1, 1, cfg.n_embd))
-        add_ffn_projections(self, cfg)
+class ChannelMix(rwkv6.ChannelMix):
+    """RWKV-6's channel mix with RWKV-5's static shift: ``time_mix_*`` weigh the current token."""
 
-    def mix(self, x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-        k = torch.relu(self.key(shift_mix(x, prev, self.time_mix_k))) ** 2
-        return torch.sigmoid(self.receptance(shift_mix(x, prev, self.time_mix_r))) * self.value(k)
+    mixes = ("time_mix_k", "time_mix_r")
+    shift = staticmethod(shift_mix)
 
 
 class RWKV5(base.RWKV):

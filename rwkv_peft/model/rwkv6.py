@@ -1,6 +1,7 @@
 """RWKV-6 "Finch" (x060): its mixers, config (read from a checkpoint) and init; the rest is in base.py.
 
-RWKV-5.2 (rwkv5.py) reuses the v5/v6 helpers defined here: ``read_common``, ``ramps``, ``init_linears_``.
+RWKV-5.2 (rwkv5.py) reuses the v5/v6 pieces defined here: ``RWKV56Config``, ``read_common``, the
+projections, ``ChannelMix``, ``ramps``, ``init_linears_``.
 """
 
 from __future__ import annotations
@@ -26,27 +27,36 @@ def ffn_width(n_embd: int) -> int:
 
 
 @dataclass
-class RWKV6Config:
+class RWKV56Config:
+    """The architecture fields x052 and x060 share (all of RWKV5Config; RWKV6Config adds its LoRA widths)."""
+
     n_layer: int
     n_embd: int
     vocab_size: int
     head_size: int = 64
     dim_ffn: int = 0  # 0: ffn_width(n_embd)
     dim_att: int = 0  # 0: n_embd
-    d_mix: int = 0  # width of the token-shift LoRA (per w/k/v/r/g); 0: 32 (64 at n_embd 4096)
-    d_decay: int = 0  # width of the decay LoRA; 0: 64 (128 at n_embd 4096)
 
     def __post_init__(self) -> None:
         self.dim_att = self.dim_att or self.n_embd
         if self.dim_att % self.head_size:
             raise ValueError(f"dim_att {self.dim_att} is not a multiple of head_size {self.head_size}")
         self.dim_ffn = self.dim_ffn or ffn_width(self.n_embd)
-        self.d_mix = self.d_mix or (64 if self.n_embd == 4096 else 32)
-        self.d_decay = self.d_decay or (128 if self.n_embd == 4096 else 64)
 
     @property
     def n_head(self) -> int:
         return self.dim_att // self.head_size
+
+
+@dataclass
+class RWKV6Config(RWKV56Config):
+    d_mix: int = 0  # width of the token-shift LoRA (per w/k/v/r/g); 0: 32 (64 at n_embd 4096)
+    d_decay: int = 0  # width of the decay LoRA; 0: 64 (128 at n_embd 4096)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.d_mix = self.d_mix or (64 if self.n_embd == 4096 else 32)
+        self.d_decay = self.d_decay or (128 if self.n_embd == 4096 else 64)
 
 
 def read_common(sd: Mapping[str, torch.Tensor], name: str) -> dict[str, int]:
@@ -83,7 +93,7 @@ def config_from_state_dict(sd: Mapping[str, torch.Tensor], name: str = "checkpoi
     )
 
 
-def add_projections(mix: nn.Module, cfg: RWKV6Config) -> None:
+def add_projections(mix: nn.Module, cfg: RWKV56Config) -> None:
     """The v5/v6 time mix's linears (receptance, key, value, gate: C -> A; output: A -> C) and ln_x,
     registered after the mix's own tensors, in checkpoint order."""
     C, A = cfg.n_embd, cfg.dim_att
@@ -100,7 +110,7 @@ def gated_output(mix: nn.Module, y: torch.Tensor, g: torch.Tensor) -> torch.Tens
     return mix.output(mix.ln_x(y.reshape(B * T, A)).view(B, T, A) * g)
 
 
-def add_ffn_projections(mix: nn.Module, cfg: RWKV6Config) -> None:
+def add_ffn_projections(mix: nn.Module, cfg: RWKV56Config) -> None:
     """The v5/v6 channel mix's linears: key C -> dim_ffn, receptance C -> C, value dim_ffn -> C."""
     C = cfg.n_embd
     mix.key = nn.Linear(C, cfg.dim_ffn, bias=False)
@@ -149,16 +159,26 @@ class TimeMix(base.TimeMix):
 
 
 class ChannelMix(base.ChannelMix):
-    def __init__(self, cfg: RWKV6Config, layer_id: int):
+    """The v5/v6 channel mix: a squared-ReLU key, gated by a sigmoid receptance, each on its token-shifted x.
+    x052's differs only in its mixes' names and direction (``mixes``, ``shift``)."""
+
+    mixes = ("time_maa_k", "time_maa_r")  # the key's and the receptance's token-shift mix
+
+    def __init__(self, cfg: RWKV56Config, layer_id: int):
         super().__init__()
-        self.time_maa_k = nn.Parameter(torch.zeros(1, 1, cfg.n_embd))
-        self.time_maa_r = nn.Parameter(torch.zeros(1, 1, cfg.n_embd))
+        for name in self.mixes:
+            setattr(self, name, nn.Parameter(torch.zeros(1, 1, cfg.n_embd)))
         add_ffn_projections(self, cfg)
 
+    @staticmethod
+    def shift(x: torch.Tensor, prev: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+        """RWKV-6's token shift: x moved a fraction ``mix`` of the way to the previous token."""
+        return x + (prev - x) * mix
+
     def mix(self, x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-        xx = prev - x
-        k = torch.relu(self.key(x + xx * self.time_maa_k)) ** 2
-        return torch.sigmoid(self.receptance(x + xx * self.time_maa_r)) * self.value(k)
+        mix_k, mix_r = (getattr(self, name) for name in self.mixes)
+        k = torch.relu(self.key(self.shift(x, prev, mix_k))) ** 2
+        return torch.sigmoid(self.receptance(self.shift(x, prev, mix_r))) * self.value(k)
 
 
 class RWKV6(base.RWKV):
