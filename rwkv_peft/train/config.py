@@ -16,6 +16,10 @@ STRATEGIES = ("deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3",
 PRECISIONS = ("fp32", "bf16", "fp16")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 ARCH_FLAGS = ("n_layer", "n_embd", "vocab_size", "head_size", "dim_ffn")
+# flags that take one of a few words, in the order check_config checks them
+CHOICES = {"strategy": STRATEGIES, "precision": PRECISIONS, "accelerator": ACCELERATORS, "data_type": DATA_TYPES,
+           "lr_schedule": ("cos", "wsd", "const"), "train_type": ("", "infctx"), "quant": ("none", "int8", "nf4"),
+           "too_long": ("truncate", "drop")}
 
 
 @dataclass
@@ -190,28 +194,18 @@ def _positive(cfg: TrainConfig, *names: str, minimum: int = 1) -> None:
 def check_config(cfg: TrainConfig) -> None:
     """Cheap checks of every flag and input path, so bad input fails in a second, not after model loading."""
     get_method(cfg.peft)
-    if cfg.strategy not in STRATEGIES:
-        raise ValueError(f"--strategy: expected one of {'|'.join(STRATEGIES)}, got {cfg.strategy!r}")
-    if cfg.precision not in PRECISIONS:
-        raise ValueError(f"--precision: expected one of {'|'.join(PRECISIONS)}, got {cfg.precision!r}")
-    if cfg.accelerator not in ACCELERATORS:
-        raise ValueError(f"--accelerator: expected one of {'|'.join(ACCELERATORS)}, got {cfg.accelerator!r}")
-    if cfg.data_type not in DATA_TYPES:  # before the path checks, which read the path by the type
-        raise ValueError(f"--data_type: expected one of {'|'.join(DATA_TYPES)}, got {cfg.data_type!r}")
-    if cfg.lr_schedule not in ("cos", "wsd", "const"):
-        raise ValueError(f"--lr_schedule: expected cos|wsd|const, got {cfg.lr_schedule!r}")
+    for flag, choices in CHOICES.items():  # data_type before the path checks, which read the path by the type
+        if getattr(cfg, flag) not in choices:
+            raise ValueError(f"--{flag}: expected one of {'|'.join(c or repr(c) for c in choices)}, "
+                             f"got {getattr(cfg, flag)!r}")
     for flag in ("grad_cp", "resume", "save_best", "strict"):
         if getattr(cfg, flag) not in (0, 1):
             raise ValueError(f"--{flag}: expected 0 or 1, got {getattr(cfg, flag)}")
     _positive(cfg, "ctx_len", "micro_bsz", "epoch_steps", "epoch_count", "epoch_save",
               "accumulate_grad_batches", "devices", "num_nodes", "max_bad_steps")
     _positive(cfg, "epoch_begin", "warmup_steps", "random_seed", minimum=0)
-    if cfg.train_type not in ("", "infctx"):
-        raise ValueError(f"--train_type: expected infctx (or nothing), got {cfg.train_type!r}")
     _positive(cfg, "chunk_ctx")
     _positive(cfg, "head_chunk", minimum=-1)
-    if cfg.quant not in ("none", "int8", "nf4"):
-        raise ValueError(f"--quant: expected none|int8|nf4, got {cfg.quant!r}")
     if not cfg.lr_init > 0 or cfg.lr_final < 0:
         raise ValueError(f"--lr_init must be > 0 and --lr_final >= 0, got {cfg.lr_init}, {cfg.lr_final}")
     if not 0 <= cfg.wsd_decay <= 1:
@@ -223,8 +217,6 @@ def check_config(cfg: TrainConfig) -> None:
     if not cfg.data_file:
         raise ValueError("--data_file: required")
     check_data_path("--data_file", cfg.data_file, cfg.data_type)
-    if cfg.too_long not in ("truncate", "drop"):
-        raise ValueError(f"--too_long: expected truncate|drop, got {cfg.too_long!r}")
     if cfg.chat_template and not Path(cfg.chat_template).is_file():
         raise FileNotFoundError(f"--chat_template {cfg.chat_template}: file not found")
     _positive(cfg, "eval_every", "eval_samples", "eval_max_tokens", minimum=0)
