@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rwkv_peft.peft.inject import target_slots
 from rwkv_peft.peft.miss import MissLinear
 
 FORMATS = ("int8", "nf4")
@@ -203,16 +204,6 @@ class RoundtripView(Mapping):
         return len(self.sd)
 
 
-def target_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(checkpoint path, module) of every linear named in the model class's ``peft_targets``."""
-    found = []
-    for i, block in enumerate(model.blocks):
-        for part, names in type(model).peft_targets.items():
-            for name in names:
-                found.append((f"blocks.{i}.{part}.{name}", getattr(getattr(block, part), name)))
-    return found
-
-
 def quantize_base(model: nn.Module, fmt: str) -> str:
     """Quantize every frozen target linear weight in place (call after ``apply_peft``); returns a report.
 
@@ -221,7 +212,8 @@ def quantize_base(model: nn.Module, fmt: str) -> str:
     """
     _check_format(fmt)
     before = after = count = 0
-    for path, module in target_modules(model):
+    for path, parent, attr in target_slots(model):
+        module = getattr(parent, attr)
         w = module.weight
         if isinstance(w, QuantWeight):
             raise ValueError(f"--quant {fmt}: {path} is already quantized ({w.fmt})")

@@ -12,7 +12,7 @@ from helpers import tiny_run_files, train_flags
 
 pytest.importorskip("bitsandbytes.functional", reason="--quant needs bitsandbytes (pip install 'bitsandbytes>=0.50')")
 
-from rwkv_peft.peft.inject import apply_peft, parse_peft_config, trainable_state_dict  # noqa: E402
+from rwkv_peft.peft.inject import apply_peft, parse_peft_config, target_slots, trainable_state_dict  # noqa: E402
 from rwkv_peft.quant import QuantWeight, RoundtripView, quant_roundtrip, quantize_base  # noqa: E402
 from rwkv_peft.train.loss import infctx_loss, masked_loss  # noqa: E402
 
@@ -163,7 +163,7 @@ def test_merge_on_quantized_base_matches_adapted_model(fmt: str) -> None:
     _train(model.train(), torch.randint(0, 97, (1, 24)), 3)
     adapter = trainable_state_dict(model)
 
-    targets = {f"{path}.weight" for path, _ in _targets(model)}
+    targets = {f"{path}.weight" for path, _, _ in target_slots(model)}
     base_q = RoundtripView(base, targets, fmt)
     assert torch.equal(base_q["blocks.1.att.key.weight"], model.blocks[1].att.key.weight.dequantize())
     merged = merge_state_dict(base_q, adapter, {"method": "miss", "mode": "bat_col", "r": 16})
@@ -173,12 +173,6 @@ def test_merge_on_quantized_base_matches_adapted_model(fmt: str) -> None:
     with torch.no_grad():
         want, got = model.eval()(idx), plain.eval()(idx)
     assert ((got - want).norm() / want.norm()).item() < 1e-5  # fp32: merging only reorders sums
-
-
-def _targets(model):
-    from rwkv_peft.quant import target_modules
-
-    return target_modules(model)
 
 
 def test_trainer_infctx_on_quantized_base_then_merge(tmp_path) -> None:

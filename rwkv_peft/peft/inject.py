@@ -24,21 +24,26 @@ def parse_peft_config(method: str, json_text: str | None) -> PeftConfig:
     return get_method(method).parse(json_text or "")
 
 
+def target_slots(model: nn.Module, parts: tuple[str, ...] | None = None) -> list[tuple[str, nn.Module, str]]:
+    """(checkpoint path, parent module, attribute) of every target linear in the model class's
+    ``peft_targets`` (those of ``parts``; None: all), whatever sits there now (plain, adapted, quantized)."""
+    targets = type(model).peft_targets
+    return [(f"blocks.{i}.{part}.{attr}", getattr(block, part), attr)
+            for i, block in enumerate(model.blocks) for part in (targets if parts is None else parts)
+            for attr in targets[part]]
+
+
 def target_linears(model: nn.Module, parts: tuple[str, ...], flag: str) -> list[tuple[str, nn.Module, str]]:
-    """(checkpoint path, parent module, attribute) of every linear that ``parts`` selects."""
+    """``target_slots`` of ``parts``, checked: ``parts`` valid, and every slot a plain (not yet adapted) linear."""
     targets = type(model).peft_targets
     bad = [p for p in parts if p not in targets]
     if bad or not parts:
         raise ValueError(f"{flag}: parts must be a non-empty subset of {sorted(targets)}, got {list(parts)}")
-    found = []
-    for i, block in enumerate(model.blocks):
-        for part in parts:
-            parent = getattr(block, part)
-            for attr in targets[part]:
-                linear = getattr(parent, attr)
-                if not isinstance(linear, nn.Linear):
-                    raise ValueError(f"{flag}: blocks.{i}.{part}.{attr} is {type(linear).__name__}, not nn.Linear")
-                found.append((f"blocks.{i}.{part}.{attr}", parent, attr))
+    found = target_slots(model, parts)
+    for path, parent, attr in found:
+        linear = getattr(parent, attr)
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"{flag}: {path} is {type(linear).__name__}, not nn.Linear")
     return found
 
 
