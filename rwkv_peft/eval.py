@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from itertools import islice
 
 import torch
 from torch import nn
 
+from rwkv_peft.generate import Decoder, eval_mode
 from rwkv_peft.train.loss import head_loss
 
 _ANSWER = re.compile(r"####\s*([-+]?[\d,]*\.?\d+)")
@@ -30,22 +32,20 @@ def heldout_sums(
     """
     if not samples:
         raise ValueError("heldout_sums: no samples")
-    was_training = model.training
-    model.eval()
     sums: list[float] = []
     counts: list[float] = []
-    for i in range(0, len(samples), batch_size):
-        batch = samples[i : i + batch_size]
-        idx = torch.stack([s["input_ids"] for s in batch])
-        targets = torch.stack([s["targets"] for s in batch])
-        mask = torch.stack([s["mask"] for s in batch])
-        keep = int(mask.nonzero()[:, 1].max()) + 1 if mask.any() else 1  # skip the all-padding tail
-        hidden = model.forward_hidden(idx[:, :keep], None)[0]
-        for j in range(len(batch)):  # the head + loss per sample, chunked: no (B, T, V) logits
-            summed = head_loss(targets[j : j + 1, :keep], mask[j : j + 1, :keep], total=mask.new_tensor(1.0))
-            sums.append(float(model.head(hidden[j : j + 1], summed)))
-            counts.append(float(mask[j].sum()))
-    model.train(was_training)
+    with eval_mode(model):
+        for i in range(0, len(samples), batch_size):
+            batch = samples[i : i + batch_size]
+            idx = torch.stack([s["input_ids"] for s in batch])
+            targets = torch.stack([s["targets"] for s in batch])
+            mask = torch.stack([s["mask"] for s in batch])
+            keep = int(mask.nonzero()[:, 1].max()) + 1 if mask.any() else 1  # skip the all-padding tail
+            hidden = model.forward_hidden(idx[:, :keep], None)[0]
+            for j in range(len(batch)):  # the head + loss per sample, chunked: no (B, T, V) logits
+                summed = head_loss(targets[j : j + 1, :keep], mask[j : j + 1, :keep], total=mask.new_tensor(1.0))
+                sums.append(float(model.head(hidden[j : j + 1], summed)))
+                counts.append(float(mask[j].sum()))
     return sums, counts
 
 
@@ -61,11 +61,6 @@ def heldout_loss(model: nn.Module, samples: Sequence[dict[str, torch.Tensor]], b
     return sum(sums) / sum(counts)
 
 
-def _cat_states(states: list[list]) -> list:
-    """One batched recurrent state from per-sequence states (batch dim 0 of every tensor)."""
-    return [[torch.cat([s[b][j] for s in states]) for j in range(len(states[0][b]))] for b in range(len(states[0]))]
-
-
 @torch.no_grad()
 def greedy_generate(
     model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_token: int = 0
@@ -73,34 +68,24 @@ def greedy_generate(
     """Greedy continuations of token-id prompts (batched, recurrent), each cut at ``stop_token``.
 
     Each prompt is read on its own (no padding enters the state), then all continue in one batch
-    one token at a time from their stacked recurrent states.
+    one token at a time from their stacked recurrent states (``Decoder.steps``, the loop
+    ``rwkv_peft.generate`` samples with).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("greedy_generate: every prompt needs at least one token")
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    last, states = [], []
-    for p in prompts:
-        logits, state = model.forward_state(torch.tensor([list(p)], dtype=torch.long, device=device), None)
-        last.append(logits[:, -1])
-        states.append(state)
-    logits, state = torch.cat(last), _cat_states(states)
     out: list[list[int]] = [[] for _ in prompts]
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    for _ in range(max_new_tokens):
-        tok = logits.float().argmax(-1)
-        for i in range(len(prompts)):
-            if not done[i]:
-                if int(tok[i]) == stop_token:
-                    done[i] = True
-                else:
-                    out[i].append(int(tok[i]))
-        if done.all():
-            break
-        logits, state = model.forward_state(tok[:, None], state)
-        logits = logits[:, -1]
-    model.train(was_training)
+    done = [False] * len(prompts)
+    with eval_mode(model):
+        dec = Decoder(model)
+        dec.feed_each(prompts)
+        for tokens in islice(dec.steps(lambda logits: logits.argmax(-1).tolist()), max_new_tokens):
+            for i, tok in enumerate(tokens):
+                if not done[i]:
+                    done[i] = tok == stop_token
+                    if not done[i]:
+                        out[i].append(tok)
+            if all(done):
+                break
     return out
 
 

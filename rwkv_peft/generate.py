@@ -17,8 +17,10 @@ import argparse
 import codecs
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import islice
 
 import torch
 from torch import nn
@@ -81,26 +83,68 @@ class Generation:
     fed: int  # how many of ``tokens`` the model has read (the last sampled one is not, unless "end")
 
 
-class Decoder:
-    """A model (in eval mode), its tokenizer and its recurrent state: feed tokens, sample continuations."""
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode for the block, its training mode restored after (also on an error)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
-    def __init__(self, model: nn.Module, tokenizer, state: list | None = None):
+
+def _cat_states(states: list[list]) -> list:
+    """One batched recurrent state from per-sequence states (batch dim 0 of every tensor)."""
+    return [[torch.cat([s[b][j] for s in states]) for j in range(len(states[0][b]))] for b in range(len(states[0]))]
+
+
+class Decoder:
+    """A model (in eval mode), its tokenizer and its recurrent state: feed tokens, sample continuations.
+
+    ``steps`` is the one decoding loop: ``generate`` runs it on one sequence with the sampler, stop
+    strings and streamed text; ``rwkv_peft.eval.greedy_generate`` on a batch (``feed_each``) with argmax.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer=None, state: list | None = None):
         self.model, self.tokenizer, self.state = model, tokenizer, state
-        self.logits: torch.Tensor | None = None
+        self.logits: torch.Tensor | None = None  # (B, V) fp32 after the last token read
         self.fed = 0  # tokens read so far, all calls together
         self.device = next(model.parameters()).device
 
     @torch.no_grad()
+    def _forward(self, idx: torch.Tensor) -> None:
+        logits, self.state = self.model.forward_state(idx, self.state)
+        self.logits = logits[:, -1].float()
+        self.fed += idx.shape[1]
+
     def feed(self, tokens: Sequence[int]) -> torch.Tensor:
-        """Read ``tokens`` into the state; returns the logits after the last one."""
+        """Read ``tokens`` into the state (one sequence); returns the logits (V,) after the last one."""
         if len(tokens) == 0:
             raise ValueError("nothing to feed: the prompt has no tokens")
         for i in range(0, len(tokens), FEED_CHUNK):
-            idx = torch.tensor([list(tokens[i : i + FEED_CHUNK])], dtype=torch.long, device=self.device)
-            logits, self.state = self.model.forward_state(idx, self.state)
-        self.fed += len(tokens)
-        self.logits = logits[0, -1].float()
-        return self.logits
+            self._forward(torch.tensor([list(tokens[i : i + FEED_CHUNK])], dtype=torch.long, device=self.device))
+        return self.logits[0]
+
+    def feed_each(self, prompts: Sequence[Sequence[int]]) -> None:
+        """Read each prompt on its own from the current state (no padding enters a state), then stack
+        their states and logits as one batch for ``steps``."""
+        start, states, logits = self.state, [], []
+        for p in prompts:
+            self.state = start
+            logits.append(self.feed(p)[None])
+            states.append(self.state)
+        self.state, self.logits = _cat_states(states), torch.cat(logits)
+
+    def steps(self, pick: Callable[[torch.Tensor], list[int]]) -> Iterator[list[int]]:
+        """Per step, the tokens ``pick`` chooses from the logits (B, V), one per sequence; they are read
+        into the state only when the next step is asked for, so a caller that stops leaves them unread."""
+        if self.logits is None:
+            raise ValueError("generate: feed a prompt first")
+        while True:
+            tokens = pick(self.logits)
+            yield tokens
+            self._forward(torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None])
 
     def text(self, tokens: Sequence[int]) -> str:
         """The text of ``tokens`` (ids the World vocab leaves unassigned have none)."""
@@ -124,53 +168,90 @@ class Decoder:
             raise ValueError("generate: feed a prompt first")
         s = sampling or Sampling()
         rng = rng if rng is not None else s.rng()
-        stop = [x for x in stop if x]
+        penalties, text = _Penalties(s), _TextStream(self.tokenizer, stop, on_text)
         tokens: list[int] = []
-        occurrence: dict[int, float] = {}
-        text, emitted, reason = "", 0, "length"
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace") if hasattr(self.tokenizer, "idx2token") else None
-        pending: list[int] = []  # tokens whose text is not final yet (HF tokenizers: until it decodes cleanly)
-        for i in range(max_tokens):
-            logits = self.logits if i == 0 else self.feed([tokens[-1]])
-            if occurrence:
-                logits = logits.clone()
-                ids = torch.tensor(list(occurrence), device=logits.device)
-                counts = torch.tensor(list(occurrence.values()), device=logits.device)
-                logits[ids] -= s.alpha_presence + counts * s.alpha_frequency
-            tok = sample(logits, s, rng)
+        reason = "length"
+        picks = self.steps(lambda logits: [sample(penalties(logits[0]), s, rng)])
+        for (tok,) in islice(picks, max_tokens):
             if tok in stop_tokens:
                 reason = "end"
                 break
             tokens.append(tok)
-            raw = self.tokenizer.idx2token.get(tok, b"") if utf8 is not None else None  # unassigned ids: no text
-            if s.alpha_presence or s.alpha_frequency:
-                for k in occurrence:
-                    occurrence[k] *= s.alpha_decay
-                piece = raw.decode("utf-8", "replace") if raw is not None else self.tokenizer.decode([tok])
-                occurrence[tok] = occurrence.get(tok, 0.0) + (0.0 if set(piece) <= _NO_PENALTY else 1.0)
-            before = len(text)
-            if utf8 is not None:
-                text += utf8.decode(raw)
-            else:
-                pending.append(tok)
-                piece = self.tokenizer.decode(pending)
-                if "\ufffd" not in piece:
-                    text, pending = text + piece, []
-            hit = _find_stop(text, stop, before)
-            if hit is not None:
-                text, reason = text[:hit], "stop"
+            penalties.count(tok, self.text([tok]))
+            if text.add(tok):
+                reason = "stop"
                 break
-            safe = len(text) - _held_back(text, stop)
-            if on_text is not None and safe > emitted:
-                on_text(text[emitted:safe])
-                emitted = safe
-        if reason != "stop":  # flush what was held back (a stop-string prefix, an unfinished character)
-            text += utf8.decode(b"", final=True) if utf8 is not None else (
-                self.tokenizer.decode(pending) if pending else "")
-        if on_text is not None and len(text) > emitted:
-            on_text(text[emitted:])
         fed = len(tokens) if reason == "end" else max(len(tokens) - 1, 0)
-        return Generation(tokens, text, reason, fed)
+        return Generation(tokens, text.finish(reason == "stop"), reason, fed)
+
+
+class _Penalties:
+    """PIPELINE's presence and frequency penalties over the tokens generated so far."""
+
+    def __init__(self, s: Sampling):
+        self.s = s
+        self.counts: dict[int, float] = {}  # occurrences per token, fading by alpha_decay per token
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` (V,) less presence + frequency * count for every token generated so far."""
+        if not self.counts:
+            return logits
+        logits = logits.clone()
+        ids = torch.tensor(list(self.counts), device=logits.device)
+        counts = torch.tensor(list(self.counts.values()), device=logits.device)
+        logits[ids] -= self.s.alpha_presence + counts * self.s.alpha_frequency
+        return logits
+
+    def count(self, tok: int, piece: str) -> None:
+        """One more ``tok`` (of text ``piece``; only spaces and digits count nothing)."""
+        if not (self.s.alpha_presence or self.s.alpha_frequency):
+            return
+        for k in self.counts:
+            self.counts[k] *= self.s.alpha_decay
+        self.counts[tok] = self.counts.get(tok, 0.0) + (0.0 if set(piece) <= _NO_PENALTY else 1.0)
+
+
+class _TextStream:
+    """The text of the tokens generated so far, cut at the first stop string; ``on_text`` gets each part
+    once it is final: whole UTF-8 characters, and no tail that could still become a stop string."""
+
+    def __init__(self, tokenizer, stop: Sequence[str], on_text: Callable[[str], None] | None):
+        self.tokenizer, self.stop, self.on_text = tokenizer, [x for x in stop if x], on_text
+        self.vocab = getattr(tokenizer, "idx2token", None)  # World: bytes per id, decoded incrementally
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace") if self.vocab is not None else None
+        self.pending: list[int] = []  # HF tokenizers: tokens whose text does not decode cleanly yet
+        self.text, self.emitted = "", 0
+
+    def add(self, tok: int) -> bool:
+        """Append ``tok``'s text; True when it completed a stop string (the text is then cut before it)."""
+        before = len(self.text)
+        if self.utf8 is not None:
+            self.text += self.utf8.decode(self.vocab.get(tok, b""))  # unassigned ids: no text
+        else:
+            self.pending.append(tok)
+            piece = self.tokenizer.decode(self.pending)
+            if "\ufffd" not in piece:
+                self.text, self.pending = self.text + piece, []
+        hit = _find_stop(self.text, self.stop, before)
+        if hit is not None:
+            self.text = self.text[:hit]
+            return True
+        self._emit(len(self.text) - _held_back(self.text, self.stop))
+        return False
+
+    def finish(self, stopped: bool) -> str:
+        """The whole text; without a stop string, what was held back (a stop-string prefix, an unfinished
+        character) is flushed too."""
+        if not stopped:
+            self.text += self.utf8.decode(b"", final=True) if self.utf8 is not None else (
+                self.tokenizer.decode(self.pending) if self.pending else "")
+        self._emit(len(self.text))
+        return self.text
+
+    def _emit(self, end: int) -> None:
+        if self.on_text is not None and end > self.emitted:
+            self.on_text(self.text[self.emitted : end])
+            self.emitted = end
 
 
 def _find_stop(text: str, stop: Sequence[str], new_from: int) -> int | None:
@@ -202,14 +283,10 @@ def generate(
     mode for the call and restored), on the model's own device and dtype.
     """
     tokens = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         dec = Decoder(model, tokenizer, state)
         dec.feed(tokens)
         return dec.generate(max_tokens, sampling, stop, on_text=on_text)
-    finally:
-        model.train(was_training)
 
 
 class ChatSession:
@@ -354,56 +431,58 @@ def _reply_printer() -> Callable[[str], None]:
     return show
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        sampling = Sampling(args.temperature, args.top_p, args.top_k, args.alpha_presence, args.alpha_frequency,
-                            args.alpha_decay, args.seed)
-        if args.max_tokens < 1:
-            raise ValueError(f"--max_tokens must be >= 1, got {args.max_tokens}")
-        if (args.system is not None or args.chat_template) and not args.chat:
-            raise ValueError("--system and --chat_template apply to --chat only")
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: CUDA is not available here")
-        precision = args.precision or ("fp32" if device == "cpu" else "bf16")
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-        template = ChatTemplate.load(args.chat_template)
-        stop = [template.stop] if args.stop is None else [_unescape(s) for s in args.stop if s]
-        tokenizer = get_tokenizer(args.tokenizer)
-        t0 = time.perf_counter()
-        model = load_for_generation(args.model, args.adapter, args.state, device, dtype, args.op)
-        if tokenizer.vocab_size > model.cfg.vocab_size:
-            raise ValueError(f"--tokenizer {args.tokenizer}: {tokenizer.vocab_size} tokens, but {args.model} "
-                             f"has vocab_size {model.cfg.vocab_size}")
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
+def _settings(args: argparse.Namespace) -> tuple[Sampling, str, str, ChatTemplate, list[str]]:
+    """The flags checked before anything loads: (sampling, device, precision, chat template, stop strings)."""
+    sampling = Sampling(args.temperature, args.top_p, args.top_k, args.alpha_presence, args.alpha_frequency,
+                        args.alpha_decay, args.seed)
+    if args.max_tokens < 1:
+        raise ValueError(f"--max_tokens must be >= 1, got {args.max_tokens}")
+    if (args.system is not None or args.chat_template) and not args.chat:
+        raise ValueError("--system and --chat_template apply to --chat only")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available here")
+    precision = args.precision or ("fp32" if device == "cpu" else "bf16")
+    template = ChatTemplate.load(args.chat_template)
+    stop = [template.stop] if args.stop is None else [_unescape(s) for s in args.stop if s]
+    return sampling, device, precision, template, stop
+
+
+def _load(args: argparse.Namespace, device: str, precision: str) -> Decoder:
+    """The model (``load_for_generation``) and its tokenizer, checked to fit each other."""
+    tokenizer = get_tokenizer(args.tokenizer)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    model = load_for_generation(args.model, args.adapter, args.state, device, dtype, args.op)
+    if tokenizer.vocab_size > model.cfg.vocab_size:
+        raise ValueError(f"--tokenizer {args.tokenizer}: {tokenizer.vocab_size} tokens, but {args.model} "
+                         f"has vocab_size {model.cfg.vocab_size}")
+    return Decoder(model, tokenizer)
+
+
+def _report(args: argparse.Namespace, g: Generation, fed: int, seconds: float) -> None:
+    if args.verbose:
+        _note(f"[fed {fed} prompt tokens, generated {len(g.tokens)} ({g.stop_reason}), "
+              f"{len(g.tokens) / max(seconds, 1e-9):.1f} tokens/s]")
+
+
+def _complete(args: argparse.Namespace, decoder: Decoder, sampling: Sampling, stop: list[str],
+              rng: torch.Generator) -> int:
+    """--prompt: its continuation on stdout."""
+    prompt = decoder.tokenizer.encode(_unescape(args.prompt))
+    if not prompt:
+        print("error: --prompt is empty", file=sys.stderr)
         return 2
-    _note(f"loaded RWKV {model.version} {model.cfg.n_layer}x{model.cfg.n_embd} on {device} {precision} "
-          f"in {time.perf_counter() - t0:.1f}s")
-    decoder = Decoder(model, tokenizer)
-    rng = sampling.rng()
-    if rng is None:  # torch's default generator starts from the same seed in every process
-        rng = torch.Generator()
-        rng.seed()
+    t0 = time.perf_counter()
+    decoder.feed(prompt)
+    g = decoder.generate(args.max_tokens, sampling, stop, on_text=_out, rng=rng)
+    _out("\n")
+    _report(args, g, len(prompt), time.perf_counter() - t0)
+    return 0
 
-    def report(g: Generation, fed: int, seconds: float) -> None:
-        if args.verbose:
-            _note(f"[fed {fed} prompt tokens, generated {len(g.tokens)} ({g.stop_reason}), "
-                  f"{len(g.tokens) / max(seconds, 1e-9):.1f} tokens/s]")
 
-    if not args.chat:
-        prompt = tokenizer.encode(_unescape(args.prompt))
-        if not prompt:
-            print("error: --prompt is empty", file=sys.stderr)
-            return 2
-        t0 = time.perf_counter()
-        decoder.feed(prompt)
-        g = decoder.generate(args.max_tokens, sampling, stop, on_text=_out, rng=rng)
-        _out("\n")
-        report(g, len(prompt), time.perf_counter() - t0)
-        return 0
-
+def _chat(args: argparse.Namespace, decoder: Decoder, sampling: Sampling, stop: list[str], template: ChatTemplate,
+          rng: torch.Generator) -> int:
+    """--chat: one reply per stdin line, the state carried from turn to turn, until end of input."""
     session = ChatSession(decoder, args.system, template)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -413,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
             print("User: ", end="", file=sys.stderr, flush=True)
         line = sys.stdin.readline()
         if not line:
-            break
+            return 0
         message = line.strip()
         if not message:
             continue
@@ -422,8 +501,29 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         g, fed = session.ask(message, args.max_tokens, sampling, stop, on_text=_reply_printer(), rng=rng)
         _out("\n")
-        report(g, fed, time.perf_counter() - t0)
-    return 0
+        _report(args, g, fed, time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Check the flags, load the model, then complete the prompt or chat; 2 with one error line on bad input."""
+    args = _parser().parse_args(argv)
+    try:
+        sampling, device, precision, template, stop = _settings(args)
+        t0 = time.perf_counter()
+        decoder = _load(args, device, precision)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cfg = decoder.model.cfg
+    _note(f"loaded RWKV {decoder.model.version} {cfg.n_layer}x{cfg.n_embd} on {device} {precision} "
+          f"in {time.perf_counter() - t0:.1f}s")
+    rng = sampling.rng()
+    if rng is None:  # torch's default generator starts from the same seed in every process
+        rng = torch.Generator()
+        rng.seed()
+    if args.chat:
+        return _chat(args, decoder, sampling, stop, template, rng)
+    return _complete(args, decoder, sampling, stop, rng)
 
 
 if __name__ == "__main__":
