@@ -73,11 +73,13 @@ def test_zero_stage_learns_and_moves_only_the_adapter(files, tmp_path, stage):
 
 def test_zero3_trains_the_head_through_the_chunked_loss(files, tmp_path):
     """ZeRO-3 shards the head weight; the chunked loss runs inside the head's call, where DeepSpeed
-    gathers it for forward and backward: the trained head equals the plain path's (stage 1)."""
-    runs = {}
+    gathers it for forward and backward: the trained head equals the plain path's (stage 1). ZeRO-3's
+    process-wide F.linear replacement is undone when the run ends."""
+    runs, linear = {}, torch.nn.functional.linear
     for name, kw in (("z3", {"strategy": "deepspeed_stage_3", "head_chunk": 5}), ("plain", {"head_chunk": 0})):
         main(train_flags(files, tmp_path / name, epoch_count=1, epoch_steps=2, train_parts="head", **kw))
         runs[name] = adapter(tmp_path / name)
+        assert torch.nn.functional.linear is linear
     assert "head.weight" in runs["z3"] and runs["z3"].keys() == runs["plain"].keys()
     for k, v in runs["plain"].items():
         torch.testing.assert_close(runs["z3"][k], v, rtol=1e-4, atol=1e-6)

@@ -50,7 +50,8 @@ def process_group(cfg: TrainConfig, on_gpu: bool, deepspeed) -> Iterator[tuple[i
     Under a launcher (torchrun, deepspeed) the group comes from its environment. A plain ``python``
     run is a world of one, joined through an explicit ``tcp://`` address; only ``LOCAL_RANK`` (which
     DeepSpeed's engine reads) is set meanwhile, and it is removed again, so no later subprocess
-    inherits a stale rendezvous.
+    inherits a stale rendezvous. ZeRO-3 replaces ``torch.nn.functional.linear`` process-wide; the
+    original is put back, so a model used after the run computes as before it.
     """
     import torch.distributed as dist
 
@@ -62,6 +63,7 @@ def process_group(cfg: TrainConfig, on_gpu: bool, deepspeed) -> Iterator[tuple[i
     if on_gpu:
         torch.cuda.set_device(local_rank)
     owned = not dist.is_initialized()
+    linear = torch.nn.functional.linear
     set_local_rank = "LOCAL_RANK" not in os.environ
     if set_local_rank:
         os.environ["LOCAL_RANK"] = "0"
@@ -77,6 +79,7 @@ def process_group(cfg: TrainConfig, on_gpu: bool, deepspeed) -> Iterator[tuple[i
             (deepspeed.comm if comm.cdb is not None else dist).destroy_process_group()
         if set_local_rank:
             os.environ.pop("LOCAL_RANK", None)
+        torch.nn.functional.linear = linear
 
 
 def import_deepspeed(on_gpu: bool):
