@@ -54,7 +54,7 @@ if [ ! -f "$LOAD_MODEL" ]; then
     mkdir -p out/demo
     echo "[demo] creating a tiny RWKV-7 base: $LOAD_MODEL"
     python -m rwkv_peft.tools.init_model --version x070 --n_layer "$DEMO_LAYERS" --n_embd "$DEMO_EMBD" \
-        --vocab_size 65536 --out "$LOAD_MODEL"
+        --vocab_size 65536 --output_std 0.02 --out "$LOAD_MODEL"
 fi
 if [ "$DATA_FILE" = out/demo/demo.jsonl ] && [ ! -f "$DATA_FILE" ]; then  # others: the trainer checks
     mkdir -p out/demo

@@ -271,3 +271,23 @@ def test_registry_is_the_one_list_of_methods(tmp_path):
                 f"{tmp_path / 'rwkv-final.pth'} --output {tmp_path / 'merged.pth'}") if m.merge_script else ""
         assert merge_command(TrainConfig(peft=name, load_model="b.pth"), tmp_path) == want
     assert merge_command(TrainConfig(peft="state"), tmp_path) == ""
+
+
+def test_pissa_refuses_a_zero_weight_and_the_demo_base_has_none(tmp_path):
+    """RWKV-LM's init zeroes att.output / ffn.value: PiSSA's factors of such a weight are zero, a saddle with
+    no gradient for anything before it (the demo trained nothing). Refused by name; the demo's base
+    (init_model --output_std) trains."""
+    from rwkv_peft.model import load_model
+    from rwkv_peft.tools.init_model import main as init_main
+
+    args = ["--n_layer", "1", "--n_embd", "64", "--vocab_size", "256", "--dtype", "fp32"]
+    init_main([*args, "--out", str(tmp_path / "fresh.pth")])
+    init_main([*args, "--output_std", "0.02", "--out", str(tmp_path / "demo.pth")])
+    cfg = parse_peft_config("pissa", '{"r": 4, "alpha": 4}')
+    with pytest.raises(ValueError, match=r"pissa: module blocks\.0\.att\.output: its weight is all zeros"):
+        apply_peft(load_model(tmp_path / "fresh.pth", op="torch"), "pissa", cfg)
+    model = load_model(tmp_path / "demo.pth", op="torch")
+    apply_peft(model, "pissa", cfg)
+    tokens = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    model(tokens).logsumexp(-1).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)

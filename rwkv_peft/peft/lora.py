@@ -148,6 +148,12 @@ class LoraLinear(nn.Module):
         w = base.weight
         kw = {"dtype": w.dtype, "device": w.device}
         if pissa:
+            if w.device.type != "meta" and not bool(w.detach().any()):
+                raise ValueError(
+                    f"--peft pissa: module {name}: its weight is all zeros (a freshly initialised base, not a "
+                    "pre-trained one?): PiSSA starts from its principal components, which are zero, so neither it "
+                    "nor what feeds it gets a gradient; fine-tune a pre-trained base, or use --peft lora / miss"
+                )
             a0, b0 = pissa_factors(w.detach(), cfg.r, cfg.scale, cfg.pissa_niter)
             self.weight = nn.Parameter((w.detach().float() - lora_delta(a0, b0, cfg.scale)).to(w.dtype))
             self.register_buffer("pissa_A0", a0.to(**kw, copy=True))  # not aliased with lora_A

@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> None:
         "--dtype", default="bf16", choices=list(DTYPES), help="stored dtype (official: bf16)"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output_std", type=float, default=0.0,
+                   help="std of random att.output / ffn.value weights (0: zero, RWKV-LM's init; the demos use >0 "
+                        "so that PiSSA, which starts from a weight's principal components, has some)")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     if a.n_layer < 1 or a.vocab_size < 1:
@@ -42,6 +45,11 @@ def main(argv: list[str] | None = None) -> None:
         files.check_writable_dir(out.parent, f"--out {out}", create=False)
         files.note_removed(files.remove_stale_temps(out.parent, out.name))
         model = init_model(cfg, seed=a.seed, op="torch")
+        if a.output_std > 0:
+            with torch.no_grad():
+                for k, v in model.state_dict().items():
+                    if k.endswith(("att.output.weight", "ffn.value.weight")):
+                        v.normal_(0.0, a.output_std)
         save_model(model, out, dtype=DTYPES[a.dtype])
     except OSError as e:
         sys.exit(f"error: {files.describe(e)}")
