@@ -259,6 +259,17 @@ def test_a_result_that_overflows_the_stored_dtype_is_refused(base_file: Path, tr
     merge_adapter(base, adapter, tmp_path / "out" / "merged.pth")  # the same base with a sane adapter: fine
 
 
+def test_the_merge_log_names_each_edit_once_in_the_files_order(base_file: Path, trained: dict, tmp_path: Path) -> None:
+    """Folds run on worker threads and may finish out of order; the log is written from the writer's side."""
+    adapter, _ = trained["bat_row"]
+    lines: list[str] = []
+    merge_adapter(base_file, adapter, tmp_path / "merged.pth", log=lines.append)
+    logged = [line.rsplit(" -> ", 1)[1] for line in lines]
+    base, ad = torch.load(base_file, weights_only=True), torch.load(adapter, weights_only=True)
+    assert len(logged) == len(set(logged)) == len(plan_edits(base, ad, {"mode": "bat_row"})) > 1
+    assert logged == [k for k in base if k in logged]
+
+
 def test_verify_in_runtime_prints_diff_and_answer(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     base = tmp_path / "base.pth"  # World vocab, so the demo prompt tokenizes
     save_model(perturbed_model(n_layer=1, n_embd=64, vocab=65536), base)

@@ -64,8 +64,6 @@ class _Source:
                              f"{'unmerging' if self.unmerge else 'merging'} {edit.source} ({cause})")
         if src is not None:
             release_pages(src, self.mapped)
-        if self.log:
-            self.log(f"{'unmerged' if self.unmerge else 'merged'} {edit.source} -> {key}")
         return new
 
     def pieces(self, pool: ThreadPoolExecutor) -> Iterator[torch.Tensor | Span]:
@@ -90,7 +88,11 @@ class _Source:
             if k in self.edits:
                 done = ahead.popleft()
                 start_next()  # folded while this one is written
-                yield done.result()  # not kept here: the writer frees it before asking for the next
+                done.result()  # a fold's error surfaces here
+                if self.log:  # from this thread, in key order (folds finish in any order, on any worker)
+                    self.log(f"{'unmerged' if self.unmerge else 'merged'} {self.edits[k].source} -> {k}")
+                yield done.result()
+                del done  # the writer has written it: free it before the next is awaited
             elif k in self.spans:
                 checks.append(pool.submit(check_crc, self.spans[k], k))
                 yield self.spans[k]
