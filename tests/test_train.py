@@ -156,8 +156,8 @@ def one_process(files, tmp_path_factory) -> Path:
 
 def test_two_processes_equal_one_with_twice_the_micro_batch(files, one_process, tmp_path):
     one, two = one_process, tmp_path / "two"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", str(free_port()), "-m", "rwkv_peft.train",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "rwkv_peft.train",  # --standalone: torchrun binds its own free port (no race)
                         *train_flags(files, two, epoch_count=1, epoch_steps=3, micro_bsz=2)],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
