@@ -92,8 +92,8 @@ def test_computed_tensors_are_cast_to_the_stored_dtype_chunk_by_chunk(tmp_path: 
 
 
 def test_corrupt_input_is_not_laundered(tmp_path: Path) -> None:
-    """A flipped byte in a copied record: ``check`` names file and key; without it the output keeps
-    the input's CRC-32, so the corruption stays detectable."""
+    """A flipped byte in a copied record: ``check_crc`` (what the merge runs beside the kernel copy) names
+    file and key; the output keeps the input's CRC-32, so the corruption stays detectable there too."""
     sd, pth, _ = _sources(tmp_path)
     span = tensor_spans(pth)["w"]
     raw = bytearray(pth.read_bytes())
@@ -102,8 +102,8 @@ def test_corrupt_input_is_not_laundered(tmp_path: Path) -> None:
     specs = [(k, v.dtype, tuple(v.shape)) for k, v in sd.items()]
     pieces = [tensor_spans(pth).get(k, v) for k, v in sd.items()]
     bad = rf"{pth}: corrupt: CRC-32 mismatch in w"
-    with open(tmp_path / "out.pth", "wb") as f, pytest.raises(ValueError, match=bad):
-        write_pth(f, specs, pieces, check=True)
+    with pytest.raises(ValueError, match=bad):
+        stream.check_crc(tensor_spans(pth)["w"], "w")
     with open(tmp_path / "out.pth", "wb") as f:
         write_pth(f, specs, pieces)
     with zipfile.ZipFile(tmp_path / "out.pth") as z:

@@ -14,6 +14,7 @@ import torch
 
 from rwkv_peft.merge.plan import Edit, plan_edits, resolve_config
 from rwkv_peft.model import read_state_dict
+from rwkv_peft.model.checkpoint import meta_state_dict, read_specs
 
 DEMO_QUESTION = "Tom has 3 apples. He gets 5 more. How many apples does Tom have now?"
 
@@ -48,7 +49,8 @@ def adapted_model(
     cfg = resolve_config(adapter_path, config)
     model = load_model(base_path, dtype=torch.float32, op=op)
     adapter = read_state_dict(adapter_path)
-    edits = plan_edits(read_state_dict(base_path), adapter, cfg, str(base_path), str(adapter_path))  # stored shapes
+    # the stored shapes, from the file's metadata (load_model has checked its CRCs)
+    edits = plan_edits(meta_state_dict(read_specs(base_path)), adapter, cfg, str(base_path), str(adapter_path))
     method, peft_cfg = peft_config_from_edits(edits, cfg, model)
     if method == "full":
         load_adapter(model, adapter)
@@ -92,7 +94,7 @@ def verify_merged(
     runtime = load_runtime(merged_path, model.version)
     theirs = runtime_logits(runtime, tokens, "seq")
     diff = float((ours - theirs).abs().max())
-    dtype = next(iter(read_state_dict(merged_path).values())).dtype
+    dtype = read_specs(merged_path)[0][1]
     note = "" if dtype == torch.float32 else f" (merged weights stored in {dtype}, adapted model in fp32)"
     print(f"max |logit diff|, rwkv runtime (merged) vs adapted model: {diff:.3g} over {len(tokens)} tokens{note}")
     limit = tol if tol is not None else verify_tolerance(dtype, float(ours.abs().max()))

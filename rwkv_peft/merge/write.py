@@ -21,7 +21,7 @@ import torch
 from rwkv_peft import files
 from rwkv_peft.merge.plan import Edit, model_class, plan_edits, resolve_config, target_weights
 from rwkv_peft.model import detect_version, read_state_dict
-from rwkv_peft.model.checkpoint import all_finite, meta_state_dict, open_checkpoint, tensor_specs
+from rwkv_peft.model.checkpoint import all_finite, meta_state_dict, open_checkpoint, read_specs, tensor_specs
 from rwkv_peft.model.stream import (
     Span,
     Spec,
@@ -108,7 +108,7 @@ class _Source:
 def _check_written(path: Path, specs: list[Spec], name: str) -> None:
     """Re-open the written file (metadata only) and compare keys, dtypes and shapes with the base's."""
     want = {k: (d, tuple(s)) for k, d, s in specs}
-    got = {k: (d, tuple(s)) for k, d, s in tensor_specs(open_checkpoint(path, crc=False))}
+    got = {k: (d, tuple(s)) for k, d, s in read_specs(path)}
     if got != want:
         missing, extra = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
         wrong = [f"{k} is {got[k]}, expected {want[k]}" for k in want.keys() & got.keys() if got[k] != want[k]]

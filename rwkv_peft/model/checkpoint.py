@@ -114,6 +114,12 @@ def tensor_specs(sd: Mapping[str, torch.Tensor]) -> list[Spec]:
     return [(k, v.dtype, tuple(v.shape)) for k, v in sd.items()]
 
 
+def read_specs(path: str | os.PathLike) -> list[Spec]:
+    """(key, dtype, shape) of every tensor in a checkpoint file, from its metadata (no CRC pass, no data read:
+    for files already checked or just written)."""
+    return tensor_specs(open_checkpoint(path, crc=False))
+
+
 def meta_state_dict(specs: list[Spec]) -> dict[str, torch.Tensor]:
     """Data-less tensors of these keys, dtypes and shapes: what planning from metadata alone needs."""
     return {k: torch.empty(shape, dtype=dtype, device="meta") for k, dtype, shape in specs}

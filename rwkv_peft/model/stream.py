@@ -284,12 +284,12 @@ def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
 class _Copier:
     """Writes pieces to ``f``: bytes from memory, or a Span copied from its file inside the kernel.
 
-    ``check``: pass copied spans through this process to compare them with their CRC-32 (the input's
-    integrity check, at the cost of reading every byte here).
+    A copied span keeps the CRC-32 its input recorded; checking the input against it is the caller's
+    (``check_crc``, e.g. on another thread while the kernel copies).
     """
 
-    def __init__(self, f: BinaryIO, check: bool):
-        self.f, self.check, self._fds = f, check, {}
+    def __init__(self, f: BinaryIO):
+        self.f, self._fds = f, {}
         self._cast: torch.Tensor | None = None
 
     def write(self, piece: torch.Tensor | Span, dtype: torch.dtype, want: int, key: str, crc: bool) -> int | None:
@@ -297,7 +297,7 @@ class _Copier:
         if isinstance(piece, Span):
             if piece.nbytes != want:
                 raise ValueError(f"{piece.path}: {key} holds {piece.nbytes} bytes, expected {want}")
-            if (crc and piece.crc is None) or (self.check and piece.crc is not None):
+            if crc and piece.crc is None:  # a zip record needs the CRC-32 a .safetensors input lacks
                 return self._copy_through(piece, key)
             self._copy_in_kernel(piece)
             return piece.crc
@@ -330,12 +330,12 @@ class _Copier:
         return ValueError(f"{span.path}: truncated (a tensor's bytes end past the end of the file)")
 
     def _copy_through(self, span: Span, key: str) -> int:
+        """Copy ``span`` through this process, computing its CRC-32."""
         crc = 0
-        for view in read_chunks(span, what=key):  # checks a recorded CRC itself
-            if span.crc is None:
-                crc = zlib.crc32(view, crc)
+        for view in read_chunks(span, what=key):
+            crc = zlib.crc32(view, crc)
             self.f.write(view)
-        return crc if span.crc is None else span.crc
+        return crc
 
     def _copy_in_kernel(self, span: Span) -> None:
         self.f.flush()
@@ -450,14 +450,14 @@ def pth_header(specs: list[Spec]) -> bytes:
     return buf.getvalue()
 
 
-def write_pth(f: BinaryIO, specs: list[Spec], pieces: Iterable[torch.Tensor | Span], check: bool = False) -> None:
+def write_pth(f: BinaryIO, specs: list[Spec], pieces: Iterable[torch.Tensor | Span]) -> None:
     """Stream a torch.load-able .pth: the dict ``{key: tensor}`` of ``specs``, bytes from ``pieces`` in order.
 
-    Spans keep their CRC-32 from the input zip (so a corrupt input stays detectable); ``check``
-    recomputes it while copying and fails on a mismatch. No ``.format_version`` record: with it,
+    Spans keep their CRC-32 from the input zip, so a corrupt input stays detectable in the output
+    (``check_crc`` reads an input through to find it before writing on). No ``.format_version`` record: with it,
     torch.load computes record offsets from miniz's layout (data descriptors) instead of reading them.
     """
-    z, out = _ZipWriter(f), _Copier(f, check)
+    z, out = _ZipWriter(f), _Copier(f)
     try:
         z.add_bytes("data.pkl", pth_header(specs))
         z.add_bytes("byteorder", sys.byteorder.encode())
@@ -472,8 +472,7 @@ def write_pth(f: BinaryIO, specs: list[Spec], pieces: Iterable[torch.Tensor | Sp
         out.close()
 
 
-def write_safetensors(f: BinaryIO, specs: list[Spec], pieces: Iterable[torch.Tensor | Span],
-                      check: bool = False) -> None:
+def write_safetensors(f: BinaryIO, specs: list[Spec], pieces: Iterable[torch.Tensor | Span]) -> None:
     """Stream the safetensors layout (8-byte length, JSON header, data in order) from ``pieces``."""
     header, offset = {}, 0
     for key, dtype, shape in specs:
@@ -486,7 +485,7 @@ def write_safetensors(f: BinaryIO, specs: list[Spec], pieces: Iterable[torch.Ten
     text += b" " * ((-len(text)) % 8)
     f.write(len(text).to_bytes(8, "little"))
     f.write(text)
-    out = _Copier(f, check)
+    out = _Copier(f)
     try:
         pieces = iter(pieces)
         for key, dtype, shape in specs:
