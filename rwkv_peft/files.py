@@ -30,6 +30,7 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 LOCK_NAME = ".rwkv_peft.lock"
@@ -304,18 +305,62 @@ def dir_lock(directory: str | os.PathLike, flag: str = "--proj_dir") -> Iterator
 # ----------------------------------------------------------------------------- integrity of what we read
 
 
-def _record_crc(fd: int, start: int, size: int) -> int:
-    """CRC-32 of ``size`` bytes at ``start``, read in chunks (no mmap: a checked file adds nothing to RSS)."""
-    crc, done, step = 0, 0, 4 << 20
-    buf = bytearray(min(step, size))
-    view = memoryview(buf)
-    while done < size:
-        n = os.preadv(fd, [view[:min(step, size - done)]], start + done)
-        if n <= 0:
-            raise EOFError
-        crc = zlib.crc32(view[:n], crc)
-        done += n
-    return crc
+READ_CHUNK = 1 << 23  # bytes per read when a file's bytes pass through this process
+
+
+@dataclass(frozen=True)
+class Span:
+    """A run of bytes inside a file (a zip record's data, one tensor's bytes) and, when known, the CRC-32
+    recorded for them."""
+
+    path: Path
+    offset: int
+    nbytes: int
+    crc: int | None = None
+
+
+def record_start(fd: int, header_offset: int) -> int:
+    """Where a zip record's data starts: after its local header (whose name and extra lengths may differ
+    from the central directory's). ValueError if no local header is there."""
+    head = os.pread(fd, 30, header_offset)
+    if len(head) < 30 or head[:4] != b"PK\x03\x04":
+        raise ValueError(f"no zip record header at byte {header_offset}")
+    name_len, extra_len = struct.unpack_from("<HH", head, 26)
+    return header_offset + 30 + name_len + extra_len
+
+
+def read_chunks(span: Span, multiple: int = 1, what: str = "", chunk: int = READ_CHUNK) -> Iterator[memoryview]:
+    """The bytes at ``span``, ``chunk`` bytes (a multiple of ``multiple``) at a time, read into one reused
+    buffer (no mmap: what is read adds nothing to RSS); at the end, a ValueError naming ``what`` if they
+    differ from their recorded CRC-32."""
+    buf = bytearray(min(chunk - chunk % multiple, span.nbytes))
+    crc, done = 0, 0
+    fd = os.open(span.path, os.O_RDONLY)
+    try:
+        while done < span.nbytes:
+            view = memoryview(buf)[: min(len(buf), span.nbytes - done)]
+            got = 0
+            while got < len(view):
+                m = os.preadv(fd, [view[got:]], span.offset + done + got)
+                if m == 0:
+                    raise ValueError(f"{span.path}: truncated (a tensor's bytes end past the end of the file)")
+                got += m
+            if span.crc is not None:
+                crc = zlib.crc32(view, crc)
+            yield view
+            done += len(view)
+    finally:
+        os.close(fd)
+    if span.crc is not None and crc != span.crc:
+        raise ValueError(f"{span.path}: corrupt: CRC-32 mismatch in {what or f'the tensor at byte {span.offset}'} "
+                         f"(read {crc:08x}, recorded {span.crc:08x})")
+
+
+def check_crc(span: Span, what: str = "") -> None:
+    """Read ``span`` through and compare it with its recorded CRC-32 (a no-op without one)."""
+    if span.crc is not None:
+        for _ in read_chunks(span, what=what):
+            pass
 
 
 def check_zip(path: str | os.PathLike) -> None:
@@ -339,17 +384,14 @@ def check_zip(path: str | os.PathLike) -> None:
                 except (zipfile.BadZipFile, zlib.error):
                     return info.filename
                 return None
-            head = os.pread(fd, 30, info.header_offset)
-            if len(head) < 30 or head[:4] != b"PK\x03\x04":
-                return info.filename
-            n, m = struct.unpack_from("<HH", head, 26)
-            start = info.header_offset + 30 + n + m
-            if start + info.file_size > length:
-                return info.filename
             try:
-                return None if _record_crc(fd, start, info.file_size) == info.CRC else info.filename
-            except EOFError:
+                start = record_start(fd, info.header_offset)
+                if start + info.file_size > length:
+                    return info.filename
+                check_crc(Span(path, start, info.file_size, info.CRC))
+            except ValueError:
                 return info.filename
+            return None
 
         with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
             failed = [b for b in pool.map(bad, infos) if b]

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from rwkv_peft.files import check_crc
 from rwkv_peft.model import stream
 from rwkv_peft.model.stream import _ZipWriter, tensor_spans, write_pth, write_safetensors
 
@@ -103,7 +104,7 @@ def test_corrupt_input_is_not_laundered(tmp_path: Path) -> None:
     pieces = [tensor_spans(pth).get(k, v) for k, v in sd.items()]
     bad = rf"{pth}: corrupt: CRC-32 mismatch in w"
     with pytest.raises(ValueError, match=bad):
-        stream.check_crc(tensor_spans(pth)["w"], "w")
+        check_crc(tensor_spans(pth)["w"], "w")
     with open(tmp_path / "out.pth", "wb") as f:
         write_pth(f, specs, pieces)
     with zipfile.ZipFile(tmp_path / "out.pth") as z:

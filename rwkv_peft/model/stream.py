@@ -33,6 +33,8 @@ from typing import BinaryIO
 
 import torch
 
+from rwkv_peft.files import READ_CHUNK, Span, read_chunks, record_start
+
 # legacy storage classes as torch.save pickles them (the weights_only loader allows exactly these)
 STORAGE_TYPES = {
     torch.float32: torch.FloatStorage,
@@ -60,19 +62,9 @@ SAFETENSORS_DTYPES = {
 }
 FROM_SAFETENSORS = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 ALIGN = 64  # torch.save's storage alignment: records start on 64-byte boundaries (mmap loads rely on it)
-CHUNK = 1 << 23  # bytes per read when a copy must pass through this process (CRC computed or checked)
+CHUNK = READ_CHUNK  # bytes per read or cast when bytes pass through this process (tests lower it)
 
 Spec = tuple[str, torch.dtype, tuple[int, ...]]  # key, dtype, shape of one output tensor
-
-
-@dataclass(frozen=True)
-class Span:
-    """One tensor's bytes inside a checkpoint file; ``crc``: the zip's CRC-32 of them (None if unknown)."""
-
-    path: Path
-    offset: int
-    nbytes: int
-    crc: int | None = None
 
 
 def tensor_spans(path: str | os.PathLike) -> dict[str, Span]:
@@ -95,7 +87,8 @@ def tensor_layout(path: str | os.PathLike) -> tuple[list[Spec], dict[str, Span]]
     try:
         meta = torch.load(path, map_location="meta", weights_only=True)
         with zipfile.ZipFile(path) as z, open(path, "rb") as f:
-            records = {_data_offset(f, info): info for info in z.infolist() if info.compress_type == zipfile.ZIP_STORED}
+            records = {record_start(f.fileno(), info.header_offset): info
+                       for info in z.infolist() if info.compress_type == zipfile.ZIP_STORED}
             order = [z.read(i) for i in z.infolist() if i.filename.endswith("/byteorder")]
     except (OSError, RuntimeError, ValueError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError):
         return [], {}
@@ -111,15 +104,6 @@ def tensor_layout(path: str | os.PathLike) -> tuple[list[Spec], dict[str, Span]]
         if info and t.is_contiguous() and t.storage_offset() == 0 and t.nbytes == s.nbytes() == info.file_size > 0:
             spans[key] = Span(path, s._checkpoint_offset, t.nbytes, info.CRC)
     return specs, spans
-
-
-def _data_offset(f: BinaryIO, info: zipfile.ZipInfo) -> int:
-    """Where a zip record's data starts: after its local header (whose name and extra lengths may differ
-    from the central directory's)."""
-    f.seek(info.header_offset)
-    head = f.read(30)
-    name_len, extra_len = struct.unpack("<HH", head[26:30])
-    return info.header_offset + 30 + name_len + extra_len
 
 
 def _safetensors_layout(path: Path) -> tuple[list[Spec], dict[str, Span]]:
@@ -140,39 +124,6 @@ def _safetensors_layout(path: Path) -> tuple[list[Spec], dict[str, Span]]:
         return [], {}
 
 
-def read_chunks(span: Span, multiple: int = 1, what: str = "") -> Iterator[memoryview]:
-    """The bytes at ``span``, a chunk (a multiple of ``multiple`` bytes) at a time, read into one reused
-    buffer; at the end, a ValueError naming ``what`` (a key) if they differ from their recorded CRC-32."""
-    buf = bytearray(min(CHUNK - CHUNK % multiple, span.nbytes))
-    crc, done = 0, 0
-    fd = os.open(span.path, os.O_RDONLY)
-    try:
-        while done < span.nbytes:
-            view = memoryview(buf)[: min(len(buf), span.nbytes - done)]
-            got = 0
-            while got < len(view):
-                m = os.preadv(fd, [view[got:]], span.offset + done + got)
-                if m == 0:
-                    raise ValueError(f"{span.path}: truncated (a tensor's bytes end past the end of the file)")
-                got += m
-            if span.crc is not None:
-                crc = zlib.crc32(view, crc)
-            yield view
-            done += len(view)
-    finally:
-        os.close(fd)
-    if span.crc is not None and crc != span.crc:
-        raise ValueError(f"{span.path}: corrupt: CRC-32 mismatch in {what or f'the tensor at byte {span.offset}'} "
-                         f"(read {crc:08x}, recorded {span.crc:08x})")
-
-
-def check_crc(span: Span, what: str = "") -> None:
-    """Read ``span`` through and compare it with its recorded CRC-32 (a no-op without one)."""
-    if span.crc is not None:
-        for _ in read_chunks(span, what=what):
-            pass
-
-
 def read_float(span: Span, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     """The tensor stored at ``span`` (``dtype``, ``shape``) in fp32, CRC-checked where the CRC is known.
 
@@ -183,7 +134,7 @@ def read_float(span: Span, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.
         raise ValueError(f"{span.path}: {span.nbytes} bytes at {span.offset} cannot hold {dtype} {tuple(shape)}")
     out = torch.empty(shape, dtype=torch.float32)
     flat, size, done = out.view(-1), dtype.itemsize, 0
-    for view in read_chunks(span, size):
+    for view in read_chunks(span, size, chunk=CHUNK):
         n = len(view) // size
         flat[done : done + n].copy_(torch.frombuffer(view, dtype=dtype))
         done += n
@@ -332,7 +283,7 @@ class _Copier:
     def _copy_through(self, span: Span, key: str) -> int:
         """Copy ``span`` through this process, computing its CRC-32."""
         crc = 0
-        for view in read_chunks(span, what=key):
+        for view in read_chunks(span, what=key, chunk=CHUNK):
             crc = zlib.crc32(view, crc)
             self.f.write(view)
         return crc
