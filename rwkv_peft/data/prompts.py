@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from .chat import ROLES, ChatTemplate
-from .dataset import DocDataset
 from .jsonl import JsonlStats, iter_jsonl_objects, reject
 from .tokenizer import check_vocab_range, get_tokenizer
 
@@ -73,17 +72,3 @@ def load_prompts(path: str, vocab_size: int, ctx_len: int, tokenizer: str = "wor
                          f"expected one per line: {EXPECTED}")
     return out
 
-
-class PromptDataset(DocDataset):
-    """The prompts in the order ``DocDataset`` visits documents (per seed, epoch and rank); a sample is
-    ``{"ids": list[int], "prompt": str | messages, "record": dict}``."""
-
-    def __init__(self, data: PromptSet, ctx_len: int, samples_per_epoch: int, seed: int, rank: int = 0,
-                 world_size: int = 1):
-        super().__init__(data.ids, lambda d, doc: None, ctx_len, samples_per_epoch, seed, rank, world_size)
-        self.data = data
-        self.summary = data.stats.summary()
-
-    def __getitem__(self, i: int) -> dict:
-        d = self.doc_of(i)
-        return {"ids": self.data.ids[d].tolist(), "prompt": self.data.prompts[d], "record": self.data.records[d]}
