@@ -140,9 +140,9 @@ class PendingFile:
         _live.add(self.tmp)
         try:
             os.close(os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # umask applies
-        except BaseException:
+        except BaseException as e:  # a read-only directory: the error names the target, not the temp
             _live.discard(self.tmp)
-            raise
+            raise _write_error(e, self.path, self.tmp) from None
 
     def commit(self) -> None:
         """Sync the temp, rename it over ``path``, sync the directory (a crash keeps one or the other)."""
@@ -252,6 +252,29 @@ def check_free_space(directory: str | os.PathLike, need: int, what: str) -> None
     if free < need:
         raise OSError(errno.ENOSPC, f"needs about {need / 2**20:.1f} MiB, only {free / 2**20:.1f} MiB free in "
                                     f"{directory}", what)
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)  # through symlinks (stat follows them) and hard links (same inode)
+    except OSError:  # one of them does not exist (yet): it cannot be the other
+        return False
+
+
+def check_not_input(outputs: dict[str | os.PathLike, str], inputs: dict[str | os.PathLike, str]) -> None:
+    """ValueError naming both, before any work, when one of ``outputs`` is one of ``inputs``: the same path,
+    or the same file through a symlink or a hard link. Each dict maps a path to what the user called it
+    (``"--output data/x"``); replacing an input with an output would lose it, or leave a link to old data."""
+    for out, out_flag in outputs.items():
+        for inp, in_flag in inputs.items():
+            if not _same(Path(out), Path(inp)):
+                continue
+            how = ("is" if os.path.abspath(out) == os.path.abspath(inp) else
+                   "resolves through a symlink to" if os.path.realpath(out) == os.path.realpath(inp) else
+                   "is a hard link to")
+            written = "" if out_flag.endswith(f" {out}") else f" (writes {out})"
+            raise ValueError(f"{out_flag}{written} {how} the input {in_flag}: an output must not replace an "
+                             f"input; choose another {out_flag.split()[0]}")
 
 
 def describe(e: BaseException) -> str:

@@ -25,6 +25,7 @@ from itertools import islice
 import torch
 from torch import nn
 
+from rwkv_peft.cli import ArgumentParser
 from rwkv_peft.data.chat import ChatTemplate
 from rwkv_peft.data.tokenizer import END_TOKEN, get_tokenizer
 
@@ -380,8 +381,8 @@ def _unescape(text: str) -> str:
     return "".join(out)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rwkv_peft.generate", description=__doc__.splitlines()[0])
+def _parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m rwkv_peft.generate", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="base or merged checkpoint (.pth / .safetensors)")
     p.add_argument("--adapter", help="adapter checkpoint OUT/rwkv-N.pth (adapter_config.json beside it), any method")
     p.add_argument("--state", help="state file (blocks.N.att.time_state, RWKV-PEFT's format) as the start state")

@@ -9,12 +9,12 @@ templates keep it learnable by a tiny model within minutes, with no download.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from pathlib import Path
 
 from rwkv_peft import files
+from rwkv_peft.cli import ArgumentParser
 
 NAMES = [("Tom", "He"), ("Anna", "She"), ("Ben", "He"), ("Lily", "She"), ("Sam", "He"),
          ("Mia", "She"), ("Leo", "He"), ("Zoe", "She"), ("Max", "He"), ("Emma", "She")]
@@ -89,7 +89,7 @@ def write_demo(path: str, n: int = 3000, seed: int = 0) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Write the embedded GSM8K-style demo set.")
+    ap = ArgumentParser(description="Write the embedded GSM8K-style demo set.")
     ap.add_argument("--out", required=True, help="output jsonl path")
     ap.add_argument("--n", type=int, default=3000, help="number of problems")
     ap.add_argument("--seed", type=int, default=0)

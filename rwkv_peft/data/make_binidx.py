@@ -14,26 +14,54 @@ document sizes, which `--data_type chat --data_file PREFIX` reads.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from contextlib import ExitStack
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
+
+from rwkv_peft import files
+from rwkv_peft.cli import ArgumentParser, fail
 
 from .binidx import BinIdxWriter, split_prefix, token_dtype
 from .chat import EXPECTED, MASK_SUFFIX, ChatTemplate, iter_conversations
 from .jsonl import JsonlStats, iter_jsonl_batches
 from .tokenizer import END_TOKEN, get_tokenizer
 
+BYTES_PER_TOKEN = 4  # about what World and GPT-NeoX tokens average in jsonl text: the free-space estimate
+
+
+def _check_files(input_path: str, output_prefix: str, tokenizer: str, template: str | None,
+                 suffixes: tuple[str, ...]) -> None:
+    """Before the tokenizer loads: --input exists, no output (PREFIX + each suffix, .bin/.idx) is one of
+    the inputs, the output directory takes files; temps of killed runs there are removed."""
+    if not os.path.isfile(input_path):
+        raise FileNotFoundError(f"{input_path}: --input jsonl file not found")
+    prefix, flag = split_prefix(output_prefix), f"--output {output_prefix}"
+    outputs = [Path(prefix + s + ext) for s in suffixes for ext in (".bin", ".idx")]
+    inputs = {input_path: f"--input {input_path}"}
+    for path, name in ((tokenizer, "--tokenizer"), (template, "--chat_template")):
+        if path and os.path.isfile(path):
+            inputs[path] = f"{name} {path}"
+    files.check_not_input(dict.fromkeys(outputs, flag), inputs)
+    files.check_writable_dir(outputs[0].parent, flag, create=False)
+    for p in outputs:
+        files.note_removed(files.remove_stale_temps(p.parent, p.name))
+
+
+def _check_space(input_path: str, output_prefix: str, itemsize: int) -> None:
+    """Room for the estimated output (tokens, and one flag byte each for a chat's loss mask)."""
+    need = os.path.getsize(input_path) // BYTES_PER_TOKEN * itemsize
+    files.check_free_space(Path(split_prefix(output_prefix)).parent, need, f"--output {output_prefix}")
+
 
 def make_binidx(input_path: str, output_prefix: str, tokenizer: str = "world",
                 field: str = "text", strict: bool = False, progress: bool = True) -> JsonlStats:
     """Tokenize input_path into output_prefix.bin/.idx; returns the counts."""
-    if not os.path.isfile(input_path):
-        raise FileNotFoundError(f"{input_path}: --input jsonl file not found")
+    _check_files(input_path, output_prefix, tokenizer, None, ("",))
     tok = get_tokenizer(tokenizer)
+    _check_space(input_path, output_prefix, token_dtype(tok.vocab_size).itemsize)
     stats = JsonlStats(input_path)
     bar = tqdm(total=os.path.getsize(input_path), unit="B", unit_scale=True,
                disable=not progress, desc="tokenizing")
@@ -56,10 +84,10 @@ def make_chat_binidx(input_path: str, output_prefix: str, tokenizer: str = "worl
                      chat_template: str | None = None, strict: bool = False,
                      progress: bool = True) -> JsonlStats:
     """Tokenize a chat jsonl into PREFIX.bin/.idx and its loss flags PREFIX.mask.bin/.idx."""
-    if not os.path.isfile(input_path):
-        raise FileNotFoundError(f"{input_path}: --input jsonl file not found")
+    _check_files(input_path, output_prefix, tokenizer, chat_template, ("", MASK_SUFFIX))
     template = ChatTemplate.load(chat_template)
     tok = get_tokenizer(tokenizer)
+    _check_space(input_path, output_prefix, token_dtype(tok.vocab_size).itemsize + 1)
     stats = JsonlStats(input_path)
     stats.trained = 0
     prefix = split_prefix(output_prefix)
@@ -81,7 +109,7 @@ def make_chat_binidx(input_path: str, output_prefix: str, tokenizer: str = "worl
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--input", required=True, help="jsonl file, one document per line")
     ap.add_argument("--output", required=True, help="output PREFIX (writes PREFIX.bin/.idx)")
     ap.add_argument("--tokenizer", default="world",
@@ -103,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
             stats = make_binidx(args.input, args.output, args.tokenizer, args.field,
                                 args.strict, progress=not args.quiet)
     except (OSError, ValueError) as e:
-        sys.exit(f"make_binidx: {e}")
+        fail(e)
     print(stats.summary())
     prefix = split_prefix(args.output)
     print(f"wrote {prefix}.bin and .idx" + (f", {prefix}{MASK_SUFFIX}.bin and .idx" if args.chat else ""))

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
-from rwkv_peft import files
+from rwkv_peft.cli import ArgumentParser, fail
 from rwkv_peft.merge.verify import verify_merged
 from rwkv_peft.merge.write import merge_adapter
 from rwkv_peft.model.stream import reuse_heap
 from rwkv_peft.peft.registry import merge_flags
 
 
-def _parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+def _parser(description: str) -> ArgumentParser:
+    p = ArgumentParser(description=description)
     p.add_argument(
         "--base_model", required=True, help="base checkpoint (.pth/.safetensors); the merged one with --unmerge"
     )
@@ -53,6 +51,6 @@ def main(argv: list[str] | None = None, description: str = "Fold a PEFT adapter 
         out = merge_adapter(a.base_model, a.peft_checkpoint, output, overrides, quant=a.quant, unmerge=a.unmerge,
                             log=log, check=verify if a.verify else None)
     except (ValueError, OSError) as e:
-        sys.exit(f"error: {files.describe(e)}")
+        fail(e)
     print(f"wrote {out}")
 

@@ -154,17 +154,16 @@ def write_edited(
     return output
 
 
-def _prepare_output(output: Path, inputs: list[Path]) -> None:
-    """Before reading anything big: the output directory exists and is writable, has room for a file
-    the size of the base (``inputs[0]``), and temps of merges killed there before are removed."""
+def _prepare_output(output: Path, inputs: dict[Path, str]) -> None:
+    """Before reading anything big: the output is none of the inputs (each mapped to its flag), its
+    directory exists and is writable, has room for a file the size of the base (the first input), and
+    temps of merges killed there before are removed."""
     files.check_writable_dir(output.parent, f"--output {output}", create=False)
     if output.suffix not in (".pth", ".safetensors"):
         raise ValueError(f"{output}: --output must end in .pth or .safetensors")
-    for p in inputs:
-        if p.exists() and output.exists() and os.path.samefile(p, output):
-            raise ValueError(f"{output}: --output must differ from the input {p}")
+    files.check_not_input({output: f"--output {output}"}, inputs)
     files.note_removed(files.remove_stale_temps(output.parent, output.name))
-    files.check_free_space(output.parent, inputs[0].stat().st_size, f"--output {output}")
+    files.check_free_space(output.parent, next(iter(inputs)).stat().st_size, f"--output {output}")
 
 
 def merge_adapter(
@@ -189,7 +188,8 @@ def merge_adapter(
     for path, flag in ((base_path, "--base_model"), (adapter_path, "--peft_checkpoint")):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: {flag} file not found")
-    _prepare_output(output, [base_path, adapter_path])
+    _prepare_output(output, {base_path: f"--base_model {base_path}",
+                             adapter_path: f"--peft_checkpoint {adapter_path}"})
     cfg = resolve_config(adapter_path, config)
     specs, spans = tensor_layout(base_path)  # every tensor, and where its bytes lie (CRC checked as they stream)
     base: Mapping[str, torch.Tensor] = {}

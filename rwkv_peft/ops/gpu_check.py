@@ -6,13 +6,13 @@ Exits non-zero when a build fails or any value or gradient disagrees.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections.abc import Callable
 
 import torch
 
+from rwkv_peft.cli import ArgumentParser
 from rwkv_peft.ops import wkv5, wkv6, wkv7
 from rwkv_peft.ops.build import load_kernel
 
@@ -100,7 +100,7 @@ def throughput(family: str, B: int, T: int, H: int, N: int, repeat: int) -> None
 
 def main() -> int:
     """Build, check, time every family; returns the exit status."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--families", default=",".join(FAMILIES), help=f"comma list from {','.join(FAMILIES)}")
     args = p.parse_args()

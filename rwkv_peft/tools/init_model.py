@@ -5,20 +5,19 @@ python -m rwkv_peft.tools.init_model --version x070|x060|x052 --n_layer L --n_em
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
 import torch
 
 from rwkv_peft import files
+from rwkv_peft.cli import ArgumentParser, fail
 from rwkv_peft.model import VERSIONS, init_model, save_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--version", default="x070", choices=list(VERSIONS))
     p.add_argument("--n_layer", type=int, required=True)
     p.add_argument("--n_embd", type=int, required=True)
@@ -52,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
                         v.normal_(0.0, a.output_std)
         save_model(model, out, dtype=DTYPES[a.dtype])
     except OSError as e:
-        sys.exit(f"error: {files.describe(e)}")
+        fail(e)
     n = sum(p.numel() for p in model.parameters())
     print(
         f"wrote {a.out}: RWKV {a.version} L{a.n_layer} D{a.n_embd} vocab {a.vocab_size}, "

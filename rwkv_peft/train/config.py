@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from rwkv_peft.cli import ArgumentParser
 from rwkv_peft.data import DATA_TYPES
+from rwkv_peft.data.binidx import split_prefix
+from rwkv_peft.data.chat import MASK_SUFFIX
 from rwkv_peft.ops import OPS
 from rwkv_peft.peft.registry import METHODS, get_method
 
@@ -117,8 +119,8 @@ def _flag_users(flag: str) -> str:
     return "|".join(name for name, m in METHODS.items() if m.flag == flag)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rwkv_peft.train",
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m rwkv_peft.train",
                                 description="Fine-tune an RWKV checkpoint with MiSS (or LoRA/PiSSA/state/full) "
                                             "on DeepSpeed's engine, CPU or GPU.")
     defaults = TrainConfig()
@@ -177,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """Flags -> TrainConfig; argparse errors exit with its usual one-line message."""
+    """Flags -> TrainConfig; argparse errors exit with one ``error: ...`` line."""
     a = vars(build_parser().parse_args(argv))
     a["sft_field"] = tuple(a["sft_field"])
     cfg = TrainConfig(**a)
@@ -216,12 +218,12 @@ def check_config(cfg: TrainConfig) -> None:
         raise FileNotFoundError(f"--load_model {cfg.load_model}: file not found")
     if not cfg.data_file:
         raise ValueError("--data_file: required")
-    check_data_path("--data_file", cfg.data_file, cfg.data_type)
+    data_files("--data_file", cfg.data_file, cfg.data_type)
     if cfg.chat_template and not Path(cfg.chat_template).is_file():
         raise FileNotFoundError(f"--chat_template {cfg.chat_template}: file not found")
     _positive(cfg, "eval_every", "eval_samples", "eval_max_tokens", minimum=0)
     if cfg.eval_data:
-        check_data_path("--eval_data", cfg.eval_data, cfg.data_type)
+        data_files("--eval_data", cfg.eval_data, cfg.data_type)
         if not cfg.eval_every:
             raise ValueError("--eval_data: set --eval_every N (evaluate every N steps)")
     elif cfg.eval_every or cfg.save_best:
@@ -229,14 +231,31 @@ def check_config(cfg: TrainConfig) -> None:
                          f"(held-out data in the --data_type {cfg.data_type} format)")
 
 
-def check_data_path(flag: str, path: str, data_type: str) -> None:
-    """A jsonl file, or for binidx (and pre-tokenised chat) both files of PREFIX.bin/.idx."""
+def data_files(flag: str, path: str, data_type: str) -> list[str]:
+    """The files behind a data flag: a jsonl file, or for binidx (and pre-tokenised chat) PREFIX.bin/.idx and,
+    when there, a chat's loss flags PREFIX.mask.bin/.idx. FileNotFoundError naming ``flag`` if one is missing."""
     if data_type == "binidx" or (data_type == "chat" and not Path(path).is_file()):
-        prefix = path[:-4] if path.endswith((".bin", ".idx")) else path
-        for ext in (".bin", ".idx"):
-            if not Path(prefix + ext).is_file():
+        prefix = split_prefix(path)
+        paths = [prefix + s + ext for s in ("", MASK_SUFFIX) for ext in (".bin", ".idx")]
+        for p in paths[:2]:
+            if not Path(p).is_file():
                 what = ("a chat jsonl file or a make_binidx --chat PREFIX" if data_type == "chat"
                         else "PREFIX.bin and PREFIX.idx")
-                raise FileNotFoundError(f"{flag} {path}: {prefix + ext} not found (expected {what})")
-    elif not Path(path).is_file():
+                raise FileNotFoundError(f"{flag} {path}: {p} not found (expected {what})")
+        return [p for p in paths if Path(p).is_file()]
+    if not Path(path).is_file():
         raise FileNotFoundError(f"{flag} {path}: file not found")
+    return [path]
+
+
+def input_files(cfg: TrainConfig) -> dict[str, str]:
+    """Every file the run reads, each mapped to the flag that names it (no output may be one of them)."""
+    found = {cfg.load_model: f"--load_model {cfg.load_model}"}
+    for flag in ("data_file", "eval_data"):
+        if getattr(cfg, flag):
+            found.update(dict.fromkeys(data_files(f"--{flag}", getattr(cfg, flag), cfg.data_type),
+                                       f"--{flag} {getattr(cfg, flag)}"))
+    for flag in ("tokenizer", "chat_template"):
+        if Path(getattr(cfg, flag)).is_file():
+            found[getattr(cfg, flag)] = f"--{flag} {getattr(cfg, flag)}"
+    return found

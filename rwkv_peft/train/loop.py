@@ -21,8 +21,9 @@ from typing import Any
 import torch
 
 from rwkv_peft import files
+from rwkv_peft.cli import fail
 from rwkv_peft.train import progress
-from rwkv_peft.train.config import ARCH_FLAGS, TrainConfig, parse_args
+from rwkv_peft.train.config import ARCH_FLAGS, TrainConfig, input_files, parse_args
 from rwkv_peft.train.ds_config import build_ds_config, check_supported
 from rwkv_peft.train.loggers import RunLog, check_loggers
 from rwkv_peft.train.loss import infctx_loss, masked_loss
@@ -31,6 +32,13 @@ from rwkv_peft.train.schedule import lr_at
 STATE_FILE = "trainer_state.pt"
 BEST_FILE = "rwkv-best.pth"
 FINAL_FILE = "rwkv-final.pth"
+
+
+def output_files(cfg: TrainConfig, proj: Path) -> list[Path]:
+    """Every file a run may write in --proj_dir."""
+    epochs = [f"rwkv-{e}.pth" for e in range(cfg.epoch_begin, cfg.epoch_begin + cfg.epoch_count)]
+    return [proj / n for n in (*epochs, FINAL_FILE, BEST_FILE, STATE_FILE, "adapter_config.json",
+                               "train_config.json", "train_log.jsonl", "loss.png", "eval.png")]
 
 
 class RunFailed(Exception):
@@ -259,6 +267,7 @@ def train(cfg: TrainConfig, dataset=None) -> dict:
     writer = int(os.environ.get("RANK", "0")) == 0
     if writer:
         files.check_writable_dir(proj, f"--proj_dir {proj}")
+        files.check_not_input(dict.fromkeys(output_files(cfg, proj), f"--proj_dir {proj}"), input_files(cfg))
     base_sd, arch = check_architecture(cfg)
     with files.dir_lock(proj) if writer else nullcontext():
         if writer:
@@ -666,5 +675,5 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         return train(parse_args(argv))
     except (ValueError, OSError, RunFailed) as e:
-        raise SystemExit(f"error: {files.describe(e)}") from None
+        fail(e)
 
