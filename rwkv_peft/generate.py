@@ -21,11 +21,13 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from rwkv_peft.cli import ArgumentParser
+from rwkv_peft import files
+from rwkv_peft.cli import ArgumentParser, UserText
 from rwkv_peft.data.chat import ChatTemplate
 from rwkv_peft.data.tokenizer import END_TOKEN, get_tokenizer
 
@@ -388,6 +390,7 @@ def _parser() -> ArgumentParser:
     p.add_argument("--state", help="state file (blocks.N.att.time_state, RWKV-PEFT's format) as the start state")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--prompt", help=r"text to continue (\n, \t, \\ are read as escapes)")
+    mode.add_argument("--prompt_file", help="file whose text to continue, as is ('-': stdin)")
     mode.add_argument("--chat", action="store_true", help="multi-turn chat: one user message per stdin line")
     p.add_argument("--system", help="chat: a System: turn before the first message")
     p.add_argument("--chat_template", help="chat: a template JSON file, as for training (default: RWKV's)")
@@ -432,6 +435,22 @@ def _reply_printer() -> Callable[[str], None]:
     return show
 
 
+def _read_text(args: argparse.Namespace, user: UserText) -> None:
+    """The user's text flags and --prompt_file as clean str (bad UTF-8 replaced, said once), so that no
+    user text can reach the tokenizer as something it cannot encode; --prompt_file becomes --prompt."""
+    if args.prompt_file is not None:
+        try:
+            raw = sys.stdin.buffer.read() if args.prompt_file == "-" else Path(args.prompt_file).read_bytes()
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, f"--prompt_file {args.prompt_file}") from None
+        args.prompt = user(raw, f"--prompt_file {args.prompt_file}")
+    elif args.prompt is not None:
+        args.prompt = _unescape(user(args.prompt, "--prompt"))
+    if args.system is not None:
+        args.system = user(args.system, "--system")
+    args.stop = None if args.stop is None else [user(s, "--stop") for s in args.stop]
+
+
 def _settings(args: argparse.Namespace) -> tuple[Sampling, str, str, ChatTemplate, list[str]]:
     """The flags checked before anything loads: (sampling, device, precision, chat template, stop strings)."""
     sampling = Sampling(args.temperature, args.top_p, args.top_k, args.alpha_presence, args.alpha_frequency,
@@ -468,10 +487,10 @@ def _report(args: argparse.Namespace, g: Generation, fed: int, seconds: float) -
 
 def _complete(args: argparse.Namespace, decoder: Decoder, sampling: Sampling, stop: list[str],
               rng: torch.Generator) -> int:
-    """--prompt: its continuation on stdout."""
-    prompt = decoder.tokenizer.encode(_unescape(args.prompt))
+    """--prompt (or --prompt_file): its continuation on stdout."""
+    prompt = decoder.tokenizer.encode(args.prompt)
     if not prompt:
-        print("error: --prompt is empty", file=sys.stderr)
+        print(f"error: {'--prompt_file' if args.prompt_file else '--prompt'} is empty", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     decoder.feed(prompt)
@@ -482,8 +501,9 @@ def _complete(args: argparse.Namespace, decoder: Decoder, sampling: Sampling, st
 
 
 def _chat(args: argparse.Namespace, decoder: Decoder, sampling: Sampling, stop: list[str], template: ChatTemplate,
-          rng: torch.Generator) -> int:
-    """--chat: one reply per stdin line, the state carried from turn to turn, until end of input."""
+          rng: torch.Generator, user: UserText) -> int:
+    """--chat: one reply per stdin line (read as bytes: any encoding), the state carried from turn to turn,
+    until end of input."""
     session = ChatSession(decoder, args.system, template)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -491,10 +511,10 @@ def _chat(args: argparse.Namespace, decoder: Decoder, sampling: Sampling, stop: 
     while True:
         if interactive:
             print("User: ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
+        line = sys.stdin.buffer.readline()
         if not line:
             return 0
-        message = line.strip()
+        message = user(line, "stdin").strip()
         if not message:
             continue
         if interactive:
@@ -507,13 +527,14 @@ def _chat(args: argparse.Namespace, decoder: Decoder, sampling: Sampling, stop: 
 
 def main(argv: list[str] | None = None) -> int:
     """Check the flags, load the model, then complete the prompt or chat; 2 with one error line on bad input."""
-    args = _parser().parse_args(argv)
+    args, user = _parser().parse_args(argv), UserText()
     try:
+        _read_text(args, user)
         sampling, device, precision, template, stop = _settings(args)
         t0 = time.perf_counter()
         decoder = _load(args, device, precision)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError, ImportError) as e:
+        print(f"error: {files.describe(e)}", file=sys.stderr)
         return 2
     cfg = decoder.model.cfg
     _note(f"loaded RWKV {decoder.model.version} {cfg.n_layer}x{cfg.n_embd} on {device} {precision} "
@@ -523,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         rng = torch.Generator()
         rng.seed()
     if args.chat:
-        return _chat(args, decoder, sampling, stop, template, rng)
+        return _chat(args, decoder, sampling, stop, template, rng, user)
     return _complete(args, decoder, sampling, stop, rng)
 
 

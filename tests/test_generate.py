@@ -136,6 +136,36 @@ def test_chat_through_a_pipe(models, tok) -> None:
     assert fed == [n for _, n in expect] and fed[1] < fed[0] + len(expect[0][0].tokens)
 
 
+def test_chat_reads_non_utf8_stdin_answers_and_continues(models, tok) -> None:
+    """The adversarial case: a Latin-1 line once ended the chat with a UnicodeEncodeError traceback. Bad bytes
+    are read as U+FFFD (said once on stderr), the turn is answered and the next one too."""
+    merged = models["x070"]["merged"]
+    run = subprocess.run([sys.executable, "-m", "rwkv_peft.generate", "--model", str(merged), "--chat",
+                          "--temperature", "0", "--max_tokens", "6", "--stop", "\\n", "--device", "cpu"],
+                         input=b"caf\xe9 \xff\xfe\nna\xefve\n", capture_output=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0 and b"Traceback" not in run.stderr, run.stderr.decode()
+    assert run.stderr.decode().count("not valid UTF-8") == 1
+    session = ChatSession(Decoder(load_for_generation(str(merged)), tok))
+    expect = [session.ask(m, 6, Sampling(temperature=0), stop=("\n",))[0].text.lstrip() + "\n"
+              for m in ("caf\ufffd \ufffd\ufffd", "na\ufffdve")]
+    assert run.stdout.decode() == "".join(expect)
+
+
+def test_prompt_file_and_flags_with_bad_utf8_equal_the_replaced_text(models, tmp_path, capsys) -> None:
+    flags = ["--model", str(models["x070"]["merged"]), "--max_tokens", "6", "--temperature", "0", "--device", "cpu"]
+    (tmp_path / "p.txt").write_bytes(b"Caf\xe9\nau lait")
+    assert main([*flags, "--prompt", "Caf\ufffd\\nau lait"]) == 0
+    want = capsys.readouterr()
+    assert "UTF-8" not in want.err
+    assert main([*flags, "--prompt_file", str(tmp_path / "p.txt")]) == 0
+    got = capsys.readouterr()
+    assert got.out == want.out and got.err.count("--prompt_file") == 1
+    assert main([*flags, "--prompt", "Caf\udce9\\nau lait"]) == 0  # argv's undecodable bytes (surrogateescape)
+    got = capsys.readouterr()
+    assert got.out == want.out and got.err.count("--prompt is not valid UTF-8") == 1
+
+
 class Scripted(torch.nn.Module):
     """A stand-in model whose greedy output is a fixed token script (the state is the position)."""
 
