@@ -11,6 +11,7 @@ directory: ``dir_lock``. ``RWKV_PEFT_PAUSE_BEFORE_RENAME`` is the kill tests' ho
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import fnmatch
@@ -46,10 +47,18 @@ _pauses: Counter = Counter()
 # ----------------------------------------------------------------------------- signals
 
 
+def _remove(p: Path) -> None:
+    """Remove a temp: a file, or a folder being written (atomic_dir)."""
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
 def _remove_live() -> None:
     for p in list(_live):
         try:
-            p.unlink()
+            _remove(p)
         except OSError:
             pass
         _live.discard(p)
@@ -181,6 +190,50 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     pending.commit()
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if not hasattr(libc, "renameat2"):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """``atomic_path`` for a folder (an HF model folder): yield a fresh temp folder beside ``path``; on success
+    its files are synced and it takes the place of ``path`` in one rename (an existing folder is swapped out
+    in one step where the system can, then removed). On failure or SIGINT/SIGTERM the temp folder goes."""
+    path = Path(path)
+    tmp = temp_name(path)
+    _install_handlers()
+    _live.add(tmp)
+    try:
+        tmp.mkdir()
+        yield tmp
+        for f in tmp.iterdir():
+            _fsync(f)
+        _fsync(tmp, directory=True)
+        _pause_before_rename(path)
+        if path.is_dir() and not path.is_symlink() and _exchange(tmp, path):
+            shutil.rmtree(tmp)  # now the old folder
+        else:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        _fsync(path.parent, directory=True)
+    except BaseException as e:
+        _remove(tmp)
+        raise _write_error(e, path, tmp) from None
+    finally:
+        _live.discard(tmp)
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
@@ -217,7 +270,7 @@ def remove_stale_temps(directory: str | os.PathLike, name: str | None = None) ->
         if not m or (name is not None and m["stem"] + m["suffix"] != name) or m["host"] != _HOST:
             continue
         if int(m["pid"]) != os.getpid() and not _alive(int(m["pid"])):
-            p.unlink(missing_ok=True)
+            _remove(p)
             removed.append(p)
     return removed
 

@@ -44,8 +44,11 @@ def load_checked(path: str | os.PathLike, mmap: bool = False, crc: bool = True) 
 
 def read_state_dict(path: str | os.PathLike, mmap: bool = True, crc: bool = True) -> dict[str, torch.Tensor]:
     """Load a checkpoint as a plain dict of tensors, integrity-checked (zip CRCs unless ``crc=False``, see
-    ``load_checked``; safetensors header and size); never unpickles objects."""
+    ``load_checked``; safetensors header and size); never unpickles objects. A Hugging Face model folder
+    (``rwkv_peft.export.hf``) reads as the checkpoint it holds."""
     path = Path(path)
+    if path.is_dir():
+        return dict(_hf_folder(path))
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint file not found")
     if path.suffix == ".safetensors":
@@ -98,8 +101,11 @@ class SafetensorsReader(Mapping):
 
 def open_checkpoint(path: str | os.PathLike, crc: bool = True) -> Mapping[str, torch.Tensor]:
     """A checkpoint whose tensors are read lazily: memory-mapped .pth, or per-tensor .safetensors.
-    ``crc=False``: no CRC pass over the whole file first (for a reader that checks each record it reads)."""
+    ``crc=False``: no CRC pass over the whole file first (for a reader that checks each record it reads).
+    A Hugging Face model folder opens as the BlinkDL checkpoint it holds, read a tensor at a time."""
     path = Path(path)
+    if path.is_dir():
+        return _hf_folder(path)
     if path.suffix == ".safetensors":
         if not path.is_file():
             raise FileNotFoundError(f"{path}: checkpoint file not found")
@@ -107,9 +113,15 @@ def open_checkpoint(path: str | os.PathLike, crc: bool = True) -> Mapping[str, t
     return read_state_dict(path, mmap=True, crc=crc)
 
 
+def _hf_folder(path: Path) -> Mapping[str, torch.Tensor]:
+    from rwkv_peft.export.hf import HFCheckpoint
+
+    return HFCheckpoint(path)
+
+
 def tensor_specs(sd: Mapping[str, torch.Tensor]) -> list[Spec]:
     """(key, dtype, shape) of every tensor, in order, without reading data (mapped or lazy checkpoints)."""
-    if isinstance(sd, SafetensorsReader):
+    if hasattr(sd, "specs"):
         return sd.specs()
     return [(k, v.dtype, tuple(v.shape)) for k, v in sd.items()]
 

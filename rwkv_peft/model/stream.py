@@ -423,9 +423,11 @@ def write_pth(f: BinaryIO, specs: list[Spec], pieces: Iterable[torch.Tensor | Sp
         out.close()
 
 
-def write_safetensors(f: BinaryIO, specs: list[Spec], pieces: Iterable[torch.Tensor | Span]) -> None:
-    """Stream the safetensors layout (8-byte length, JSON header, data in order) from ``pieces``."""
-    header, offset = {}, 0
+def write_safetensors(f: BinaryIO, specs: list[Spec], pieces: Iterable[torch.Tensor | Span],
+                      metadata: dict[str, str] | None = None) -> None:
+    """Stream the safetensors layout (8-byte length, JSON header, data in order) from ``pieces``;
+    ``metadata``: the header's ``__metadata__`` (transformers wants ``{"format": "pt"}``)."""
+    header, offset = ({"__metadata__": metadata} if metadata else {}), 0
     for key, dtype, shape in specs:
         if dtype not in SAFETENSORS_DTYPES:
             raise ValueError(f"{key}: dtype {dtype} cannot be written to .safetensors")
