@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from rwkv_peft.files import check_crc
+from rwkv_peft.integrity import check_crc
 from rwkv_peft.model import stream
 from rwkv_peft.model.stream import _ZipWriter, tensor_spans, write_pth, write_safetensors
 

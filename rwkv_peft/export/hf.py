@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from rwkv_peft.files import Span
+from rwkv_peft.integrity import Span
 
 # x070 per block: (BlinkDL leaf in the released file order, fla leaf, form). Forms: "" as stored,
 # "t" transposed, "v" a (1, 1, C) vector stored flat as (C,).

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from rwkv_peft import files
-from rwkv_peft.files import Span, check_crc
+from rwkv_peft.integrity import Span, check_crc
 from rwkv_peft.merge.plan import Edit, model_class, plan_edits, resolve_config, target_weights
 from rwkv_peft.model import detect_version, read_state_dict
 from rwkv_peft.model.checkpoint import all_finite, meta_state_dict, open_checkpoint, read_specs, tensor_specs

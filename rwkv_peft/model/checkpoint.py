@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from rwkv_peft.files import atomic_path, check_zip
+from rwkv_peft.files import atomic_path
+from rwkv_peft.integrity import check_zip
 from rwkv_peft.model.stream import FROM_SAFETENSORS, Spec
 
 

@@ -33,7 +33,7 @@ from typing import BinaryIO
 
 import torch
 
-from rwkv_peft.files import READ_CHUNK, Span, read_chunks, record_start
+from rwkv_peft.integrity import READ_CHUNK, Span, read_chunks, record_start
 
 # legacy storage classes as torch.save pickles them (the weights_only loader allows exactly these)
 STORAGE_TYPES = {
