@@ -13,31 +13,35 @@ from types import ModuleType
 
 import torch
 
-_MODULES: dict[bool, ModuleType] = {}
+_MODULES: dict[tuple[bool, bool], ModuleType] = {}
 
 
-def runtime_module(v7: bool) -> ModuleType:
-    """``rwkv.model`` imported privately with RWKV_V7_ON set (x070) or unset (x060/x052).
+def runtime_module(v7: bool, deepembed: bool = False) -> ModuleType:
+    """``rwkv.model`` imported privately with RWKV_V7_ON set (x070) or unset (x060/x052), and
+    RWKV_DE_VERSION=1 for RWKV-7a DeepEmbed files.
 
-    The package reads the flag once at import, so each setting gets its own module object.
+    The package reads these flags once at import, so each setting gets its own module object.
     """
-    if v7 not in _MODULES:
+    key = (v7, deepembed)
+    if key not in _MODULES:
         import rwkv
 
         src = Path(rwkv.__file__).with_name("model.py")
-        spec = importlib.util.spec_from_file_location(f"_rwkv_runtime_v7_{int(v7)}", src)
+        spec = importlib.util.spec_from_file_location(f"_rwkv_runtime_v7_{int(v7)}_de_{int(deepembed)}", src)
         module = importlib.util.module_from_spec(spec)
-        with _runtime_env(v7), contextlib.redirect_stdout(io.StringIO()):
+        with _runtime_env(v7, deepembed), contextlib.redirect_stdout(io.StringIO()):
             spec.loader.exec_module(module)
-        _MODULES[v7] = module
-    return _MODULES[v7]
+        _MODULES[key] = module
+    return _MODULES[key]
 
 
 @contextlib.contextmanager
-def _runtime_env(v7: bool = False):
-    """The package's flags, set only while it runs: its v5/v6 class also reads them when built and called."""
-    saved = {k: os.environ.get(k) for k in ("RWKV_V7_ON", "RWKV_CUDA_ON", "RWKV_JIT_ON")}
-    os.environ.update(RWKV_V7_ON="1" if v7 else "0", RWKV_CUDA_ON="0", RWKV_JIT_ON="1")
+def _runtime_env(v7: bool = False, deepembed: bool = False):
+    """The package's flags, set only while it runs: its v5/v6 class also reads them when built and called,
+    its x070 loader reads RWKV_DE_VERSION (folding DeepEmbed's embedding residual)."""
+    saved = {k: os.environ.get(k) for k in ("RWKV_V7_ON", "RWKV_CUDA_ON", "RWKV_JIT_ON", "RWKV_DE_VERSION")}
+    os.environ.update(RWKV_V7_ON="1" if v7 else "0", RWKV_CUDA_ON="0", RWKV_JIT_ON="1",
+                      RWKV_DE_VERSION="1" if deepembed else "0")
     try:
         yield
     finally:
@@ -49,14 +53,18 @@ def _runtime_env(v7: bool = False):
 
 
 def load_runtime(path: str | os.PathLike, version: str = "x070", strategy: str = "cpu fp32"):
-    """The runtime's model for ``path`` (a .pth file)."""
+    """The runtime's model for ``path`` (a .pth file); an x070 file with DeepEmbed tensors (RWKV-7a)
+    is run with RWKV_DE_VERSION=1."""
+    from rwkv_peft.model.checkpoint import read_specs
+
     path = Path(path)
     if path.suffix != ".pth":
         raise ValueError(f"{path}: the rwkv runtime loads .pth files only")
-    module = runtime_module(version == "x070")
+    de = version == "x070" and any(k.endswith(".ffn.s_emb.weight") for k, _, _ in read_specs(path))
+    module = runtime_module(version == "x070", de)
     gc.freeze()  # its loader calls gc.collect() per layer: skip re-scanning the caller's whole heap each time
     try:
-        with _runtime_env(), contextlib.redirect_stdout(io.StringIO()):
+        with _runtime_env(version == "x070", de), contextlib.redirect_stdout(io.StringIO()):
             return module.RWKV(str(path.with_suffix("")), strategy)
     finally:
         gc.unfreeze()

@@ -7,13 +7,21 @@ the public sources, so a test built on these files checks our loader against wha
   "for layer 1+"), in the parameter order of ``RWKV-v7/train_temp/src/model.py`` (Block: ln1, ln2,
   ln0; RWKV_Tmix_x070; RWKV_CMix_x070). Released 0.1B: L12 D768, vocab 65536, low-rank widths
   decay 64, a 64, value 32, gate 128 (``X070_0B1``).
+- x070 DeepEmbed (RWKV-7a, e.g. ``rwkv7a-g1b-0.1b-20250819-ctx4096``): x070 plus five ``ffn.`` keys per
+  block, shaped as the `rwkv` runtime's x070 loader (RWKV_DE_VERSION=1) and RWKV-LM's
+  ``RWKV-v7/rwkv_v7a_demo.py`` use them: ``x @ s1`` (C, D), the token's ``s_emb`` row viewed (D, D)
+  with D = 32 hard-coded there, ``s_emb + ln0(emb) @ s_emb_x.T`` so ``s_emb_x`` is (D*D, C), ``@ s2``
+  reaching the ffn width (D, F), ``+ s0`` per ffn channel (squeezed by the loader: stored (1, 1, F)
+  like the other vectors, or (F); both are written below). Their order among a block's keys is not
+  published; they are put after the plain channel mix, in an order unlike the model class's.
 - x060 (RWKV-6 World / Finch): ``RWKV-v5/src/model.py``'s RWKV_Tmix_x060 / RWKV_CMix_x060.
 - x052 (RWKV-5 World / Eagle): RWKV_TimeMix_RWKV5 / RWKV_ChannelMix of the same file, where
   ``time_decay`` and ``time_faaaa`` are (heads, head_size). The `rwkv` runtime squeezes every
   ``.time_`` tensor before use, so it also loads them stored (heads, head_size, 1) ("x052_h_n_1").
 
 Shape letters: C n_embd, H heads, N head size, F ffn width, V vocab; low-rank widths W (decay),
-A (a), M (value residual), G (gate); x060: X (token-shift mix), D (decay).
+A (a), M (value residual), G (gate); x060: X (token-shift mix), D (decay); x070 DeepEmbed: D (side of
+the per-token matrix), E = D*D.
 """
 
 from __future__ import annotations
@@ -38,6 +46,11 @@ X070_BLOCK = [
     ("att.ln_x.weight", "C"), ("att.ln_x.bias", "C"),
     ("ffn.x_k", "1 1 C"), ("ffn.key.weight", "F C"), ("ffn.value.weight", "C F"),
 ]
+X070A_BLOCK = X070_BLOCK + [
+    ("ffn.s1", "C D"), ("ffn.s2", "D F"), ("ffn.s0", "1 1 F"),
+    ("ffn.s_emb.weight", "V E"), ("ffn.s_emb_x.weight", "E C"),
+]
+X070A_S0_F = [(k, "F" if k == "ffn.s0" else s) for k, s in X070A_BLOCK]
 X060_BLOCK = [
     ("ln1.weight", "C"), ("ln1.bias", "C"), ("ln2.weight", "C"), ("ln2.bias", "C"),
     ("ln0.weight", "C"), ("ln0.bias", "C"),
@@ -75,6 +88,10 @@ LAYOUTS = {
     "x070_layer0_v": ("x070", X070_BLOCK, dict(L=2, C=128, H=2, N=64, F=512, V=300, W=32, A=48, M=16, G=64), True),
     "x070_n32_released": ("x070", X070_BLOCK, dict(L=3, C=96, H=3, N=32, F=320, V=257, W=16, A=32, M=8, G=40), False),
     "x070_n32_layer0_v": ("x070", X070_BLOCK, dict(L=3, C=96, H=3, N=32, F=320, V=257, W=16, A=32, M=8, G=40), True),
+    "x070a_deepembed": ("x070", X070A_BLOCK, dict(L=2, C=128, H=2, N=64, F=512, V=300, W=32, A=48, M=16, G=64,
+                                                  D=32, E=1024), False),
+    "x070a_n32_s0_f": ("x070", X070A_S0_F, dict(L=3, C=96, H=3, N=32, F=320, V=257, W=16, A=32, M=8, G=40,
+                                                D=32, E=1024), False),
     "x060_world": ("x060", X060_BLOCK, dict(L=2, C=128, H=2, N=64, F=448, V=300, X=32, D=64), False),
     "x052_world": ("x052", X052_BLOCK, dict(L=2, C=128, H=2, N=64, F=448, V=300), False),
     "x052_h_n_1": ("x052", X052_H_N_1, dict(L=2, C=128, H=2, N=64, F=448, V=300), False),
@@ -108,6 +125,12 @@ def key_shapes(layout: tuple) -> dict[str, tuple[int, ...]]:
 def _value(key: str, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
     """Values in the ranges trained models have, so every tensor moves the logits."""
     leaf = key.rsplit(".", 2)[-2] if key.endswith((".weight", ".bias")) else key.rsplit(".", 1)[-1]
+    if leaf == "s_emb":  # DeepEmbed: unit-scale per-token matrices, a gate ((x @ s1) @ E) @ s2 + s0 near 1
+        return torch.randn(shape, generator=g)
+    if leaf in ("s1", "s2"):
+        return torch.randn(shape, generator=g) / shape[0] ** 0.5 * 0.5
+    if leaf == "s0":
+        return 1 + torch.randn(shape, generator=g) * 0.1
     if key.endswith(".bias"):
         return torch.randn(shape, generator=g) * 0.1
     if key.endswith(".weight") and leaf.startswith("ln"):

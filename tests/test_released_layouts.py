@@ -163,7 +163,8 @@ def test_saved_and_train_parts_keep_the_key_set(name: str, dt: str, files: dict,
         assert stored(again) == stored(a) and all(torch.equal(a[k], again[k]) for k in a)
 
     model = load_model(a, op="torch")
-    apply_peft(model, "miss", parse_peft_config("miss", '{"r": 32, "train_parts": ["emb", "head", "ln", "time"]}'))
+    parts = sorted({model.train_part(k) for k in a} - {None})  # emb, head, ln, time (+ deepembed: RWKV-7a)
+    apply_peft(model, "miss", parse_peft_config("miss", json.dumps({"r": 32, "train_parts": parts})))
     sd = trainable_state_dict(model)
     plain = {k: tuple(v.shape) for k, v in sd.items() if not k.endswith(".miss")}
     want = {k: s for k, s, _ in stored(a) if model.train_part(k) is not None}
@@ -197,8 +198,8 @@ def test_unknown_layout_is_one_error_naming_the_file_and_problem(files: dict, tm
         "half_v.pth": ({**sd, "blocks.0.att.v0": sd["blocks.1.att.v0"]}, r"half_v\.pth.*missing: blocks\.0\.att\.v1"),
         "ragged.pth": ({**sd, "blocks.1.att.w1": torch.zeros(128, 48)},
                        r"ragged\.pth.*wrong shape: blocks\.1\.att\.w1 \(128, 48\) \(expected \(128, 32\)\)"),
-        "extra.pth": ({**sd, "blocks.0.ffn.s_emb.weight": torch.zeros(300, 32)},
-                      r"extra\.pth.*unexpected: blocks\.0\.ffn\.s_emb\.weight"),
+        "extra.pth": ({**sd, "blocks.0.ffn.receptance.weight": torch.zeros(128, 128)},
+                      r"extra\.pth.*unexpected: blocks\.0\.ffn\.receptance\.weight"),
     }
     for fname, (bad, match) in cases.items():
         torch.save(bad, tmp_path / fname)

@@ -6,6 +6,9 @@ takes it from a checkpoint's shapes, its initialisation, and the class attribute
 
 The recurrent state of a block is ``[att shift (B, C), WKV (B, H, N, N), ffn shift (B, C)]``; a
 model's is one such list per block, or None for the start of a text.
+
+Every block also gets ``tokens``: the token ids (B, T) and their embeddings after ``blocks.0.ln0``
+(B, T, C), for channel mixes that look tokens up (x070's DeepEmbed); the others ignore it.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+Tokens = tuple[torch.Tensor, torch.Tensor]  # (ids (B, T), their embeddings after ln0 (B, T, C))
 
 
 def token_shift(x: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
@@ -64,8 +69,10 @@ class ChannelMix(nn.Module):
     def mix(self, x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (out, last x for the next token shift)."""
+    def forward(
+        self, x: torch.Tensor, shift: torch.Tensor | None = None, tokens: Tokens | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (out, last x for the next token shift); ``tokens`` is for mixes that look tokens up."""
         return self.mix(x, token_shift(x, shift)), x[:, -1]
 
 
@@ -90,14 +97,13 @@ class Block(nn.Module):
         self.ffn = channel_mix(cfg, layer_id)
 
     def forward(
-        self, x: torch.Tensor, v_first: torch.Tensor | None, state: list | None = None
+        self, x: torch.Tensor, v_first: torch.Tensor | None, state: list | None = None, tokens: Tokens | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None, list]:
+        """One block on the residual stream ``x`` (block 0's ``ln0`` is applied by the model, before it)."""
         att_shift, wkv_state, ffn_shift = state if state is not None else (None, None, None)
-        if self.layer_id == 0:
-            x = self.ln0(x)
         dx, v_first, att_shift, wkv_state = self.att(self.ln1(x), v_first, att_shift, wkv_state)
         x = x + dx
-        dx, ffn_shift = self.ffn(self.ln2(x), ffn_shift)
+        dx, ffn_shift = self.ffn(self.ln2(x), ffn_shift, tokens)
         return x + dx, v_first, [att_shift, wkv_state, ffn_shift]
 
 
@@ -157,14 +163,15 @@ class RWKV(nn.Module):
 
     def forward_hidden(self, idx: torch.Tensor, state: list | None) -> tuple[torch.Tensor, list]:
         """The hidden states the head reads (after ln_out, (B, T, C)) and the state after the last token."""
-        x = self.emb(idx)
+        x = self.blocks[0].ln0(self.emb(idx))
+        tokens = (idx, x)
         v_first = None
         new_state = []
         for i, block in enumerate(self.blocks):
             s = None if state is None else state[i]
             if self.grad_cp and self.training and torch.is_grad_enabled():
-                x, v_first, s = torch.utils.checkpoint.checkpoint(block, x, v_first, s, use_reentrant=False)
+                x, v_first, s = torch.utils.checkpoint.checkpoint(block, x, v_first, s, tokens, use_reentrant=False)
             else:
-                x, v_first, s = block(x, v_first, s)
+                x, v_first, s = block(x, v_first, s, tokens)
             new_state.append(s)
         return self.ln_out(x), new_state

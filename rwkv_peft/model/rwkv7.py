@@ -1,4 +1,11 @@
-"""RWKV-7 "Goose" (x070): its mixers, config (read from a checkpoint) and init; the rest is in base.py."""
+"""RWKV-7 "Goose" (x070): its mixers, config (read from a checkpoint) and init; the rest is in base.py.
+
+RWKV-7a (DeepEmbed) files are x070 with five more tensors per block in the channel mix: ``ffn.s_emb``
+(a D*D matrix per token id), ``ffn.s_emb_x`` (adds the token's ln0 embedding, projected, to that
+matrix), ``ffn.s1`` / ``ffn.s2`` / ``ffn.s0``: the key is scaled by ``((x @ s1) @ E_token) @ s2 + s0``.
+The `rwkv` runtime (RWKV_DE_VERSION=1) folds ``ln0(emb) @ s_emb_x.T`` into ``s_emb`` at load time; here
+the same sum is formed per token, so the stored tensors stay as they came (and trainable).
+"""
 
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ class RWKV7Config:
     # Layer 0 never uses the value residual: released checkpoints store no v0/v1/v2 there, while
     # RWKV-LM's trainer creates unused ones, so its raw outputs have them. True: keep them too.
     layer0_vres: bool = False
+    deepembed: int = 0  # RWKV-7a: side D of the per-token D x D DeepEmbed matrix (released: 32); 0: none
 
     def __post_init__(self) -> None:
         C = self.n_embd
@@ -67,6 +75,11 @@ def config_from_state_dict(sd: Mapping[str, torch.Tensor], name: str = "checkpoi
         keys = (f"blocks.{i}.att.{leaf}" for i in range(n_layer))
         return next((sd[k].shape[-1] for k in keys if k in sd), 0)
 
+    if any(".qkv." in k for k in sd):
+        raise ValueError(
+            f"{name}: an RWKV-7b checkpoint (DeepEmbed attention, blocks.N.qkv.* tensors): not supported; "
+            "RWKV-7 and RWKV-7a (DeepEmbed channel mix, ffn.s_emb...) are"
+        )
     return RWKV7Config(
         n_layer=n_layer,
         n_embd=n_embd,
@@ -78,7 +91,34 @@ def config_from_state_dict(sd: Mapping[str, torch.Tensor], name: str = "checkpoi
         d_mv=width("v1"),
         d_gate=width("g1"),
         layer0_vres=any(f"blocks.0.att.{v}" in sd for v in ("v0", "v1", "v2")),
+        deepembed=deepembed_side(sd, n_layer, name),
     )
+
+
+DEEPEMBED = ("s_emb", "s_emb_x", "s0", "s1", "s2")  # module / parameter names inside blocks.<i>.ffn
+
+
+def deepembed_side(sd: Mapping[str, torch.Tensor], n_layer: int, name: str) -> int:
+    """D of a DeepEmbed file (0 for plain x070): from the first ``ffn.s1`` (C, D), else ``ffn.s_emb`` (V, D*D).
+
+    Any one DeepEmbed tensor makes the model DeepEmbed, so a file missing some of them gets
+    check_state_dict's one error listing them (as one whose shapes disagree with this D).
+    """
+    for i in range(n_layer):
+        if f"blocks.{i}.ffn.s1" in sd:
+            return sd[f"blocks.{i}.ffn.s1"].shape[-1]
+    for i in range(n_layer):
+        if f"blocks.{i}.ffn.s_emb.weight" in sd:
+            width = sd[f"blocks.{i}.ffn.s_emb.weight"].shape[-1]
+            side = math.isqrt(width)
+            if side * side != width:
+                raise ValueError(f"{name}: blocks.{i}.ffn.s_emb.weight has width {width}, expected D*D (32*32)")
+            return side
+    prefixes = tuple(f".ffn.{n}" for n in DEEPEMBED)
+    found = next((k for k in sd if k.startswith("blocks.") and k.removesuffix(".weight").endswith(prefixes)), None)
+    if found is not None:
+        raise ValueError(f"{name}: {found} without blocks.N.ffn.s1 or ffn.s_emb.weight to read DeepEmbed's size from")
+    return 0
 
 
 class TimeMix(base.TimeMix):
@@ -139,13 +179,40 @@ class TimeMix(base.TimeMix):
 class ChannelMix(base.ChannelMix):
     def __init__(self, cfg: RWKV7Config, layer_id: int):
         super().__init__()
-        self.x_k = nn.Parameter(torch.zeros(1, 1, cfg.n_embd))
-        self.key = nn.Linear(cfg.n_embd, cfg.dim_ffn, bias=False)
-        self.value = nn.Linear(cfg.dim_ffn, cfg.n_embd, bias=False)
+        C, F_, D = cfg.n_embd, cfg.dim_ffn, cfg.deepembed
+        self.x_k = nn.Parameter(torch.zeros(1, 1, C))
+        self.key = nn.Linear(C, F_, bias=False)
+        self.value = nn.Linear(F_, C, bias=False)
+        self.deepembed = D
+        if D:
+            self.s_emb = nn.Embedding(cfg.vocab_size, D * D)
+            self.s_emb_x = nn.Linear(C, D * D, bias=False)
+            self.s0 = nn.Parameter(torch.zeros(1, 1, F_))
+            self.s1 = nn.Parameter(torch.zeros(C, D))
+            self.s2 = nn.Parameter(torch.zeros(D, F_))
 
-    def mix(self, x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, shift: torch.Tensor | None = None, tokens: base.Tokens | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.mix(x, base.token_shift(x, shift), tokens), x[:, -1]
+
+    def mix(self, x: torch.Tensor, prev: torch.Tensor, tokens: base.Tokens | None = None) -> torch.Tensor:
         k = torch.relu(self.key(x + (prev - x) * self.x_k)) ** 2
+        if self.deepembed:
+            k = k * self.deepembed_gate(x, tokens)
         return self.value(k)
+
+    def deepembed_gate(self, x: torch.Tensor, tokens: base.Tokens | None) -> torch.Tensor:
+        """RWKV-7a's per-token scale of the key: ``((x @ s1) @ E) @ s2 + s0``, E the token's D x D matrix
+        ``s_emb[id] + s_emb_x(ln0(emb[id]))`` (what the runtime's folded ``s_emb`` row holds)."""
+        if tokens is None:
+            raise ValueError("a DeepEmbed channel mix needs the token ids and embeddings (tokens)")
+        idx, x0 = tokens
+        B, T, _ = x.shape
+        D = self.deepembed
+        E = (self.s_emb(idx) + self.s_emb_x(x0)).view(B, T, D, D)
+        ss = ((x @ self.s1).view(B, T, 1, D) @ E).view(B, T, D)
+        return ss @ self.s2 + self.s0
 
 
 class RWKV7(base.RWKV):
@@ -156,6 +223,13 @@ class RWKV7(base.RWKV):
                    "v0", "v1", "v2", "g1", "g2", "k_k", "k_a", "r_k")
     # Layer 0's value-residual tensors some files carry (layer0_vres).
     unused_params = ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")
+
+    def train_part(self, name: str) -> str | None:
+        """As base, plus ``deepembed``: RWKV-7a's ``blocks.<i>.ffn.{s_emb,s_emb_x,s0,s1,s2}``."""
+        parts = name.split(".")
+        if len(parts) > 3 and parts[0] == "blocks" and parts[2] == "ffn" and parts[3] in DEEPEMBED:
+            return "deepembed"
+        return super().train_part(name)
 
 
 @torch.no_grad()
@@ -209,6 +283,13 @@ def init_rwkv7_(model: RWKV7) -> RWKV7:
         ffn.x_k.copy_(1.0 - ddd.pow(r10**4))
         ffn.key.weight.uniform_(-0.5 / C**0.5, 0.5 / C**0.5)
         ffn.value.weight.zero_()
+        if cfg.deepembed:  # our choice (RWKV-LM's 7a trainer is unpublished): the gate starts at 1, E random
+            D = cfg.deepembed
+            ffn.s0.fill_(1.0)
+            ffn.s1.uniform_(-0.5 / C**0.5, 0.5 / C**0.5)
+            ffn.s2.zero_()
+            ffn.s_emb.weight.uniform_(-1 / D**0.5, 1 / D**0.5)
+            ffn.s_emb_x.weight.zero_()
         for ln in (block.ln1, block.ln2) + ((block.ln0,) if i == 0 else ()):
             ln.reset_parameters()
     model.ln_out.reset_parameters()

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from torch import Tensor
 
-TRAIN_PARTS = ("emb", "head", "ln", "time")
+TRAIN_PARTS = ("emb", "head", "ln", "time", "deepembed")  # deepembed: RWKV-7a ffn.s_emb, s_emb_x, s0-s2
 
 
 def json_fields(cls: type, text: str, flag: str, renames: dict[str, str] | None = None) -> dict[str, Any]:

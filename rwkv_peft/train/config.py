@@ -148,7 +148,7 @@ def build_parser() -> ArgumentParser:
         "miss_config": f'JSON for --peft {_flag_users("--miss_config")}, e.g. {{"r":64,"mode":"balance"}}',
         "lora_config": f'JSON for --peft {_flag_users("--lora_config")}, e.g. {{"r":32,"alpha":32}}',
         "peft_config": f"JSON for --peft {_flag_users('--peft_config')}",
-        "train_parts": "extra trainable groups, comma separated: emb,head,ln,time",
+        "train_parts": "extra trainable groups, comma separated: emb,head,ln,time,deepembed",
         "op": f"WKV kernel: {' | '.join(OPS)}",
         "train_type": "'' (the whole ctx_len at once) | infctx (chunks of --chunk_ctx, state carried, exact gradients)",
         "chunk_ctx": "tokens per chunk with --train_type infctx (memory of one chunk's activations)",
