@@ -106,7 +106,7 @@ class Decoder:
     """A model (in eval mode), its tokenizer and its recurrent state: feed tokens, sample continuations.
 
     ``steps`` is the one decoding loop: ``generate`` runs it on one sequence with the sampler, stop
-    strings and streamed text; ``rwkv_peft.eval.greedy_generate`` on a batch (``feed_each``) with argmax.
+    strings and streamed text; ``rwkv_peft.scoring.greedy_generate`` on a batch (``feed_each``) with argmax.
     """
 
     def __init__(self, model: nn.Module, tokenizer=None, state: list | None = None):

@@ -14,9 +14,10 @@
 3. Held-out loss per sample at every evaluation step, greedy exact match, a paired test per claim, and time per
    step / peak memory from a separate side-by-side run (methods interleaved round by round).
 
-Every run is a forked child (training through the trainer's train(), evaluation through rwkv_peft.eval), so the
-parent never computes with torch and each child's memory is its own. A finished run leaves result.json / eval.json
-beside its outputs and is not redone when the benchmark is started again with the same --out.
+Every run is a forked child (training through the trainer's train(), evaluation through heldout_loss and
+rwkv_peft.scoring), so the parent never computes with torch and each child's memory is its own. A finished run
+leaves result.json / eval.json beside its outputs and is not redone when the benchmark is started again with
+the same --out.
 """
 
 from __future__ import annotations
@@ -532,7 +533,7 @@ def adapter_params(path: Path) -> int:
 
 def generate_answers(model, tokenizer: str, records: list[dict], s: Setting) -> list[str]:
     from rwkv_peft.data import get_tokenizer
-    from rwkv_peft.eval import greedy_generate
+    from rwkv_peft.scoring import greedy_generate
 
     tok = get_tokenizer(tokenizer)
     prompts = [tok.encode(render_sft(DEFAULT_SFT_TEMPLATE, ("question", "answer"), r["question"], "")[0])
@@ -544,7 +545,7 @@ def evaluate_base(data: dict, s: Setting, base: Path, base_hash: str, out: Path)
     """The base's per-sample held-out losses and greedy answers."""
 
     def compute() -> dict:
-        from rwkv_peft.eval import heldout_sums
+        from rwkv_peft.train.loss import heldout_sums
 
         model = load_adapted(base, {"peft": "full", "config": {}}, None)
         sums, counts = heldout_sums(model, heldout_samples(data, s))
@@ -561,7 +562,7 @@ def check_fresh_adapter(data: dict, s: Setting, base: Path, base_hash: str, sp: 
     """A freshly initialised adapter (PiSSA's residual included) must score the base's held-out loss."""
 
     def compute() -> dict:
-        from rwkv_peft.eval import heldout_loss
+        from rwkv_peft.train.loss import heldout_loss
 
         return {"loss": heldout_loss(load_adapted(base, sp, None), heldout_samples(data, s))}
 
@@ -578,7 +579,7 @@ def evaluate_run(data: dict, s: Setting, sp: dict, run: dict, base: Path, base_h
     epochs = s.ft_steps // s.eval_every
 
     def compute() -> dict:
-        from rwkv_peft.eval import heldout_sums
+        from rwkv_peft.train.loss import heldout_sums
 
         held = heldout_samples(data, s)
         sums = {str((e + 1) * s.eval_every): heldout_sums(load_adapted(base, sp, run_dir / f"rwkv-{e}.pth"), held)[0]
@@ -933,7 +934,7 @@ def main(argv: list[str] | None = None) -> dict:
     base_eval = evaluate_base(data, s, base, base_hash, out)
     counts = base_eval["counts"]
     tokens = sum(counts)
-    from rwkv_peft.eval import exact_match
+    from rwkv_peft.scoring import exact_match
 
     golds = [r["answer"] for r in data["heldout_records"][: s.n_gen]]
     tuned, runs, methods = {}, {}, {}

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from conftest import perturbed_model
 
-from rwkv_peft.eval import exact_match, extract_answer, greedy_generate, heldout_loss, heldout_sums
 from rwkv_peft.peft import apply_peft, parse_peft_config
+from rwkv_peft.scoring import exact_match, extract_answer, greedy_generate
+from rwkv_peft.train.loss import heldout_loss, heldout_sums
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "bench_methods.py"

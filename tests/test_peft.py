@@ -15,12 +15,14 @@ from rwkv_peft.peft import (
     MissLinear,
     StateConfig,
     adapter_config,
+    adapter_disabled,
     apply_peft,
     load_adapter,
     lora_delta,
     parse_peft_config,
     trainable_state_dict,
 )
+from rwkv_peft.peft.dora import DoraConfig
 from rwkv_peft.peft.miss import MODES
 
 VOCAB = 40
@@ -291,3 +293,39 @@ def test_pissa_refuses_a_zero_weight_and_the_demo_base_has_none(tmp_path):
     tokens = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
     model(tokens).logsumexp(-1).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+
+
+SWITCHED = [("miss", miss_cfg("balance")), ("miss", MissConfig(r=32, mode="bat_row")), ("lora", LoraConfig(r=4)),
+            ("pissa", LoraConfig(r=4, alpha=8, pissa=True)), ("dora", DoraConfig(r=4)), ("state", StateConfig())]
+
+
+@pytest.mark.parametrize("method,cfg", SWITCHED, ids=["miss", "bat_row", "lora", "pissa", "dora", "state"])
+def test_adapter_disabled_gives_the_base_output(method, cfg):
+    """With a trained (random, non-zero) adapter the model differs from its base; inside adapter_disabled it
+    computes the base's logits, and after it the adapted ones again."""
+    base, model = perturbed_model(), perturbed_model()
+    apply_peft(model, method, cfg)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        idx = tokens(t=8)
+        want, adapted = base(idx), model(idx)
+        assert (adapted - want).abs().max() > 1e-2
+        with adapter_disabled(model):
+            torch.testing.assert_close(model(idx), want, rtol=0, atol=2e-5 if method == "pissa" else 1e-6)
+        torch.testing.assert_close(model(idx), adapted, rtol=0, atol=0)
+
+
+def test_adapter_disabled_refuses_what_has_no_switch():
+    model = small_model()
+    with pytest.raises(ValueError, match="no adapter"):
+        adapter_disabled(model).__enter__()
+    apply_peft(model, "full")
+    with pytest.raises(ValueError, match="^--peft full: full fine-tuning .* no adapter to switch off"):
+        adapter_disabled(model).__enter__()
+    model = small_model()
+    apply_peft(model, "miss", miss_cfg("balance", train_parts=("ln",)))
+    with pytest.raises(ValueError, match="ln.* trained in place"):
+        adapter_disabled(model).__enter__()

@@ -225,9 +225,9 @@ def test_diverging_lr_fails_and_keeps_the_last_good_checkpoint(data, tmp_path):
 
 
 def test_run_whose_every_step_was_skipped_fails(data, tmp_path, monkeypatch):
-    import rwkv_peft.train.loop as loop
+    import rwkv_peft.train.objectives.lm as lm
 
-    monkeypatch.setattr(loop, "masked_loss", lambda model, idx, *a: model(idx).sum() * float("nan"))
+    monkeypatch.setattr(lm, "masked_loss", lambda model, idx, *a: model(idx).sum() * float("nan"))
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
         main(flags(data, out))

@@ -15,13 +15,13 @@ from conftest import perturbed_model
 from helpers import cli
 
 from rwkv_peft.data import get_tokenizer, load_documents
-from rwkv_peft.eval import heldout_loss
 from rwkv_peft.generate import Sampling, generate
 from rwkv_peft.model import load_model, save_model
 from rwkv_peft.peft import apply_peft, load_adapter, parse_peft_config
 from rwkv_peft.train import main
 from rwkv_peft.train import progress as progress_mod
 from rwkv_peft.train.evaluation import prompt_of
+from rwkv_peft.train.loss import heldout_loss
 
 VOCAB, CTX, STEPS, EVERY = 300, 72, 8, 3
 

@@ -1,158 +1,35 @@
-"""Data pipeline: binidx / jsonl / sft / chat sources, the get / pad / sft samplers, tokenizers.
+"""Data pipeline: the data types (types.py: binidx / jsonl / sft / chat, one record each), the get / pad
+samplers, tokenizers.
 
-The trainer needs `build_dataset`, `load_documents` (held-out data) and `get_tokenizer`.
+The trainer needs `build_dataset`, `load_documents` (held-out data), `get_data_type` and `get_tokenizer`.
 """
 
 from __future__ import annotations
 
-import os
 import sys
-from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from functools import partial
 
 import numpy as np
 
 from .binidx import BinIdx, BinIdxWriter
-from .chat import ChatTemplate, load_chat, open_chat_binidx
-from .dataset import DocDataset, GetDataset, largest_magic_prime, permute
-from .jsonl import JsonlStats, iter_jsonl
-from .tokenizer import END_TOKEN, check_vocab_range, get_tokenizer
+from .chat import ChatTemplate, load_chat
+from .dataset import DocDataset, GetDataset, ItemDataset, largest_magic_prime, permute
+from .documents import DEFAULT_SFT_TEMPLATE, Documents, checked, is_binidx_path, load_sft, load_texts, render_sft
+from .tokenizer import get_tokenizer
+from .types import DATA_TYPES, DataOptions, DataType, collate, get_data_type, register_data_type
 
-__all__ = ["DATA_TYPES", "DEFAULT_SFT_TEMPLATE", "BinIdx", "BinIdxWriter", "ChatTemplate",
-           "DocDataset", "Documents", "GetDataset", "build_dataset", "get_tokenizer",
-           "is_binidx_path", "largest_magic_prime", "load_chat", "load_documents", "load_sft",
-           "load_texts", "permute", "render_sft"]
-
-DATA_TYPES = ("binidx", "jsonl", "sft", "chat")
-
-DEFAULT_SFT_TEMPLATE = "User: {prompt}\n\nAssistant: {response}"
+__all__ = ["DATA_TYPES", "DEFAULT_SFT_TEMPLATE", "BinIdx", "BinIdxWriter", "ChatTemplate", "DataOptions",
+           "DataType", "DocDataset", "Documents", "GetDataset", "ItemDataset", "build_dataset", "collate",
+           "get_data_type", "get_tokenizer", "is_binidx_path", "largest_magic_prime", "load_chat", "load_documents",
+           "load_sft", "load_texts", "permute", "read_data", "register_data_type", "render_sft"]
 
 
-def _checked(*_: object) -> None:
-    """In-memory data had its ids range-checked while tokenizing."""
-
-
-def load_texts(path: str, vocab_size: int, tokenizer: str = "world", strict: bool = False,
-               field: str = "text") -> tuple[list[np.ndarray], JsonlStats]:
-    """Tokenize a small `{"text": ...}` jsonl into memory; each document ends in token 0."""
-    tok = get_tokenizer(tokenizer)
-    stats, docs = JsonlStats(path), []
-    for lineno, (text,) in iter_jsonl(path, (field,), stats, strict):
-        ids = np.append(tok.encode_array(text), END_TOKEN).astype(np.int32)
-        check_vocab_range(ids, vocab_size, f"{path}:{lineno}")
-        docs.append(ids)
-        stats.keep(len(ids))
-    if not docs:
-        raise ValueError(f"{path}: no usable documents with a string field '{field}' "
-                         f"({stats.summary(with_path=False)})")
-    return docs, stats
-
-
-def render_sft(template: str, fields: tuple[str, str], prompt: str,
-               response: str) -> tuple[str, str]:
-    """(prompt text, full text) of one record under the template.
-
-    The prompt text is what precedes the response, minus trailing spaces: RWKV chat
-    prompts end in "Assistant:" and the space goes with the first response token, so
-    this is also the string to feed the model at inference. The template names the
-    fields with `{prompt}` / `{response}` or with the field names themselves (e.g.
-    `{question}` / `{answer}`); placeholders are replaced literally, so braces in the
-    data are safe.
-    """
-    p_keys = ("{prompt}", "{" + fields[0] + "}")
-    r_keys = ("{response}", "{" + fields[1] + "}")
-    r_key = next((k for k in r_keys if template.count(k) == 1), None)
-    if r_key is None:
-        raise ValueError(f"--sft_template {template!r}: needs exactly one {r_keys[0]} (or "
-                         f"{r_keys[1]}) placeholder")
-    head, tail = template.split(r_key)
-    for k in p_keys:
-        head, tail = head.replace(k, prompt), tail.replace(k, prompt)
-    return head.rstrip(" "), head + response + tail
-
-
-def load_sft(path: str, vocab_size: int, ctx_len: int, tokenizer: str = "world",
-             fields: tuple[str, str] = ("question", "answer"), template: str | None = None,
-             strict: bool = False) -> tuple[list[np.ndarray], np.ndarray, JsonlStats]:
-    """Tokenize prompt/response records; returns (docs, loss_start per doc, stats).
-
-    The whole text is tokenized at once (as at inference); the prompt owns the tokens it
-    shares with the tokenization of the prompt alone, every later token (the response, the
-    template's tail, the end token 0) carries loss.
-    """
-    tok = get_tokenizer(tokenizer)
-    template = template or DEFAULT_SFT_TEMPLATE
-    stats, docs, starts = JsonlStats(path), [], []
-    for lineno, (prompt, response) in iter_jsonl(path, fields, stats, strict,
-                                                      allow_empty=(fields[0],)):
-        head, full = render_sft(template, fields, prompt, response)
-        ids = np.append(tok.encode_array(full), END_TOKEN).astype(np.int32)
-        head_ids = tok.encode_array(head)
-        m = min(len(head_ids), len(ids))
-        diff = np.flatnonzero(ids[:m] != head_ids[:m])
-        k = int(diff[0]) if len(diff) else m
-        check_vocab_range(ids, vocab_size, f"{path}:{lineno}")
-        if k >= ctx_len + 1:
-            stats.skip(f"prompt longer than ctx_len {ctx_len}", lineno)
-            continue
-        docs.append(ids)
-        starts.append(k)
-        stats.keep(len(ids))
-    if not docs:
-        raise ValueError(f"{path}: no usable prompt/response records with string fields "
-                         f"'{fields[0]}', '{fields[1]}' ({stats.summary(with_path=False)})")
-    return docs, np.asarray(starts, dtype=np.int64), stats
-
-
-def is_binidx_path(data_file: str) -> bool:
-    """A `chat` data file is a jsonl file, or the PREFIX of a `make_binidx --chat` pair."""
-    return data_file.endswith((".bin", ".idx")) or not os.path.isfile(data_file)
-
-
-@dataclass
-class Documents:
-    """One data file as documents: tokens (arrays or a memory-mapped BinIdx), where the loss
-    goes (per-token flags for chat, a start per document for sft, else every target), and
-    which documents a one-document-per-sample loader may use."""
-
-    docs: Sequence[np.ndarray] | BinIdx
-    name: str
-    summary: str
-    flags: Sequence[np.ndarray] | BinIdx | None = None
-    loss_start: np.ndarray | None = None
-    order: np.ndarray | None = None
-
-    def check(self, vocab_size: int) -> Callable[[int, np.ndarray], None]:
-        """The id-range check of document d (a BinIdx is checked window by window)."""
-        if isinstance(self.docs, BinIdx):
-            return partial(self.docs.check_doc, vocab_size)
-        return _checked
-
-    def sampler(self, ctx_len: int, vocab_size: int, samples_per_epoch: int = 1, seed: int = 0,
-                rank: int = 0, world_size: int = 1) -> DocDataset:
-        return DocDataset(self.docs, self.check(vocab_size), ctx_len, samples_per_epoch, seed,
-                          rank, world_size, loss_start=self.loss_start, order=self.order,
-                          flags=self.flags)
-
-
-def _binidx_order(tokens: BinIdx, flags: BinIdx | None, ctx_len: int, too_long: str,
-                  counts: dict) -> np.ndarray | None:
-    """Documents a padded sample can learn from (>= 2 tokens; chat: a trained token within
-    ctx_len, not over-long under --too_long drop); counts what was left out or truncated."""
-    usable = tokens.sizes >= 2
-    if flags is not None:
-        long = tokens.sizes > ctx_len + 1
-        if too_long == "drop":
-            counts[f"dropped: longer than ctx_len+1 = {ctx_len + 1} tokens"] = int((usable & long).sum())
-            usable &= ~long
-        counts[f"truncated to ctx_len+1 = {ctx_len + 1} tokens"] = int((usable & long).sum())
-        for d in np.flatnonzero(usable):
-            if not flags[d][1 : ctx_len + 1].any():
-                usable[d] = False
-                counts["dropped: no assistant token within ctx_len"] += 1
-    return None if usable.all() else np.flatnonzero(usable)
+def read_data(data_file: str, data_type: str, options: DataOptions, padded: bool = True) -> Documents | Sequence[dict]:
+    """Read a data file of any registered --data_type (Documents, or item dicts). padded: samples are one
+    document each (pad / sft), so documents longer than ctx_len+1 are cut (counted, or dropped for chat
+    with too_long='drop') and ones with nothing to learn in the window are left out."""
+    return get_data_type(data_type).read(data_file, options, padded)
 
 
 def load_documents(data_file: str, data_type: str, ctx_len: int, vocab_size: int,
@@ -160,40 +37,13 @@ def load_documents(data_file: str, data_type: str, ctx_len: int, vocab_size: int
                    sft_template: str | None = None, chat_template: str | None = None,
                    too_long: str = "truncate", strict: bool = False, padded: bool = True
                    ) -> Documents:
-    """Read (tokenize) a data file of any --data_type. padded: samples are one document each
-    (pad / sft), so documents longer than ctx_len+1 are cut (counted, or dropped for chat with
-    too_long='drop') and ones with nothing to learn in the window are left out."""
-    if data_type not in DATA_TYPES:
-        raise ValueError(f"--data_type {data_type!r}: expected {', '.join(DATA_TYPES)}")
-    if data_type == "binidx" or (data_type == "chat" and is_binidx_path(data_file)):
-        if data_type == "chat":
-            tokens, flags = open_chat_binidx(data_file)
-        else:
-            tokens, flags = BinIdx(data_file), None
-        # small files are checked up front; big ones window by window
-        if tokens.num_tokens * tokens.dtype.itemsize <= 1 << 30:
-            tokens.check_ids(vocab_size)
-        counts: dict = Counter()
-        order = _binidx_order(tokens, flags, ctx_len, too_long, counts) if padded else None
-        if order is not None and len(order) == 0:
-            raise ValueError(f"{tokens.bin_path}: no document has anything to learn within "
-                             f"ctx_len {ctx_len} ({dict(counts) or 'every one has < 2 tokens'})")
-        summary = (f"{tokens.prefix}: {len(tokens)} documents, {tokens.num_tokens} tokens "
-                   f"({tokens.dtype.name})")
-        if flags is not None:
-            summary += f", {int(flags.tokens.sum(dtype=np.int64))} trained"
-        summary += "".join(f"; {n} {what}" for what, n in counts.items() if n)
-        return Documents(tokens, tokens.bin_path, summary, flags=flags, order=order)
-    if data_type == "jsonl":
-        docs, stats = load_texts(data_file, vocab_size, tokenizer, strict)
-        return Documents(docs, data_file, stats.summary())
-    if data_type == "sft":
-        docs, starts, stats = load_sft(data_file, vocab_size, ctx_len, tokenizer, sft_field,
-                                       sft_template, strict)
-        return Documents(docs, data_file, stats.summary(), loss_start=starts)
-    docs, flags, stats = load_chat(data_file, vocab_size, ctx_len, tokenizer,
-                                   ChatTemplate.load(chat_template), too_long, strict, padded)
-    return Documents(docs, data_file, stats.summary(), flags=flags)
+    """``read_data`` of a token data type, with the options as keywords."""
+    options = DataOptions(ctx_len, vocab_size, tokenizer, tuple(sft_field), sft_template, chat_template, too_long,
+                          strict)
+    data = read_data(data_file, data_type, options, padded)
+    if not isinstance(data, Documents):
+        raise ValueError(f"--data_type {data_type}: its records are not token documents")
+    return data
 
 
 def build_dataset(data_file: str, data_type: str, dataload: str, ctx_len: int,
@@ -203,34 +53,40 @@ def build_dataset(data_file: str, data_type: str, dataload: str, ctx_len: int,
                   sft_template: str | None = None, magic_prime: int = 0,
                   strict: bool = False, chat_template: str | None = None,
                   too_long: str = "truncate") -> GetDataset | DocDataset:
-    """The training data set the trainer iterates; see rwkv_peft/data/dataset.py."""
-    if data_type not in DATA_TYPES:
-        raise ValueError(f"--data_type {data_type!r}: expected {', '.join(DATA_TYPES)}")
-    if data_type == "sft":
-        dataload = "sft"
-    elif dataload not in ("get", "pad"):
-        raise ValueError(f"--dataload {dataload!r}: expected get or pad for --data_type "
-                         f"{data_type} (sft data uses --data_type sft)")
+    """The training data set the trainer iterates; see rwkv_peft/data/dataset.py.
+
+    Token data is cut into windows (get) or one document per sample (pad); item data (a type whose
+    reader returns dicts) is one item per sample, in the same seeded order as pad."""
+    kind = get_data_type(data_type)
+    if not kind.tokens or len(kind.dataloads) == 1:  # items: one per sample
+        dataload = kind.dataloads[0] if kind.tokens else "pad"
+    elif dataload not in kind.dataloads:
+        raise ValueError(f"--dataload {dataload!r}: expected {'|'.join(kind.dataloads)} for --data_type {data_type}")
     if magic_prime and dataload != "get":
         raise ValueError(f"--magic_prime applies to --dataload get, not {dataload}")
     common = dict(ctx_len=ctx_len, samples_per_epoch=samples_per_epoch, seed=seed, rank=rank,
                   world_size=world_size)
-    data = load_documents(data_file, data_type, ctx_len, vocab_size, tokenizer, sft_field,
-                          sft_template, chat_template, too_long, strict,
-                          padded=dataload != "get")
-    if dataload == "get":
+    options = DataOptions(ctx_len, vocab_size, tokenizer, tuple(sft_field), sft_template, chat_template, too_long,
+                          strict)
+    data = kind.read(data_file, options, dataload != "get")
+    if not data:
+        raise ValueError(f"{data_file}: no usable records for --data_type {data_type}")
+    summary = data.summary if kind.tokens else f"{data_file}: {len(data)} records"
+    if not kind.tokens:
+        ds = ItemDataset(data, checked, **common)
+    elif dataload == "get":
         if isinstance(data.docs, BinIdx):
             stream, flags, check = data.docs, data.flags, partial(data.docs.check_ids, vocab_size)
             longest = int(data.docs.sizes.max())
         else:
-            stream, check = np.concatenate(data.docs), _checked
+            stream, check = np.concatenate(data.docs), checked
             flags = None if data.flags is None else np.concatenate(data.flags)
             longest = max(len(d) for d in data.docs)
         ds = GetDataset(stream, check, data.name, magic_prime=magic_prime, longest_doc=longest,
                         flags=flags, **common)
     else:
         ds = data.sampler(ctx_len, vocab_size, samples_per_epoch, seed, rank, world_size)
-    ds.summary = data.summary
+    ds.summary = summary
     if rank == 0:
         print(f"data: {ds.summary}", file=sys.stderr)
     return ds

@@ -195,3 +195,11 @@ class DocDataset(_Samples):
         mask = torch.zeros(self.ctx_len, dtype=torch.float32)
         mask[:n] = torch.from_numpy(self.doc_flags(d, n + 1)[1:].astype(np.float32))
         return {"input_ids": ids[:-1], "targets": ids[1:], "mask": mask}
+
+
+class ItemDataset(DocDataset):
+    """One record (a dict of anything) per sample, in DocDataset's seeded order: data types whose
+    samples are not token windows, e.g. preference pairs or prompts to roll out."""
+
+    def doc_sample(self, d: int) -> dict:
+        return self.docs[d]

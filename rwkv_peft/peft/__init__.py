@@ -5,6 +5,7 @@ Each method is one record in ``registry.py`` and one module with its config, lay
 
 from rwkv_peft.peft.inject import (
     adapter_config,
+    adapter_disabled,
     apply_peft,
     load_adapter,
     parse_peft_config,
@@ -25,6 +26,7 @@ __all__ = [
     "MissLinear",
     "StateConfig",
     "adapter_config",
+    "adapter_disabled",
     "apply_peft",
     "get_method",
     "load_adapter",

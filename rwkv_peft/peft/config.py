@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from torch import Tensor
+    from torch import Tensor, nn
 
 TRAIN_PARTS = ("emb", "head", "ln", "time", "deepembed")  # deepembed: RWKV-7a ffn.s_emb, s_emb_x, s0-s2
 
@@ -58,3 +58,17 @@ class Fold:
     merge: Callable[[Tensor], Tensor]
     unmerge: Callable[[Tensor], Tensor] | None = None
     no_unmerge: str = ""
+
+
+class Switchable:
+    """An adapter layer whose delta can be bypassed: with ``adapter_off`` set its forward is the base
+    linear's exact output (``adapter_disabled``, the free reference model of DPO and GRPO)."""
+
+    adapter_off = False
+
+
+def switch_layers(model: nn.Module, off: bool) -> None:
+    """Bypass (or restore) the delta of every adapter layer of the model."""
+    for module in model.modules():
+        if isinstance(module, Switchable):
+            module.adapter_off = off

@@ -93,6 +93,8 @@ class DoraLinear(LoraLinear):
             return dora_weight_norm(self.weight, self.lora_A, self.lora_B, self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.adapter_off:
+            return self.base_forward(x)
         return dora_factor(self.lora_magnitude_vector, self.weight_norm()).to(x.dtype) * super().forward(x)
 
     def merged_weight(self) -> torch.Tensor:

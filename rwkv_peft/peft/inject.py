@@ -9,6 +9,8 @@ so every parameter name stays a checkpoint key (``blocks.3.ffn.key.weight``, ``.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -79,10 +81,36 @@ def apply_peft(model: nn.Module, method: str, cfg: PeftConfig | None = None) -> 
         setattr(parent, attr, m.layer(getattr(parent, attr), cfg, name))
     if m.attach is not None:
         m.attach(model, cfg)
+    model.peft_method = m.name
     if cfg.load:
         n = load_adapter(model, cfg.load)
         print(f"loaded {n} tensors from {cfg.load}")
     return param_report(model)
+
+
+@contextmanager
+def adapter_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block the model computes its base's exact output: every adapter switched off the way its
+    method's record says (adapter layers bypass their delta; state tuning starts from the zero state).
+
+    Trained ``train_parts`` change base tensors in place and full fine-tuning trains the base itself:
+    there is nothing to switch off, which is a one-line error.
+    """
+    name = getattr(model, "peft_method", None)
+    if name is None:
+        raise ValueError("adapter_disabled: the model has no adapter (apply_peft has not run on it)")
+    m = get_method(name)
+    if m.switch is None:
+        raise ValueError(f"--peft {name}: {m.no_switch}")
+    in_place = next((n for n, p in model.named_parameters() if p.requires_grad and model.train_part(n)), None)
+    if in_place is not None:
+        raise ValueError(f"--peft {name}: {in_place} is a base tensor trained in place (train_parts); the base "
+                         "output cannot be recovered by switching the adapter off")
+    m.switch(model, True)
+    try:
+        yield model
+    finally:
+        m.switch(model, False)
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rwkv_peft.peft.config import Fold, as_tuple, check_train_parts, json_fields
+from rwkv_peft.peft.config import Fold, Switchable, as_tuple, check_train_parts, json_fields
 
 PISSA_BUFFERS = ("pissa_A0", "pissa_B0")  # PiSSA's initial factors, saved with the adapter
 
@@ -131,7 +131,7 @@ def pissa_factors(weight: torch.Tensor, r: int, scale: float, niter: int) -> tup
     return (root[:, None] * v[:, :r].t()).contiguous(), (u[:, :r] * root[None, :]).contiguous()
 
 
-class LoraLinear(nn.Module):
+class LoraLinear(Switchable, nn.Module):
     """A frozen nn.Linear weight plus ``lora_A`` (r, in) and ``lora_B`` (out, r)."""
 
     def __init__(self, base: nn.Linear, cfg: LoraConfig, name: str = "linear", pissa: bool = False):
@@ -169,7 +169,16 @@ class LoraLinear(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.adapter_off:
+            return self.base_forward(x)
         return F.linear(x, self.weight) + self.scale * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base linear's output: PiSSA's residual weight plus its initial factors, else the weight."""
+        y = F.linear(x, self.weight)
+        if self.pissa:
+            y = y + self.scale * F.linear(F.linear(x, self.pissa_A0), self.pissa_B0)
+        return y
 
     @torch.no_grad()
     def load_buffers(self, saved: dict[str, torch.Tensor]) -> None:

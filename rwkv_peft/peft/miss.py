@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rwkv_peft.peft.config import Fold, as_tuple, check_train_parts, json_fields
+from rwkv_peft.peft.config import Fold, Switchable, as_tuple, check_train_parts, json_fields
 
 MODES = ("balance", "mini", "bat_row", "bat_col")
 MODE_ALIASES = {"bone": "balance", "bat": "bat_col"}  # RWKV-PEFT mode names
@@ -362,7 +362,7 @@ def miss_linear(
     raise AssertionError
 
 
-class MissLinear(nn.Module):
+class MissLinear(Switchable, nn.Module):
     """A frozen nn.Linear weight plus a MiSS adapter ``miss``; parameter names stay checkpoint keys."""
 
     def __init__(self, base: nn.Linear, cfg: MissConfig, name: str = "linear"):
@@ -379,6 +379,8 @@ class MissLinear(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.adapter_off:
+            return F.linear(x, self.weight)
         return miss_linear(x, self.weight, self.miss, self.mode, self.dropout)
 
     def merged_weight(self) -> torch.Tensor:

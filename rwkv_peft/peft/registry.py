@@ -20,11 +20,11 @@ from typing import Any
 
 from torch import nn
 
-from rwkv_peft.peft.config import Fold
+from rwkv_peft.peft.config import Fold, switch_layers
 from rwkv_peft.peft.dora import DoraConfig, DoraLinear, dora_fold
 from rwkv_peft.peft.lora import PISSA_BUFFERS, LoraConfig, LoraLinear, lora_fold
 from rwkv_peft.peft.miss import MODE_ALIASES, MODES, MissConfig, MissLinear, miss_check, miss_fold, miss_shape
-from rwkv_peft.peft.state import FullConfig, StateConfig, add_time_state, train_everything
+from rwkv_peft.peft.state import FullConfig, StateConfig, add_time_state, switch_state, train_everything
 
 Shapes = list[tuple[int, int]]  # (out, in) of every adapted linear
 
@@ -59,6 +59,8 @@ class Method:
     merge_flags: tuple[MergeFlag, ...] = ()
     params: Callable[[Any, Shapes], int] | None = None  # trainable parameters on these linears
     matched: Callable[[Shapes, int], dict] | None = None  # the JSON config nearest a parameter budget
+    switch: Callable[[nn.Module, bool], None] | None = switch_layers  # (model, off): bypass the adapter or not
+    no_switch: str = ""  # why it has no switch (said to the user)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -112,10 +114,13 @@ _RECORDS = (
     ),
     Method(
         "state", "--peft_config", StateConfig.from_json, attach=add_time_state, keys=("time_state",),
+        switch=switch_state,
         no_fold="a state-tuning adapter (time_state) has no weights to fold into the base; "
                 "load it as the initial state instead",
     ),
-    Method("full", "--peft_config", FullConfig.from_json, attach=train_everything, merge_script="merge_miss"),
+    Method("full", "--peft_config", FullConfig.from_json, attach=train_everything, merge_script="merge_miss",
+           switch=None, no_switch="full fine-tuning trains the base weights themselves; there is no adapter to "
+                               "switch off (compute reference outputs before training instead)"),
 )
 
 METHODS: Mapping[str, Method] = MappingProxyType({m.name: m for m in _RECORDS})

@@ -51,6 +51,16 @@ def _learned_start(att: nn.Module, batch: int) -> torch.Tensor:
     return att.time_state.float().expand(batch, *att.time_state.shape)
 
 
+def switch_state(model: nn.Module, off: bool) -> None:
+    """Start every layer from the zero state (the base's) instead of its learned one, or back."""
+    for block in model.blocks:
+        att = block.att
+        if off:
+            vars(att).pop("start_state", None)  # the class's: None, zeros
+        elif hasattr(att, "time_state"):
+            att.start_state = types.MethodType(_learned_start, att)
+
+
 def add_time_state(model: nn.Module, cfg: StateConfig | None = None) -> int:
     """Give every block's time-mix a zero (fp32) ``time_state`` parameter as its start state; returns how many."""
     for i, block in enumerate(model.blocks):

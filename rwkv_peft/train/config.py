@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from rwkv_peft.cli import ArgumentParser
-from rwkv_peft.data import DATA_TYPES
-from rwkv_peft.data.binidx import split_prefix
-from rwkv_peft.data.chat import MASK_SUFFIX
+from rwkv_peft.data import DATA_TYPES, DataOptions, get_data_type
 from rwkv_peft.ops import OPS
 from rwkv_peft.peft.registry import METHODS, get_method
+from rwkv_peft.train.objectives import OBJECTIVES, add_objective_flags, get_objective, objective_options
 
 STRATEGIES = ("deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3",
               "deepspeed_stage_2_offload", "deepspeed_stage_3_offload")
@@ -19,7 +19,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 ARCH_FLAGS = ("n_layer", "n_embd", "vocab_size", "head_size", "dim_ffn")
 # flags that take one of a few words, in the order check_config checks them
-CHOICES = {"strategy": STRATEGIES, "precision": PRECISIONS, "accelerator": ACCELERATORS, "data_type": DATA_TYPES,
+CHOICES = {"strategy": STRATEGIES, "precision": PRECISIONS, "accelerator": ACCELERATORS,
            "lr_schedule": ("cos", "wsd", "const"), "train_type": ("", "infctx"), "quant": ("none", "int8", "nf4"),
            "too_long": ("truncate", "drop")}
 
@@ -30,6 +30,7 @@ class TrainConfig:
     proj_dir: str = "out"
     data_file: str = ""
     data_type: str = "binidx"
+    objective: str = "lm"
     dataload: str = "get"
     tokenizer: str = "world"
     sft_field: tuple[str, str] = ("question", "answer")
@@ -87,6 +88,7 @@ class TrainConfig:
     vocab_size: int = 0
     head_size: int = 0
     dim_ffn: int = 0
+    objective_options: dict[str, Any] = field(default_factory=dict)  # the --objective's own flags
 
     @property
     def zero_stage(self) -> int:
@@ -113,6 +115,11 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def data_options(self, vocab_size: int) -> DataOptions:
+        """How the data files of this run are read."""
+        return DataOptions(self.ctx_len, vocab_size, self.tokenizer, tuple(self.sft_field), self.sft_template or None,
+                           self.chat_template or None, self.too_long, bool(self.strict))
+
 
 def _flag_users(flag: str) -> str:
     """The methods configured by ``flag``, e.g. lora|pissa|dora for --lora_config."""
@@ -127,9 +134,8 @@ def build_parser() -> ArgumentParser:
     helps = {
         "load_model": "base RWKV checkpoint (.pth/.safetensors); architecture is read from it",
         "proj_dir": "output dir: rwkv-<epoch>.pth, adapter_config.json, train_log.jsonl, loss.png",
-        "data_type": "binidx (PREFIX of .bin/.idx) | jsonl ({'text':...}) | sft (question/answer jsonl) | "
-                     "chat ({'messages':[{'role','content'}...]} or {'text':'User: ...'} jsonl, or a "
-                     "make_binidx --chat PREFIX; loss on assistant turns)",
+        "data_type": " | ".join(f"{n}: {t.help}" for n, t in DATA_TYPES.items()),
+        "objective": " | ".join(f"{n}: {o.help}" for n, o in OBJECTIVES.items()),
         "dataload": "get (random windows) | pad (one document per sample)",
         "chat_template": "JSON file overriding the RWKV chat template (keys system, user, assistant, "
                          "separator, separator_in_content)",
@@ -168,7 +174,9 @@ def build_parser() -> ArgumentParser:
     }
     for name, value in defaults.to_dict().items():
         kw = {"help": helps.get(name)}
-        if name == "sft_field":
+        if name == "objective_options":
+            add_objective_flags(p)
+        elif name == "sft_field":
             p.add_argument(f"--{name}", nargs=2, default=list(value), **kw)
         elif name in ARCH_FLAGS:
             p.add_argument(f"--{name}", type=int, default=0,
@@ -182,7 +190,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """Flags -> TrainConfig; argparse errors exit with one ``error: ...`` line."""
     a = vars(build_parser().parse_args(argv))
     a["sft_field"] = tuple(a["sft_field"])
-    cfg = TrainConfig(**a)
+    own = {f.name for f in fields(TrainConfig)}
+    given = {k: a.pop(k) for k in list(a) if k not in own}  # flags of objectives
+    cfg = TrainConfig(**a, objective_options=objective_options(a["objective"], given))
     check_config(cfg)
     return cfg
 
@@ -196,6 +206,10 @@ def _positive(cfg: TrainConfig, *names: str, minimum: int = 1) -> None:
 def check_config(cfg: TrainConfig) -> None:
     """Cheap checks of every flag and input path, so bad input fails in a second, not after model loading."""
     get_method(cfg.peft)
+    kind, objective = get_data_type(cfg.data_type), get_objective(cfg.objective)
+    if cfg.data_type not in objective.data_types if objective.data_types else not kind.tokens:
+        accepted = "|".join(objective.data_types) or "a token data type"
+        raise ValueError(f"--data_type {cfg.data_type}: --objective {cfg.objective} trains on {accepted}")
     for flag, choices in CHOICES.items():  # data_type before the path checks, which read the path by the type
         if getattr(cfg, flag) not in choices:
             raise ValueError(f"--{flag}: expected one of {'|'.join(c or repr(c) for c in choices)}, "
@@ -218,34 +232,21 @@ def check_config(cfg: TrainConfig) -> None:
         raise FileNotFoundError(f"--load_model {cfg.load_model}: file not found")
     if not cfg.data_file:
         raise ValueError("--data_file: required")
-    data_files("--data_file", cfg.data_file, cfg.data_type)
+    kind.files("--data_file", cfg.data_file)
     if cfg.chat_template and not Path(cfg.chat_template).is_file():
         raise FileNotFoundError(f"--chat_template {cfg.chat_template}: file not found")
     _positive(cfg, "eval_every", "eval_samples", "eval_max_tokens", minimum=0)
     if cfg.eval_data:
-        data_files("--eval_data", cfg.eval_data, cfg.data_type)
+        if not kind.eval:
+            raise ValueError(f"--eval_data: --data_type {cfg.data_type} has no held-out evaluation")
+        kind.files("--eval_data", cfg.eval_data)
         if not cfg.eval_every:
             raise ValueError("--eval_data: set --eval_every N (evaluate every N steps)")
     elif cfg.eval_every or cfg.save_best:
         raise ValueError(f"--{'eval_every' if cfg.eval_every else 'save_best'}: needs --eval_data FILE "
                          f"(held-out data in the --data_type {cfg.data_type} format)")
-
-
-def data_files(flag: str, path: str, data_type: str) -> list[str]:
-    """The files behind a data flag: a jsonl file, or for binidx (and pre-tokenised chat) PREFIX.bin/.idx and,
-    when there, a chat's loss flags PREFIX.mask.bin/.idx. FileNotFoundError naming ``flag`` if one is missing."""
-    if data_type == "binidx" or (data_type == "chat" and not Path(path).is_file()):
-        prefix = split_prefix(path)
-        paths = [prefix + s + ext for s in ("", MASK_SUFFIX) for ext in (".bin", ".idx")]
-        for p in paths[:2]:
-            if not Path(p).is_file():
-                what = ("a chat jsonl file or a make_binidx --chat PREFIX" if data_type == "chat"
-                        else "PREFIX.bin and PREFIX.idx")
-                raise FileNotFoundError(f"{flag} {path}: {p} not found (expected {what})")
-        return [p for p in paths if Path(p).is_file()]
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{flag} {path}: file not found")
-    return [path]
+    if objective.check is not None:
+        objective.check(cfg)
 
 
 def input_files(cfg: TrainConfig) -> dict[str, str]:
@@ -253,7 +254,7 @@ def input_files(cfg: TrainConfig) -> dict[str, str]:
     found = {cfg.load_model: f"--load_model {cfg.load_model}"}
     for flag in ("data_file", "eval_data"):
         if getattr(cfg, flag):
-            found.update(dict.fromkeys(data_files(f"--{flag}", getattr(cfg, flag), cfg.data_type),
+            found.update(dict.fromkeys(get_data_type(cfg.data_type).files(f"--{flag}", getattr(cfg, flag)),
                                        f"--{flag} {getattr(cfg, flag)}"))
     for flag in ("tokenizer", "chat_template"):
         if Path(getattr(cfg, flag)).is_file():

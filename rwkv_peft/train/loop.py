@@ -22,11 +22,12 @@ import torch
 
 from rwkv_peft import files
 from rwkv_peft.cli import fail
+from rwkv_peft.data import get_data_type
 from rwkv_peft.train import progress
 from rwkv_peft.train.config import ARCH_FLAGS, TrainConfig, input_files, parse_args
 from rwkv_peft.train.ds_config import build_ds_config, check_supported
 from rwkv_peft.train.loggers import RunLog, check_loggers
-from rwkv_peft.train.loss import infctx_loss, masked_loss
+from rwkv_peft.train.objectives import Context, get_objective, objective_options
 from rwkv_peft.train.schedule import lr_at
 
 STATE_FILE = "trainer_state.pt"
@@ -188,12 +189,13 @@ def latest_checkpoint(proj_dir: Path) -> dict | None:
     return state
 
 
-def get_batch(ds, step_in_epoch: int, micro: int, cfg: TrainConfig, device: str) -> dict[str, torch.Tensor]:
+def get_batch(ds, step_in_epoch: int, micro: int, cfg: TrainConfig, device: str) -> dict:
     """Micro-batch ``micro`` of optimizer step ``step_in_epoch``: a pure function of the position, so
-    resuming at a step reads exactly what the uninterrupted run read."""
+    resuming at a step reads exactly what the uninterrupted run read. The data type's ``collate`` batches
+    the items; its tensors go to the device."""
     first = (step_in_epoch * cfg.accumulate_grad_batches + micro) * cfg.micro_bsz
-    items = [ds[first + b] for b in range(cfg.micro_bsz)]
-    return {k: torch.stack([it[k] for it in items]).to(device, non_blocking=True) for k in items[0]}
+    batch = get_data_type(cfg.data_type).collate([ds[first + b] for b in range(cfg.micro_bsz)])
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 @dataclass
@@ -213,6 +215,7 @@ class Run:
     evaluator: Any = None
     model: Any = None
     engine: Any = None
+    objective: Any = None
     params: list = field(default_factory=list)
     resume: dict | None = None
     start_epoch: int = 0
@@ -358,10 +361,14 @@ def setup_model(run: Run, base_sd: dict, peft_cfg) -> str:
 
 
 def setup_engine(run: Run, deepspeed) -> None:
-    """DeepSpeed's engine around the model and its optimizer (state restored when resuming)."""
+    """DeepSpeed's engine around the model and its optimizer (state restored when resuming), and the
+    --objective that computes each step's loss through it."""
     optimizer = build_optimizer(run.cfg, run.params, run.on_gpu)
     run.engine, _, _, _ = deepspeed.initialize(model=run.model, optimizer=optimizer, model_parameters=run.params,
                                                config=build_ds_config(run.cfg, run.world))
+    options = objective_options(run.cfg.objective, run.cfg.objective_options)
+    run.objective = get_objective(run.cfg.objective).build(
+        Context(run.engine, run.engine.module, run.cfg, options, run.device, run.rank, run.world))
     if run.resume is not None:
         load_optimizer_state(inner_optimizer(run.engine), run.resume["optimizer"][run.rank], run.proj / STATE_FILE)
         torch.set_rng_state(run.resume["rng"][run.rank])
@@ -437,8 +444,9 @@ def train_epoch(run: Run, epoch: int) -> str | None:
     return None
 
 
-def train_step(run: Run, j: int, lr: float) -> tuple[list[torch.Tensor], int]:
-    """Optimizer step ``j`` of the epoch over its micro-batches; returns (finite losses, NaN/inf micro-batches).
+def train_step(run: Run, j: int, lr: float) -> tuple[list[dict[str, torch.Tensor]], int]:
+    """Optimizer step ``j`` of the epoch over its micro-batches; returns (the finite micro-batches' loss and
+    metrics, NaN/inf micro-batches).
 
     A NaN/inf micro-batch is skipped on every rank together: it backpropagates zero, which keeps
     DeepSpeed's accumulation counters aligned."""
@@ -449,12 +457,7 @@ def train_step(run: Run, j: int, lr: float) -> tuple[list[torch.Tensor], int]:
         group["lr"] = lr
     losses, bad_micro = [], 0
     for micro in range(cfg.accumulate_grad_batches):
-        batch = get_batch(run.dataset, j, micro, cfg, run.device)
-        if cfg.train_type == "infctx":
-            loss = infctx_loss(engine.module, batch["input_ids"], batch["targets"], batch["mask"], cfg.chunk_ctx,
-                               cfg.head_chunk)
-        else:
-            loss = masked_loss(engine, batch["input_ids"], batch["targets"], batch["mask"], cfg.head_chunk)
+        loss, metrics = run.objective.loss(get_batch(run.dataset, j, micro, cfg, run.device))
         bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=loss.device)  # nccl needs it on the GPU
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank skips together
         if bad.item():
@@ -463,37 +466,41 @@ def train_step(run: Run, j: int, lr: float) -> tuple[list[torch.Tensor], int]:
                 break
             loss = sum((p * 0).sum() for p in run.params)  # contributes nothing, keeps counters aligned
         else:
-            losses.append(loss.detach().float())
+            losses.append({"loss": loss.detach().float(), **{k: torch.as_tensor(v, dtype=torch.float32).detach()
+                                                              for k, v in metrics.items()}})
         engine.backward(loss)
         engine.step()  # steps the optimizer at the accumulation boundary only
     return losses, bad_micro
 
 
-def log_step(run: Run, epoch: int, losses: list[torch.Tensor], lr: float, dt: float) -> None:
-    """Count a trained step; rank 0 logs the loss averaged over ranks and shows progress."""
+def log_step(run: Run, epoch: int, losses: list[dict[str, torch.Tensor]], lr: float, dt: float) -> None:
+    """Count a trained step; rank 0 logs the loss and the objective's metrics averaged over micro-batches and
+    ranks, and shows progress."""
     import torch.distributed as dist
 
     run.steps_trained += 1
-    loss_val = torch.stack(losses).mean()
-    dist.all_reduce(loss_val)
-    loss_val = loss_val.item() / run.world
+    means = torch.stack([torch.stack([m[k].float().to(run.device) for m in losses]).mean() for k in losses[0]])
+    dist.all_reduce(means)
+    metrics = dict(zip(losses[0], (means / run.world).tolist(), strict=True))
     run.tokens_seen += run.tokens_per_step
     run.step += 1
-    record = {"step": run.step, "epoch": epoch, "loss": loss_val, "lr": lr,
+    record = {"step": run.step, "epoch": epoch, **metrics, "lr": lr,
               "tokens": run.step * run.tokens_per_step, "tok_s": run.tokens_per_step / max(dt, 1e-9),
               **grad_norm(run.engine)}
     if not run.is_main:
         return
     run.run_log.log(record)
     ev = run.evaluator
-    shown = {} if ev is None or ev.best_step is None else {"eval": f"{ev.best_loss:.4f}@{ev.best_step}"}
+    shown = {k: f"{v:.4f}" for k, v in metrics.items()}
+    if ev is not None and ev.best_step is not None:
+        shown["eval"] = f"{ev.best_loss:.4f}@{ev.best_step}"
     if run.bar is not None:
-        run.bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}",
-                            tok_s=f"{run.tokens_seen / (time.time() - run.t_loop):.0f}", **shown, refresh=False)
+        run.bar.set_postfix(**shown, lr=f"{lr:.2e}", tok_s=f"{run.tokens_seen / (time.time() - run.t_loop):.0f}",
+                            refresh=False)
         run.bar.update(1)
     elif run.step % 10 == 0 or run.step == run.steps_total:
-        run.say(f"step {run.step}/{run.steps_total} loss {loss_val:.4f} lr {lr:.2e} tok/s {record['tok_s']:.0f}"
-                + (f" best eval {shown['eval']}" if shown else ""))
+        run.say(f"step {run.step}/{run.steps_total} " + " ".join(f"{k} {v}" for k, v in shown.items())
+                + f" lr {lr:.2e} tok/s {record['tok_s']:.0f}")
 
 
 def end_epoch(run: Run, epoch: int) -> str | None:
@@ -589,7 +596,7 @@ def evaluate(run: Run) -> None:
     """Held-out loss and generations at this step (every rank), logged and plotted by rank 0; with
     --save_best the adapter is kept as rwkv-best.pth whenever the loss is the best so far."""
     ev, proj = run.evaluator, run.proj
-    record = ev.run(run.engine.module, run.step)
+    record = ev.run(run.objective, run.engine.module, run.step)
     if ev.improved and run.cfg.save_best:
         sd = gathered_trainable(run)
         if run.is_main:

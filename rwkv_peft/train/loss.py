@@ -22,12 +22,14 @@ head's input (B x L x C, which the chunked head computes in forward instead of a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from rwkv_peft.generate import eval_mode
 
 HeadLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (hidden after ln_out, head weight) -> loss
 
@@ -198,3 +200,43 @@ def infctx_loss(
             part_loss = model.head(hidden, share)
         loss = part_loss if loss is None else loss + part_loss
     return loss
+
+
+@torch.no_grad()
+def heldout_sums(
+    model: nn.Module, samples: Sequence[dict[str, torch.Tensor]], batch_size: int = 8
+) -> tuple[list[float], list[float]]:
+    """Per sample: (sum of masked cross-entropy, number of masked tokens).
+
+    Samples are the trainer's dicts (input_ids, targets, mask), so this is the training loss of unseen
+    data; the per-sample sums let a benchmark pair two models sample by sample.
+    """
+    if not samples:
+        raise ValueError("heldout_sums: no samples")
+    sums: list[float] = []
+    counts: list[float] = []
+    with eval_mode(model):
+        for i in range(0, len(samples), batch_size):
+            batch = samples[i : i + batch_size]
+            idx = torch.stack([s["input_ids"] for s in batch])
+            targets = torch.stack([s["targets"] for s in batch])
+            mask = torch.stack([s["mask"] for s in batch])
+            keep = int(mask.nonzero()[:, 1].max()) + 1 if mask.any() else 1  # skip the all-padding tail
+            hidden = model.forward_hidden(idx[:, :keep], None)[0]
+            for j in range(len(batch)):  # the head + loss per sample, chunked: no (B, T, V) logits
+                summed = head_loss(targets[j : j + 1, :keep], mask[j : j + 1, :keep], total=mask.new_tensor(1.0))
+                sums.append(float(model.head(hidden[j : j + 1], summed)))
+                counts.append(float(mask[j].sum()))
+    return sums, counts
+
+
+def heldout_loss(model: nn.Module, samples: Sequence[dict[str, torch.Tensor]], batch_size: int = 8) -> float:
+    """Token-level mean cross-entropy over the masked (answer) tokens of ``samples``.
+
+    Tokens are pooled over all samples (not a mean of per-sample means), so long answers weigh as
+    much as they do in training.
+    """
+    sums, counts = heldout_sums(model, samples, batch_size)
+    if sum(counts) == 0:
+        raise ValueError("heldout_loss: every sample's loss mask is empty")
+    return sum(sums) / sum(counts)
