@@ -18,6 +18,7 @@ from test_reliability import ROOT, mounted_tmpfs, one_line_error
 
 from rwkv_peft import files
 from rwkv_peft.data import make_binidx as make_binidx_mod
+from rwkv_peft.data import writers
 from rwkv_peft.train import main as train_main
 
 DOCS = "".join(json.dumps({"text": f"document {i}: caf\u00e9 \u4e2d\u6587"}) + "\n" for i in range(20))
@@ -32,7 +33,7 @@ def no_tokenizing(monkeypatch) -> None:
     """Any tokenizer load fails the test: the refusals must come before it."""
     def refuse(name):
         raise AssertionError(f"tokenizer {name} loaded before the checks")
-    monkeypatch.setattr(make_binidx_mod, "get_tokenizer", refuse)
+    monkeypatch.setattr(writers, "get_tokenizer", refuse)
 
 
 @pytest.mark.parametrize("chat", [False, True])

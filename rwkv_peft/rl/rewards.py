@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from rwkv_peft.eval import extract_answer
+from rwkv_peft.scoring import extract_answer
 
 RewardFn = Callable[[list, list[str], list[dict]], Sequence[float]]
 DEFAULT_FORMAT_REGEX = r"####\s*[-+]?[\d,]*\.?\d+"
