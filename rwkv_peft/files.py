@@ -302,24 +302,29 @@ def check_free_space(directory: str | os.PathLike, need: int, what: str) -> None
                                     f"{directory}", what)
 
 
-def _same(a: Path, b: Path) -> bool:
+def _replaces(out: Path, inp: Path) -> str | None:
+    """How writing ``out`` would replace the input ``inp`` (None: it would not)."""
     try:
-        return os.path.samefile(a, b)  # through symlinks (stat follows them) and hard links (same inode)
+        if not os.path.samefile(out, inp):  # stat follows symlinks; a hard link has the same inode
+            folder = out.is_dir() and Path(os.path.realpath(out)) in Path(os.path.realpath(inp)).parents
+            return "is a folder holding" if folder else None  # a folder output replaces all that is in it
     except OSError:  # one of them does not exist (yet): it cannot be the other
-        return False
+        return None
+    if os.path.abspath(out) == os.path.abspath(inp):
+        return "is"
+    return "resolves through a symlink to" if os.path.realpath(out) == os.path.realpath(inp) else "is a hard link to"
 
 
 def check_not_input(outputs: dict[str | os.PathLike, str], inputs: dict[str | os.PathLike, str]) -> None:
     """ValueError naming both, before any work, when one of ``outputs`` is one of ``inputs``: the same path,
-    or the same file through a symlink or a hard link. Each dict maps a path to what the user called it
-    (``"--output data/x"``); replacing an input with an output would lose it, or leave a link to old data."""
+    the same file through a symlink or a hard link, or (an output folder) the folder holding it. Each dict
+    maps a path to what the user called it (``"--output data/x"``); replacing an input with an output would
+    lose it, or leave a link to old data."""
     for out, out_flag in outputs.items():
         for inp, in_flag in inputs.items():
-            if not _same(Path(out), Path(inp)):
+            how = _replaces(Path(out), Path(inp))
+            if how is None:
                 continue
-            how = ("is" if os.path.abspath(out) == os.path.abspath(inp) else
-                   "resolves through a symlink to" if os.path.realpath(out) == os.path.realpath(inp) else
-                   "is a hard link to")
             written = "" if out_flag.endswith(f" {out}") else f" (writes {out})"
             raise ValueError(f"{out_flag}{written} {how} the input {in_flag}: an output must not replace an "
                              f"input; choose another {out_flag.split()[0]}")

@@ -50,10 +50,12 @@ def test_make_binidx_refuses_to_write_over_its_input_which_survives(tmp_path, ch
     assert src.read_bytes() == before and sorted(os.listdir(tmp_path)) == [src.name]
 
 
-@pytest.mark.parametrize("link", ["symlink", "hard link", "symlinked dir"])
+@pytest.mark.parametrize("link", ["symlink", "hard link", "symlinked dir", "folder holding"])
 def test_same_file_check_sees_through_links(tmp_path, link):
     src = jsonl(tmp_path / "in.jsonl")
-    if link == "symlink":
+    if link == "folder holding":  # a folder output (export's) replaces the folder with all in it
+        out = tmp_path
+    elif link == "symlink":
         out = tmp_path / "out.bin"
         out.symlink_to(src)
     elif link == "hard link":
@@ -65,7 +67,10 @@ def test_same_file_check_sees_through_links(tmp_path, link):
     with pytest.raises(ValueError, match="must not replace an input") as e:
         files.check_not_input({out: "--output X"}, {src: "--input Y"})
     assert ("hard link" in str(e.value)) == (link == "hard link") and "--output X" in str(e.value)
-    files.check_not_input({tmp_path / "other.bin": "--output X"}, {src: "--input Y"})  # a new file is fine
+    assert ("folder holding" in str(e.value)) == (link == "folder holding")
+    (tmp_path / "sub").mkdir(exist_ok=True)
+    for fine in (tmp_path / "other.bin", tmp_path / "sub"):  # a new file, a folder beside the input
+        files.check_not_input({fine: "--output X"}, {src: "--input Y"})
 
 
 def test_make_binidx_hard_linked_idx_and_merge_symlinked_output_are_refused(tmp_path, monkeypatch):
