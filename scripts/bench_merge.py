@@ -20,7 +20,6 @@ wall time, <= 1.5x the copy's, peak RSS <= 0.3x theirs; --shape 7b: < 1 GB.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 import subprocess
@@ -33,6 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a clone without installing
 
+from rwkv_peft.cli import ArgumentParser  # noqa: E402
 from rwkv_peft.model import RWKV7, RWKV7Config, build_model  # noqa: E402
 from rwkv_peft.model.stream import write_pth  # noqa: E402
 
@@ -142,7 +142,7 @@ def same_tensors(a: Path, b: Path) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=sorted(SHAPES), help="a released shape, base built once in " + str(CACHE))
     p.add_argument("--dir", default="", help="where outputs go (default /tmp/bench_merge; --shape: the cache)")
     p.add_argument("--n_layer", type=int, default=24)

@@ -10,7 +10,6 @@ hits them alike: every variant run sits between two base runs and is timed again
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rwkv_peft.cli import ArgumentParser
 from rwkv_peft.peft.lora import LoraConfig, LoraLinear
 from rwkv_peft.peft.miss import MissConfig, MissLinear, _bat_delta
 
@@ -117,7 +117,7 @@ def bench(layers: dict[str, nn.Module], x: torch.Tensor, gy: torch.Tensor, reps:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--r", type=int, default=64)
     ap.add_argument("--reps", type=int, default=5)

@@ -11,7 +11,6 @@ Goal: ratio >= 10.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import os
@@ -21,6 +20,7 @@ import time
 import numpy as np
 from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
 
+from rwkv_peft.cli import ArgumentParser
 from rwkv_peft.data.binidx import BinIdx
 from rwkv_peft.data.make_binidx import make_binidx
 from rwkv_peft.data.tokenizer import get_tokenizer, world_vocab_path
@@ -35,7 +35,7 @@ def read_docs(path: str, field: str) -> list[str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("text", help="a .txt or .jsonl file")
     ap.add_argument("--field", default="text", help="jsonl field with the text")
     ap.add_argument("--repeat", type=int, default=3, help="best of this many runs")

@@ -10,13 +10,13 @@ WKV-7, its GFLOP/s; then one training step of a 2-layer model of the family's ge
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
 
+from rwkv_peft.cli import ArgumentParser
 from rwkv_peft.model import VERSIONS, init_model
 from rwkv_peft.ops import wkv6, wkv7
 
@@ -86,7 +86,7 @@ def report(title: str, ref: tuple[float, float], cpu: tuple[float, float], extra
 
 def main() -> None:
     """Parse the shape, time both ops side by side on the kernel and on a model, print the comparisons."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--family", choices=tuple(FAMILIES), default="wkv7")
     for name, default in (("B", 2), ("T", 512), ("H", 4), ("N", 64), ("repeat", 5)):
         p.add_argument(f"--{name}", type=int, default=default)
