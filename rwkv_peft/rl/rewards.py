@@ -41,9 +41,14 @@ class RewardError(ValueError):
 
 @dataclass(frozen=True)
 class Reward:
-    name: str  # as given on the command line; metrics are reward/<name>
+    name: str  # as given on the command line
     fn: RewardFn
     weight: float
+
+    @property
+    def key(self) -> str:
+        """Its name in metrics (``reward_<key>``): the function's name, or the built-in's."""
+        return self.name.rpartition(":")[2]
 
 
 def gsm8k_reward(prompts: list, completions: list[str], records: list[dict]) -> list[float]:
@@ -113,13 +118,16 @@ def load_rewards(specs: Sequence[str], weights: Sequence[float] = (), format_reg
                          "gsm8k or format)")
     if weights and len(weights) != len(specs):
         raise ValueError(f"--reward_weights: {len(weights)} weights for {len(specs)} --reward functions")
-    if len(set(specs)) != len(specs):
-        raise ValueError(f"--reward: a function is named twice in {list(specs)}")
     weights = list(weights) or [1.0] * len(specs)
     bad = [w for w in weights if not math.isfinite(w)]
     if bad:
         raise ValueError(f"--reward_weights: {bad[0]} is not a finite number")
-    return [Reward(s, _builtin(s, format_regex) or _import(s), float(w)) for s, w in zip(specs, weights, strict=True)]
+    rewards = [Reward(s, _builtin(s, format_regex) or _import(s), float(w)) for s, w in zip(specs, weights, strict=True)]
+    keys = [r.key for r in rewards]
+    twice = next((k for k in keys if keys.count(k) > 1), None)
+    if twice:
+        raise ValueError(f"--reward: two functions are named {twice!r} (their metrics reward_{twice} would clash)")
+    return rewards
 
 
 def score(rewards: Sequence[Reward], prompts: list, completions: list[str], records: list[dict]

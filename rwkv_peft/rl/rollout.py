@@ -32,6 +32,7 @@ class Rollouts:
     mask: torch.Tensor  # (B, L) 1.0 on generated tokens, the end token included
     logps: torch.Tensor  # (B, L) fp32 log pi(token) when it was sampled (0 where mask is 0)
     group_size: int
+    texts: list[str]  # (B) each completion's text, the end token excluded ('' without a tokenizer)
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -60,7 +61,7 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float = 1.0,
 @torch.no_grad()
 def rollout(model: nn.Module, prompts: Sequence[Sequence[int]], group_size: int, max_new_tokens: int,
             temperature: float = 1.0, top_p: float = 1.0, rng: torch.Generator | None = None,
-            stop_early: bool = True) -> Rollouts:
+            stop_early: bool = True, tokenizer=None) -> Rollouts:
     """``group_size`` sampled completions of each token-id prompt, up to ``max_new_tokens`` each.
 
     ``stop_early=False`` decodes all ``max_new_tokens`` steps even when every completion has ended:
@@ -80,7 +81,7 @@ def rollout(model: nn.Module, prompts: Sequence[Sequence[int]], group_size: int,
         return tok.tolist()
 
     with eval_mode(model):
-        dec = Decoder(model)
+        dec = Decoder(model, tokenizer)
         dec.feed_each(prompts)
         dec.state = [[t.repeat_interleave(group_size, 0) for t in block] for block in dec.state]
         dec.logits = dec.logits.repeat_interleave(group_size, 0)
@@ -92,9 +93,11 @@ def rollout(model: nn.Module, prompts: Sequence[Sequence[int]], group_size: int,
             if stop_early and not live.any():
                 break
     mask = torch.stack(masks, 1).float()
-    return Rollouts([list(p) for p in prompts for _ in range(group_size)],
-                    torch.where(mask.bool(), torch.stack(tokens, 1), END_TOKEN),
-                    mask, torch.stack(logps, 1) * mask, group_size)
+    out = Rollouts([list(p) for p in prompts for _ in range(group_size)],
+                   torch.where(mask.bool(), torch.stack(tokens, 1), END_TOKEN), mask, torch.stack(logps, 1) * mask,
+                   group_size, [])
+    out.texts = [dec.text(out.completion(b)) if tokenizer is not None else "" for b in range(len(out.prompts))]
+    return out
 
 
 def completion_logps(model: nn.Module, prompts: Sequence[Sequence[int]], tokens: torch.Tensor,
