@@ -12,6 +12,7 @@ from functools import partial
 
 import numpy as np
 
+from . import prompts  # noqa: F401  (registers --data_type prompts)
 from .binidx import BinIdx, BinIdxWriter
 from .chat import ChatTemplate, load_chat
 from .dataset import DocDataset, GetDataset, ItemDataset, largest_magic_prime, permute

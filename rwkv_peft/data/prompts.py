@@ -5,8 +5,8 @@
 
 A string prompt is fed as it is; a list of chat messages is rendered with the chat template and
 ends in ``Assistant:`` (``ChatTemplate.prompt``), as at inference. Any other field travels with
-the record to the reward functions. A sample is a dict (prompt ids, prompt as given, record), not
-tensors: the objective generates the completions it trains on.
+the record to the reward functions. A sample is an item dict (``{"ids", "prompt", "record"}``), not
+token windows: the objective generates the completions it trains on (``--objective grpo``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import numpy as np
 from .chat import ROLES, ChatTemplate
 from .jsonl import JsonlStats, iter_jsonl_objects, reject
 from .tokenizer import check_vocab_range, get_tokenizer
+from .types import DataOptions, DataType, register_data_type
 
 EXPECTED = '{"prompt": str | [{"role": "system"|"user"|"assistant", "content": str}, ...], ...}'
 
@@ -72,3 +73,15 @@ def load_prompts(path: str, vocab_size: int, ctx_len: int, tokenizer: str = "wor
                          f"expected one per line: {EXPECTED}")
     return out
 
+
+
+def read_prompts(path: str, o: DataOptions, padded: bool = True) -> list[dict]:
+    """The data type's reader: one item per usable prompt."""
+    data = load_prompts(path, o.vocab_size, o.ctx_len, o.tokenizer, ChatTemplate.load(o.chat_template), o.strict)
+    return [{"ids": ids.tolist(), "prompt": p, "record": r}
+            for ids, p, r in zip(data.ids, data.prompts, data.records, strict=True)]
+
+
+register_data_type(DataType(
+    "prompts", "{'prompt': str | messages, ...} jsonl for --objective grpo; the other fields go to --reward",
+    read_prompts, tokens=False))

@@ -122,7 +122,8 @@ def load_rewards(specs: Sequence[str], weights: Sequence[float] = (), format_reg
     bad = [w for w in weights if not math.isfinite(w)]
     if bad:
         raise ValueError(f"--reward_weights: {bad[0]} is not a finite number")
-    rewards = [Reward(s, _builtin(s, format_regex) or _import(s), float(w)) for s, w in zip(specs, weights, strict=True)]
+    rewards = [Reward(s, _builtin(s, format_regex) or _import(s), float(w))
+               for s, w in zip(specs, weights, strict=True)]
     keys = [r.key for r in rewards]
     twice = next((k for k in keys if keys.count(k) > 1), None)
     if twice:
