@@ -337,7 +337,7 @@ def train_run(argv: list[str], run_dir: Path) -> Callable[[], dict]:
         from rwkv_peft.data import build_dataset
         from rwkv_peft.model import config_from_state_dict, read_state_dict
         from rwkv_peft.train.config import parse_args
-        from rwkv_peft.train.loop import train
+        from rwkv_peft.train.recipe import train
 
         cfg = parse_args(argv)
         vocab = config_from_state_dict(read_state_dict(cfg.load_model), cfg.load_model).vocab_size
@@ -856,7 +856,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Setting]:
 
 def warm_imports() -> None:
     """Import once in the parent what every forked run would import again (no torch compute here)."""
-    importlib.import_module("rwkv_peft.train.loop").import_deepspeed(False)
+    importlib.import_module("rwkv_peft.train.engine").import_deepspeed(False)
     importlib.import_module("deepspeed.runtime.zero.muon.muon_optimizer")  # pulled in lazily by deepspeed
     importlib.import_module("rwkv_peft.tools.init_model")
     import matplotlib

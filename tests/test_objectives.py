@@ -12,7 +12,7 @@ from helpers import tiny_run_files, train_flags
 
 from rwkv_peft.data import DataType, collate, get_data_type, register_data_type
 from rwkv_peft.train import main
-from rwkv_peft.train import progress as progress_mod
+from rwkv_peft.train.loggers import read_log
 from rwkv_peft.train.loss import masked_loss
 from rwkv_peft.train.objectives import Objective, ObjectiveRecord, get_objective, register_objective
 
@@ -71,7 +71,7 @@ def files(tmp_path_factory) -> dict:
 
 
 def records(out: Path) -> list[dict]:
-    return progress_mod.read_log(out / "train_log.jsonl")
+    return read_log(out / "train_log.jsonl")
 
 
 def test_a_toy_objective_registered_here_trains_with_its_own_flag(files, tmp_path):

@@ -257,7 +257,7 @@ def test_registry_is_the_one_list_of_methods(tmp_path):
     from rwkv_peft.merge.cli import _parser
     from rwkv_peft.peft.registry import METHODS, method_for_keys
     from rwkv_peft.train.config import TrainConfig, build_parser
-    from rwkv_peft.train.loop import merge_command
+    from rwkv_peft.train.report import merge_command
 
     assert method_for_keys({"lora_A", "lora_B"}).name == "lora"
     assert method_for_keys({"disha"}).name == method_for_keys({"miss"}).name == "miss"

@@ -23,7 +23,7 @@ from helpers import tiny_run_files, train_flags
 from rwkv_peft import files
 from rwkv_peft.model import read_state_dict, save_model
 from rwkv_peft.train import main
-from rwkv_peft.train import progress as progress_mod
+from rwkv_peft.train.loggers import read_log, truncate_log
 
 VOCAB, CTX = 256, 16
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,8 +112,8 @@ def test_killed_training_resumes_to_the_uninterrupted_result(data, reference, tm
     assert "taking over the lock" in err and "removed 1 temp file" in err and "torn last line" in err
     assert leftovers(out) == []
     assert adapter_equal(out / "rwkv-final.pth", reference / "rwkv-final.pth")
-    assert [r["loss"] for r in progress_mod.read_log(out / "train_log.jsonl")] == \
-        [r["loss"] for r in progress_mod.read_log(reference / "train_log.jsonl")]
+    assert [r["loss"] for r in read_log(out / "train_log.jsonl")] == \
+        [r["loss"] for r in read_log(reference / "train_log.jsonl")]
     assert (out / "loss.png").stat().st_size > 1000 and (out / "adapter_config.json").is_file()
 
 
@@ -253,12 +253,12 @@ def test_strict_makes_a_bad_data_line_an_error(data, tmp_path, capfd):
 def test_log_reader_drops_only_a_torn_last_line(tmp_path, capsys):
     log = tmp_path / "train_log.jsonl"
     log.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
-    assert [r["step"] for r in progress_mod.read_log(log)] == [1, 2]
+    assert [r["step"] for r in read_log(log)] == [1, 2]
     assert f"{log}:3: dropped a torn last line" in capsys.readouterr().err
     log.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.0}\n')
     with pytest.raises(ValueError, match=rf"{log}:2: not a log record"):
-        progress_mod.read_log(log)
-    progress_mod.truncate_log(log, -1)  # a fresh run does not even read it
+        read_log(log)
+    truncate_log(log, -1)  # a fresh run does not even read it
     assert log.read_text() == ""
 
 

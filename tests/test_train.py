@@ -16,8 +16,8 @@ from helpers import tiny_run_files, train_flags
 
 from rwkv_peft.model import load_model
 from rwkv_peft.peft import apply_peft, parse_peft_config
-from rwkv_peft.train import lr_at, main, masked_loss
-from rwkv_peft.train import progress as progress_mod
+from rwkv_peft.train import lr_at, main, masked_loss, plots
+from rwkv_peft.train.loggers import read_log
 
 VOCAB, CTX = 256, 16
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +34,7 @@ def adapter(out: Path, name: str = "rwkv-final.pth") -> dict[str, torch.Tensor]:
 
 
 def losses(out: Path) -> list[float]:
-    return [r["loss"] for r in progress_mod.read_log(out / "train_log.jsonl")]
+    return [r["loss"] for r in read_log(out / "train_log.jsonl")]
 
 
 def test_lr_schedules():
@@ -45,6 +45,14 @@ def test_lr_schedules():
     assert lr_at(99, 100, 1.0, 0.1, schedule="wsd", decay_frac=0.2) == pytest.approx(0.1)
     cos = [lr_at(s, 50, 1.0, 0.1) for s in range(50)]
     assert all(a >= b for a, b in zip(cos, cos[1:], strict=False))
+
+
+def test_loss_curve_smoothing_is_centred():
+    """loss.png's running mean goes through the data: on a straight falling line it is the line itself (a
+    trailing mean would sit above it by half its window)."""
+    line = [10.0 - 0.01 * i for i in range(300)]
+    k, smooth = plots.moving_average(line)
+    assert k == 51 and smooth == pytest.approx(line, abs=1e-9)
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -88,16 +96,16 @@ def test_zero3_trains_the_head_through_the_chunked_loss(files, tmp_path):
 def test_resume_follows_the_uninterrupted_run(files, tmp_path, monkeypatch):
     full, cut = tmp_path / "full", tmp_path / "cut"
     main(train_flags(files, full, epoch_count=3))
-    real_plot = progress_mod.plot_loss
+    real_plot = plots.plot_loss
 
     def killed_after_first_save(*a, **k):
         real_plot(*a, **k)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(progress_mod, "plot_loss", killed_after_first_save)
+    monkeypatch.setattr(plots, "plot_loss", killed_after_first_save)
     with pytest.raises(KeyboardInterrupt):
         main(train_flags(files, cut, epoch_count=3))
-    monkeypatch.setattr(progress_mod, "plot_loss", real_plot)
+    monkeypatch.setattr(plots, "plot_loss", real_plot)
     assert len(losses(cut)) == 4
     main(train_flags(files, cut, epoch_count=3, resume=1))
     assert losses(cut) == losses(full)  # exactly: same samples, optimizer state and schedule
@@ -243,7 +251,7 @@ def test_messages_go_through_the_progress_bar(tmp_path, capsys):
     from tqdm import tqdm
 
     from rwkv_peft.train import TrainConfig
-    from rwkv_peft.train.loop import Run
+    from rwkv_peft.train.recipe import Run
 
     run = Run(TrainConfig(), tmp_path, on_gpu=False, t_start=0.0)
     run.say("plain", 1)

@@ -19,8 +19,8 @@ from rwkv_peft.generate import Sampling, generate
 from rwkv_peft.model import load_model, save_model
 from rwkv_peft.peft import apply_peft, load_adapter, parse_peft_config
 from rwkv_peft.train import main
-from rwkv_peft.train import progress as progress_mod
-from rwkv_peft.train.evaluation import prompt_of
+from rwkv_peft.train.heldout import prompt_of
+from rwkv_peft.train.loggers import read_log
 from rwkv_peft.train.loss import heldout_loss
 
 VOCAB, CTX, STEPS, EVERY = 300, 72, 8, 3
@@ -73,7 +73,7 @@ def run(tmp_path_factory) -> dict:
             mp.setenv(k, v)
         summary = main(cli(flags))
     return {**files, "summary": summary, "stdout": out.getvalue(),
-            "log": progress_mod.read_log(files["out"] / "train_log.jsonl")}
+            "log": read_log(files["out"] / "train_log.jsonl")}
 
 
 def eval_samples(run: dict) -> list[dict]:

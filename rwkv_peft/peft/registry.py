@@ -61,6 +61,7 @@ class Method:
     matched: Callable[[Shapes, int], dict] | None = None  # the JSON config nearest a parameter budget
     switch: Callable[[nn.Module, bool], None] | None = switch_layers  # (model, off): bypass the adapter or not
     no_switch: str = ""  # why it has no switch (said to the user)
+    state_file: bool = False  # its adapter (without train_parts) is a start-state file: generate --state
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -114,7 +115,7 @@ _RECORDS = (
     ),
     Method(
         "state", "--peft_config", StateConfig.from_json, attach=add_time_state, keys=("time_state",),
-        switch=switch_state,
+        switch=switch_state, state_file=True,
         no_fold="a state-tuning adapter (time_state) has no weights to fold into the base; "
                 "load it as the initial state instead",
     ),

@@ -1,4 +1,5 @@
-"""Where the trainer's numbers go: ``train_log.jsonl`` always, wandb and TensorBoard when asked.
+"""Where the trainer's numbers go: ``train_log.jsonl`` always (appended, read back, cut at a resumed step),
+wandb and TensorBoard when asked.
 
 Every record is one step's dict (``"step"`` plus numbers, eval records also ``"eval_samples"``);
 each sink gets the same numbers under the same step, so the three never disagree.
@@ -7,11 +8,48 @@ each sink gets the same numbers under the same step, so the three never disagree
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
-from rwkv_peft.train import progress
+from rwkv_peft import files
 from rwkv_peft.train.config import TrainConfig
+
+
+def append_log(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_log(path: Path) -> list[dict]:
+    """The records of ``train_log.jsonl``. A torn last line (the run was killed or the disk filled while
+    appending) is dropped with a note; any other line that is not a JSON object is an error naming it."""
+    if not path.is_file():
+        return []
+    lines = path.read_text(errors="replace").split("\n")
+    records = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        last = not any(x.strip() for x in lines[i:])
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            if last:
+                print(f"note: {path}:{i}: dropped a torn last line ({e})", file=sys.stderr)
+                break
+            raise ValueError(f"{path}:{i}: not a log record ({e}); fix or delete the line") from None
+        records.append(record)
+    return records
+
+
+def truncate_log(path: Path, last_step: int) -> None:
+    """Keep only records up to ``last_step`` (a resumed run rewrites the steps after its checkpoint);
+    ``last_step`` < 0 starts an empty log without reading the old one."""
+    keep = [r for r in read_log(path) if r.get("step", 0) <= last_step] if last_step >= 0 else []
+    files.write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def check_loggers(cfg: TrainConfig) -> None:
@@ -40,7 +78,7 @@ class RunLog:
             self.tb = SummaryWriter(cfg.tensorboard, flush_secs=10)
 
     def log(self, record: dict) -> None:
-        progress.append_log(self.path, record)
+        append_log(self.path, record)
         step = record["step"]
         scalars = {k: v for k, v in record.items()
                    if k not in ("step", "epoch") and isinstance(v, int | float) and not isinstance(v, bool)}

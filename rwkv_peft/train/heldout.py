@@ -1,4 +1,4 @@
-"""Evaluation while training (--eval_data / --eval_every / --eval_samples / --save_best).
+"""Held-out evaluation while training (--eval_data / --eval_every / --eval_samples / --save_best).
 
 Each held-out document (or item, for data types of items) is one sample (its first ctx_len+1 tokens,
 padded), masked exactly as the training data of the same --data_type, and the objective scores the
@@ -44,7 +44,7 @@ def prompt_of(ids: np.ndarray, flags: np.ndarray) -> tuple[int, int]:
     return cut, int(trained[-1]) + 1
 
 
-class Evaluator:
+class HeldOut:
     """The held-out samples and prompts of one run, and the best step seen so far."""
 
     def __init__(self, cfg: TrainConfig, vocab_size: int):
