@@ -22,7 +22,7 @@ from rwkv_peft.rl.loss import VARIANTS, group_advantages, kl_k3, policy_loss
 from rwkv_peft.rl.rewards import RewardError, load_rewards, score
 from rwkv_peft.rl.rollout import completion_logps, rollout, sample_tokens
 from rwkv_peft.train import main
-from rwkv_peft.train.progress import read_log
+from rwkv_peft.train.loggers import read_log
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
