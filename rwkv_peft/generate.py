@@ -98,8 +98,16 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def _cat_states(states: list[list]) -> list:
-    """One batched recurrent state from per-sequence states (batch dim 0 of every tensor)."""
-    return [[torch.cat([s[b][j] for s in states]) for j in range(len(states[0][b]))] for b in range(len(states[0]))]
+    """One batched recurrent state from per-sequence states (batch dim 0 of every tensor). Tensors that
+    grow with the context (RWKV-7b's attention cache and its validity mask, dim 1) are left-padded with
+    zeros / False to the longest."""
+
+    def stack(ts: list[torch.Tensor]) -> torch.Tensor:
+        n = max(t.shape[1] for t in ts) if ts[0].dim() > 1 else 0
+        return torch.cat([t if t.dim() < 2 or t.shape[1] == n else
+                          torch.cat([t.new_zeros((t.shape[0], n - t.shape[1], *t.shape[2:])), t], 1) for t in ts])
+
+    return [[stack([s[b][j] for s in states]) for j in range(len(states[0][b]))] for b in range(len(states[0]))]
 
 
 class Decoder:

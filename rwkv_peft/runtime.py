@@ -60,7 +60,11 @@ def load_runtime(path: str | os.PathLike, version: str = "x070", strategy: str =
     path = Path(path)
     if path.suffix != ".pth":
         raise ValueError(f"{path}: the rwkv runtime loads .pth files only")
-    de = version == "x070" and any(k.endswith(".ffn.s_emb.weight") for k, _, _ in read_specs(path))
+    keys = [k for k, _, _ in read_specs(path)] if version == "x070" else []
+    if any(".qkv." in k for k in keys):
+        raise ValueError(f"{path}: an RWKV-7b file (DeepEmbed attention, blocks.N.qkv.*): the rwkv runtime does "
+                         "not run it (RWKV-LM's rwkv_v7b_demo.py does)")
+    de = any(k.endswith(".ffn.s_emb.weight") for k in keys)
     module = runtime_module(version == "x070", de)
     gc.freeze()  # its loader calls gc.collect() per layer: skip re-scanning the caller's whole heap each time
     try:

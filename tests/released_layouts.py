@@ -14,6 +14,13 @@ the public sources, so a test built on these files checks our loader against wha
   reaching the ffn width (D, F), ``+ s0`` per ffn channel (squeezed by the loader: stored (1, 1, F)
   like the other vectors, or (F); both are written below). Their order among a block's keys is not
   published; they are put after the plain channel mix, in an order unlike the model class's.
+- x070 DeepEmbed attention (RWKV-7b, ``rwkv7b-g1b-0.1b-20250822-ctx4096``): RWKV-7a plus ``qkv.`` keys,
+  shaped as RWKV-LM's ``RWKV-v7/rwkv_v7b_demo.py`` uses them (its loader transposes ``qq.weight``,
+  squeezes the rest): ``x @ qq.T`` of width Q = 256 (layer-normed over 256), ``x @ k1`` (C, K) with
+  K = 32 (its KV cache is "12*2*32 numbers per token"), ``@ k2`` (K, Q), ``@ v1`` (C, K), ``@ v2``
+  (K, C), ``k_emb`` / ``v_emb`` rows of width Q / C with ``emb @ k_emb_x.T`` (Q, C) and ``emb @
+  v_emb_x.T`` (C, C) folded in, token-shift mixes ``x_q`` / ``x_k`` (Q) and ``x_v`` (C), layer norms
+  ``lnq`` / ``lnk`` (Q) and ``lnv`` (C).
 - x060 (RWKV-6 World / Finch): ``RWKV-v5/src/model.py``'s RWKV_Tmix_x060 / RWKV_CMix_x060.
 - x052 (RWKV-5 World / Eagle): RWKV_TimeMix_RWKV5 / RWKV_ChannelMix of the same file, where
   ``time_decay`` and ``time_faaaa`` are (heads, head_size). The `rwkv` runtime squeezes every
@@ -51,6 +58,14 @@ X070A_BLOCK = X070_BLOCK + [
     ("ffn.s_emb.weight", "V E"), ("ffn.s_emb_x.weight", "E C"),
 ]
 X070A_S0_F = [(k, "F" if k == "ffn.s0" else s) for k, s in X070A_BLOCK]
+X070B_BLOCK = X070A_BLOCK + [
+    ("qkv.qq.weight", "Q C"), ("qkv.k1", "C K"), ("qkv.k2", "K Q"),
+    ("qkv.k_emb.weight", "V Q"), ("qkv.k_emb_x.weight", "Q C"),
+    ("qkv.v1", "C K"), ("qkv.v2", "K C"), ("qkv.v_emb.weight", "V C"), ("qkv.v_emb_x.weight", "C C"),
+    ("qkv.x_q", "1 1 Q"), ("qkv.x_k", "1 1 Q"), ("qkv.x_v", "1 1 C"),
+    ("qkv.lnq.weight", "Q"), ("qkv.lnq.bias", "Q"), ("qkv.lnk.weight", "Q"), ("qkv.lnk.bias", "Q"),
+    ("qkv.lnv.weight", "C"), ("qkv.lnv.bias", "C"),
+]
 X060_BLOCK = [
     ("ln1.weight", "C"), ("ln1.bias", "C"), ("ln2.weight", "C"), ("ln2.bias", "C"),
     ("ln0.weight", "C"), ("ln0.bias", "C"),
@@ -95,6 +110,11 @@ LAYOUTS = {
     "x060_world": ("x060", X060_BLOCK, dict(L=2, C=128, H=2, N=64, F=448, V=300, X=32, D=64), False),
     "x052_world": ("x052", X052_BLOCK, dict(L=2, C=128, H=2, N=64, F=448, V=300), False),
     "x052_h_n_1": ("x052", X052_H_N_1, dict(L=2, C=128, H=2, N=64, F=448, V=300), False),
+}
+# RWKV-7b (no pip runtime runs it; tests/test_rwkv7b.py has the reference): Q = 256, K = 32 as in the demo
+X070B_LAYOUTS = {
+    "x070b_dea": ("x070", X070B_BLOCK, dict(LAYOUTS["x070a_deepembed"][2], Q=256, K=32), False),
+    "x070b_n32": ("x070", X070B_BLOCK, dict(LAYOUTS["x070a_n32_s0_f"][2], Q=256, K=32), False),
 }
 X070_0B1 = ("x070", X070_BLOCK, dict(L=12, C=768, H=12, N=64, F=3072, V=65536, W=64, A=64, M=32, G=128), False)
 

@@ -96,7 +96,7 @@ def test_runtime_parity_chunks_and_greedy(name: str, dt: str, files: dict) -> No
     with torch.no_grad():  # infctx / a prompt read in pieces: the state carries over, ids stay aligned
         first, state = model.forward_state(torch.tensor([toks[:10]]), None)
         second, _ = model.forward_state(torch.tensor([toks[10:]]), state)
-    torch.testing.assert_close(torch.cat([first[0], second[0]]), ours, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.cat([first[0], second[0]]), ours, atol=TOL, rtol=0)
 
     want = runtime_generate(runtime, toks[:8], 32)
     assert len(set(want)) > 3, want
@@ -135,6 +135,7 @@ def test_adapters_train_merge_and_run_in_the_runtime(
     base = files[name, dt]
     model = load_model(base, op="torch")
     cfg = parse_peft_config(method, json.dumps(config))
+    torch.manual_seed(0)  # LoRA's A: the same start whatever ran before
     apply_peft(model, method, cfg)
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     de_keys = {k for k in load(base) if k.endswith(DE_LEAVES)}
@@ -223,7 +224,6 @@ def test_init_model_deepembed_runs_in_the_runtime(tmp_path: Path) -> None:
 
 def test_bad_deepembed_files_are_one_error(files: dict, tmp_path: Path) -> None:
     sd = dict(load(files["x070a_deepembed", "fp32"]))
-    qkv = {"blocks.0.qkv.qq.weight": torch.zeros(256, 128), "blocks.0.qkv.k1": torch.zeros(128, 32)}
     cases = {
         "no_s1.pth": ({k: v for k, v in sd.items() if k != "blocks.1.ffn.s1"},
                       r"no_s1\.pth.*missing: blocks\.1\.ffn\.s1"),
@@ -234,7 +234,6 @@ def test_bad_deepembed_files_are_one_error(files: dict, tmp_path: Path) -> None:
                     r"odd\.pth: blocks\.0\.ffn\.s_emb\.weight has width 1000, expected D\*D"),
         "only_s2.pth": ({k: v for k, v in sd.items() if not k.endswith(("ffn.s1", "s_emb.weight"))},
                         r"only_s2\.pth: blocks\.0\.ffn\.s2 without blocks\.N\.ffn\.s1"),
-        "rwkv7b.pth": ({**sd, **qkv}, r"rwkv7b\.pth: an RWKV-7b checkpoint .*qkv.*not supported"),
     }
     for fname, (bad, match) in cases.items():
         torch.save(bad, tmp_path / fname)

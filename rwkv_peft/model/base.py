@@ -125,11 +125,16 @@ class RWKV(nn.Module):
         self.cfg = cfg
         self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(
-            Block(cfg, i, self.time_mix, self.channel_mix, op) for i in range(cfg.n_layer)
+            self.block_class(cfg)(cfg, i, self.time_mix, self.channel_mix, op) for i in range(cfg.n_layer)
         )
         self.ln_out = nn.LayerNorm(cfg.n_embd)
         self.head = Head(cfg.n_embd, cfg.vocab_size, bias=False)
         self.grad_cp = False
+
+    @classmethod
+    def block_class(cls, cfg: Any) -> type[Block]:
+        """The block for this config (x070: one with DeepEmbed attention for RWKV-7b files)."""
+        return Block
 
     def train_part(self, name: str) -> str | None:
         """Which ``train_parts`` group (emb, head, ln, time) a parameter name belongs to, if any."""

@@ -5,6 +5,7 @@ RWKV-7a (DeepEmbed) files are x070 with five more tensors per block in the chann
 matrix), ``ffn.s1`` / ``ffn.s2`` / ``ffn.s0``: the key is scaled by ``((x @ s1) @ E_token) @ s2 + s0``.
 The `rwkv` runtime (RWKV_DE_VERSION=1) folds ``ln0(emb) @ s_emb_x.T`` into ``s_emb`` at load time; here
 the same sum is formed per token, so the stored tensors stay as they came (and trainable).
+RWKV-7b adds DeepEmbed attention (``blocks.<i>.qkv.*``, rwkv7b.py) to RWKV-7a.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rwkv_peft.model import base
+from rwkv_peft.model import base, rwkv7b
 from rwkv_peft.model.checkpoint import block_count, tensor_shape
 from rwkv_peft.ops import wkv7
 
@@ -37,6 +38,8 @@ class RWKV7Config:
     # RWKV-LM's trainer creates unused ones, so its raw outputs have them. True: keep them too.
     layer0_vres: bool = False
     deepembed: int = 0  # RWKV-7a: side D of the per-token D x D DeepEmbed matrix (released: 32); 0: none
+    dea_q: int = 0  # RWKV-7b: DeepEmbed attention's query/key width (released: 256); 0: none
+    dea_k: int = 0  # RWKV-7b: the width of its low-rank key and value paths k1 / v1 (released: 32)
 
     def __post_init__(self) -> None:
         C = self.n_embd
@@ -75,11 +78,7 @@ def config_from_state_dict(sd: Mapping[str, torch.Tensor], name: str = "checkpoi
         keys = (f"blocks.{i}.att.{leaf}" for i in range(n_layer))
         return next((sd[k].shape[-1] for k in keys if k in sd), 0)
 
-    if any(".qkv." in k for k in sd):
-        raise ValueError(
-            f"{name}: an RWKV-7b checkpoint (DeepEmbed attention, blocks.N.qkv.* tensors): not supported; "
-            "RWKV-7 and RWKV-7a (DeepEmbed channel mix, ffn.s_emb...) are"
-        )
+    dea = any(k.startswith("blocks.") and ".qkv." in k for k in sd)  # RWKV-7b
     return RWKV7Config(
         n_layer=n_layer,
         n_embd=n_embd,
@@ -92,6 +91,8 @@ def config_from_state_dict(sd: Mapping[str, torch.Tensor], name: str = "checkpoi
         d_gate=width("g1"),
         layer0_vres=any(f"blocks.0.att.{v}" in sd for v in ("v0", "v1", "v2")),
         deepembed=deepembed_side(sd, n_layer, name),
+        dea_q=tensor_shape(sd, "blocks.0.qkv.qq.weight", name)[0] if dea else 0,
+        dea_k=tensor_shape(sd, "blocks.0.qkv.k1", name)[-1] if dea else 0,
     )
 
 
@@ -224,10 +225,17 @@ class RWKV7(base.RWKV):
     # Layer 0's value-residual tensors some files carry (layer0_vres).
     unused_params = ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")
 
+    @classmethod
+    def block_class(cls, cfg: RWKV7Config) -> type[base.Block]:
+        return rwkv7b.Block if cfg.dea_q else base.Block
+
     def train_part(self, name: str) -> str | None:
-        """As base, plus ``deepembed``: RWKV-7a's ``blocks.<i>.ffn.{s_emb,s_emb_x,s0,s1,s2}``."""
+        """As base, plus ``deepembed``: RWKV-7a's ``blocks.<i>.ffn.{s_emb,s_emb_x,s0,s1,s2}`` and all of
+        RWKV-7b's ``blocks.<i>.qkv.*``."""
         parts = name.split(".")
-        if len(parts) > 3 and parts[0] == "blocks" and parts[2] == "ffn" and parts[3] in DEEPEMBED:
+        if len(parts) > 3 and parts[0] == "blocks" and (
+            (parts[2] == "ffn" and parts[3] in DEEPEMBED) or parts[2] == "qkv"
+        ):
             return "deepembed"
         return super().train_part(name)
 
@@ -290,6 +298,8 @@ def init_rwkv7_(model: RWKV7) -> RWKV7:
             ffn.s2.zero_()
             ffn.s_emb.weight.uniform_(-1 / D**0.5, 1 / D**0.5)
             ffn.s_emb_x.weight.zero_()
+        if cfg.dea_q:
+            rwkv7b.init_dea_(block.qkv, C)
         for ln in (block.ln1, block.ln2) + ((block.ln0,) if i == 0 else ()):
             ln.reset_parameters()
     model.ln_out.reset_parameters()
