@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
         fail(e)
     n = sum(p.numel() for p in model.parameters())
     print(
-        f"wrote {a.out}: RWKV {a.version}{' DeepEmbed' if cfg.deepembed else ''}{' attention' if a.dea else ''} "
+        f"wrote {a.out}: RWKV {a.version}{' DeepEmbed' if a.deepembed or a.dea else ''}{' attention' if a.dea else ''} "
         f"L{a.n_layer} D{a.n_embd} vocab {a.vocab_size}, "
         f"{n / 1e6:.2f}M params ({a.dtype})"
     )
