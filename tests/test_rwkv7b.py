@@ -18,13 +18,13 @@ import torch
 import torch.nn.functional as F
 from released_layouts import X070B_LAYOUTS, key_shapes, write_checkpoint
 
-from rwkv_peft.eval import greedy_generate
 from rwkv_peft.generate import Decoder
 from rwkv_peft.merge import merge_adapter
 from rwkv_peft.merge.verify import verify_tolerance
 from rwkv_peft.model import load_model
 from rwkv_peft.peft import adapter_config, apply_peft, parse_peft_config, trainable_state_dict
 from rwkv_peft.runtime import load_runtime
+from rwkv_peft.scoring import greedy_generate
 from rwkv_peft.tools.init_model import main as init_model_main
 
 TOL = 1e-4  # fp32 on both sides
@@ -206,7 +206,7 @@ def test_reference_parity_rnn_chunks_and_greedy(name: str, dt: str, files: dict)
     dec = Decoder(model.eval())
     dec.feed(toks[:8])
     assert [t for (t,) in islice(dec.steps(lambda lg: lg.argmax(-1).tolist()), 32)] == want
-    # a batch of prompts of different lengths (eval samples, GRPO): caches stacked left-padded, masked
+    # a batch of prompts of different lengths (held-out samples, GRPO): caches stacked left-padded, masked
     prompts = [toks[:3], toks[:8], toks[5:11]]
     assert greedy_generate(model, prompts, 12, stop_token=-1) == [ref.greedy(p, 12) for p in prompts]
 
