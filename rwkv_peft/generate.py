@@ -347,17 +347,15 @@ def load_for_generation(
 ) -> nn.Module:
     """A model ready to decode: the base with an adapter merged in (any method; a state adapter sets
     the start state) or a merged file, plus a state file's start state. Everything is checked first."""
-    from rwkv_peft.merge import adapter_config_path, merge_state_dict, read_adapter_config
+    from rwkv_peft.merge import merge_state_dict, read_adapter
     from rwkv_peft.model import load_model, read_state_dict
     from rwkv_peft.peft.state import check_states, read_state_file, set_time_state, split_states
 
     sd, states = split_states(read_state_dict(model_path))  # a base with a state merged in (merge_state.py)
     states_from = model_path if states else None
     if adapter is not None:
-        asd, astates = split_states(read_state_dict(adapter))
-        cfg = read_adapter_config(adapter)
-        if cfg:
-            cfg["_source"] = str(adapter_config_path(adapter))
+        tensors, cfg = read_adapter(adapter)
+        asd, astates = split_states(tensors)
         if astates:
             if states_from:
                 raise ValueError(f"--adapter {adapter}: a state adapter, but {states_from} already holds a time_state")
@@ -394,7 +392,8 @@ def _unescape(text: str) -> str:
 def _parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m rwkv_peft.generate", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="base or merged checkpoint (.pth / .safetensors)")
-    p.add_argument("--adapter", help="adapter checkpoint OUT/rwkv-N.pth (adapter_config.json beside it), any method")
+    p.add_argument("--adapter", help="adapter checkpoint OUT/rwkv-N.pth (adapter_config.json beside it), any method; "
+                   "or a Hugging Face peft adapter folder")
     p.add_argument("--state", help="state file (blocks.N.att.time_state, RWKV-PEFT's format) as the start state")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--prompt", help=r"text to continue (\n, \t, \\ are read as escapes)")

@@ -17,6 +17,7 @@ from rwkv_peft.merge.plan import (
     adapter_config_path,
     merge_state_dict,
     plan_edits,
+    read_adapter,
     read_adapter_config,
     resolve_config,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "merge_state_dict",
     "peft_config_from_edits",
     "plan_edits",
+    "read_adapter",
     "read_adapter_config",
     "resolve_config",
     "unmerge_adapter",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from rwkv_peft.model import config_from_state_dict, detect_version
+from rwkv_peft.model import config_from_state_dict, detect_version, read_state_dict
 from rwkv_peft.peft.config import Fold
 from rwkv_peft.peft.registry import METHODS, adapter_keys, method_for_keys
 
@@ -69,6 +69,17 @@ def resolve_config(adapter_path: str | os.PathLike, config: dict | None) -> dict
         if v is not None:
             cfg[k] = v
     return cfg
+
+
+def read_adapter(adapter_path: str | os.PathLike, config: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """An adapter's tensors and its config (``resolve_config``): a checkpoint file with adapter_config.json
+    beside it, or a Hugging Face peft folder (keys and config translated: rwkv_peft.peft.folder)."""
+    if not Path(adapter_path).is_dir():
+        return read_state_dict(adapter_path), resolve_config(adapter_path, config)
+    from rwkv_peft.peft.folder import read_peft_folder
+
+    tensors, cfg = read_peft_folder(adapter_path)
+    return tensors, cfg | {k: v for k, v in (config or {}).items() if v is not None}
 
 
 def _split(key: str) -> tuple[str, str]:

@@ -12,8 +12,7 @@ from collections.abc import Mapping
 
 import torch
 
-from rwkv_peft.merge.plan import Edit, plan_edits, resolve_config
-from rwkv_peft.model import read_state_dict
+from rwkv_peft.merge.plan import Edit, plan_edits, read_adapter
 from rwkv_peft.model.checkpoint import meta_state_dict, read_specs
 
 DEMO_QUESTION = "Tom has 3 apples. He gets 5 more. How many apples does Tom have now?"
@@ -46,9 +45,8 @@ def adapted_model(
     from rwkv_peft.model import load_model
     from rwkv_peft.peft.inject import apply_peft, load_adapter
 
-    cfg = resolve_config(adapter_path, config)
+    adapter, cfg = read_adapter(adapter_path, config)
     model = load_model(base_path, dtype=torch.float32, op=op)
-    adapter = read_state_dict(adapter_path)
     # the stored shapes, from the file's metadata (load_model has checked its CRCs)
     edits = plan_edits(meta_state_dict(read_specs(base_path)), adapter, cfg, str(base_path), str(adapter_path))
     method, peft_cfg = peft_config_from_edits(edits, cfg, model)

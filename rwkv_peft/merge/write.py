@@ -20,8 +20,8 @@ import torch
 
 from rwkv_peft import files
 from rwkv_peft.integrity import Span, check_crc
-from rwkv_peft.merge.plan import Edit, model_class, plan_edits, resolve_config, target_weights
-from rwkv_peft.model import detect_version, read_state_dict
+from rwkv_peft.merge.plan import Edit, model_class, plan_edits, read_adapter, target_weights
+from rwkv_peft.model import detect_version
 from rwkv_peft.model.checkpoint import all_finite, meta_state_dict, open_checkpoint, read_specs, tensor_specs
 from rwkv_peft.model.stream import (
     Spec,
@@ -34,6 +34,7 @@ from rwkv_peft.model.stream import (
     write_pth,
     write_safetensors,
 )
+from rwkv_peft.peft.folder import adapter_file
 
 PREFETCH = 1 << 29  # bytes of the base read ahead of the merge (page cache, not this process's memory)
 
@@ -185,18 +186,18 @@ def merge_adapter(
     if quant is not None and unmerge:
         raise ValueError(f"--quant {quant}: merges onto the quantized base; it does not apply to --unmerge")
     base_path, adapter_path, output = Path(base_path), Path(adapter_path), Path(output_path)
-    for path, flag in ((base_path, "--base_model"), (adapter_path, "--peft_checkpoint")):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: {flag} file not found")
+    if not base_path.is_file():
+        raise FileNotFoundError(f"{base_path}: --base_model file not found")
+    if not adapter_path.exists():
+        raise FileNotFoundError(f"{adapter_path}: --peft_checkpoint file (or peft adapter folder) not found")
     _prepare_output(output, {base_path: f"--base_model {base_path}",
                              adapter_path: f"--peft_checkpoint {adapter_path}"})
-    cfg = resolve_config(adapter_path, config)
+    adapter, cfg = read_adapter(adapter_path, config)
     specs, spans = tensor_layout(base_path)  # every tensor, and where its bytes lie (CRC checked as they stream)
     base: Mapping[str, torch.Tensor] = {}
     if quant is not None or not specs or len(spans) < len(specs):  # tensors read from a loaded checkpoint
         base = open_checkpoint(base_path)  # a .pth read through its mapping: every CRC checked first
         specs = tensor_specs(base)
-    adapter = read_state_dict(adapter_path)
     edits = plan_edits(meta_state_dict(specs), adapter, cfg, str(base_path), str(adapter_path), unmerge=unmerge)
     if quant is not None:  # trained with --quant: fold into the dequantized weights training used
         from rwkv_peft.quant import RoundtripView
@@ -205,7 +206,8 @@ def merge_adapter(
         base = RoundtripView(base, rounded, quant)
         spans = {k: v for k, v in spans.items() if k not in rounded}
     return write_edited(base, edits, output, unmerge=unmerge, name=str(output), log=log, check=check, specs=specs,
-                        mapped=mapped_ranges(base_path), spans=spans, adapter_mapped=mapped_ranges(adapter_path))
+                        mapped=mapped_ranges(base_path), spans=spans,
+                        adapter_mapped=mapped_ranges(adapter_file(adapter_path)))
 
 
 def unmerge_adapter(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import pickle
 from collections.abc import Iterator, Mapping
@@ -11,7 +12,7 @@ import torch
 
 from rwkv_peft.files import atomic_path
 from rwkv_peft.integrity import check_zip
-from rwkv_peft.model.stream import FROM_SAFETENSORS, Spec
+from rwkv_peft.model.stream import FROM_SAFETENSORS, Spec, tensor_layout
 
 
 def load_checked(path: str | os.PathLike, mmap: bool = False, crc: bool = True) -> object:
@@ -66,6 +67,28 @@ def read_state_dict(path: str | os.PathLike, mmap: bool = True, crc: bool = True
     ):
         raise ValueError(f"{path}: expected a dict of name -> tensor, got {type(sd).__name__}")
     return sd
+
+
+def map_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of a .safetensors file as a view of the file mapped into memory (copy-on-write, so the
+    views are writable and the file is never changed): nothing read until used, no copy of the file.
+
+    The header and size are checked first (safetensors' own reader); a tensor whose bytes are not
+    aligned for its dtype is copied alone.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint file not found")
+    SafetensorsReader(path)  # checks the header against the file's size; an error names the file
+    specs, spans = tensor_layout(path)
+    with open(path, "rb") as f:
+        data = torch.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), dtype=torch.uint8)
+    out = {}
+    for key, dtype, shape in specs:
+        span = spans.get(key)
+        raw = data[span.offset : span.offset + span.nbytes] if span else data[:0]
+        out[key] = (raw if span is None or span.offset % dtype.itemsize == 0 else raw.clone()).view(dtype).view(shape)
+    return out
 
 
 class SafetensorsReader(Mapping):

@@ -70,6 +70,10 @@ def apply_peft(model: nn.Module, method: str, cfg: PeftConfig | None = None) -> 
     cfg = m.parse("") if cfg is None else cfg
     if is_adapted(model):
         raise ValueError(f"--peft {method}: the model already has adapters")
+    if cfg.load and os.path.isdir(cfg.load):
+        from rwkv_peft.peft.folder import check_loadable
+
+        check_loadable(cfg.load, method, m.describe(cfg), m.flag)
     targets = target_linears(model, cfg.parts, m.flag) if m.layer is not None else []
     for name, parent, attr in targets if m.check is not None else ():
         m.check(*getattr(parent, attr).weight.shape, cfg, name)
@@ -139,7 +143,8 @@ def _rename_foreign(key: str, aliases: dict[str, str]) -> str:
 
 @torch.no_grad()
 def load_adapter(model: nn.Module, path_or_sd: str | os.PathLike | dict[str, torch.Tensor]) -> int:
-    """Copy a saved adapter (or any partial state dict) into the model; returns the number of tensors loaded.
+    """Copy a saved adapter (a checkpoint, a peft folder, or any partial state dict) into the model; returns
+    the number of tensors loaded.
 
     Every key must name a parameter or buffer of the model with the same shape (or the shape the
     base checkpoint stores it in): a load that silently matches nothing (or only part of the file)
@@ -149,6 +154,10 @@ def load_adapter(model: nn.Module, path_or_sd: str | os.PathLike | dict[str, tor
 
     if isinstance(path_or_sd, dict):
         sd, where = path_or_sd, "adapter state dict"
+    elif os.path.isdir(path_or_sd):
+        from rwkv_peft.peft.folder import read_peft_folder
+
+        sd, where = read_peft_folder(path_or_sd)[0], str(path_or_sd)
     else:
         sd, where = read_state_dict(path_or_sd), str(path_or_sd)
     aliases = key_aliases()

@@ -168,6 +168,21 @@ def miss_unmerge_(merged: torch.Tensor, adapter: torch.Tensor, mode: str) -> tor
     return w.reshape(merged.shape).float()
 
 
+def miss_mode(config: dict, suffix: str, adapter: torch.Tensor, where: str, cfg_name: str) -> str:
+    """The mode of one linear's MiSS tensor: ``config["mode"]`` (adapter_config.json or ``--mode``; RWKV-PEFT's
+    names accepted) or, for an RWKV-PEFT ``.disha`` / ``.bone`` tensor without one, its rank."""
+    mode = config.get("mode")
+    if mode is None and suffix != "miss":
+        mode = "balance" if adapter.dim() == 2 else "bat_col"
+    if mode is None:
+        raise ValueError(f"{where} is a MiSS adapter but no mode is known: no {cfg_name} with \"mode\" beside it "
+                         "and no --mode flag")
+    mode = MODE_ALIASES.get(mode, mode)
+    if mode not in MODES:
+        raise ValueError(f"{where}: MiSS mode must be one of {'|'.join(MODES)}, got {mode!r}")
+    return mode
+
+
 def miss_fold(weight: torch.Tensor, tensors: dict[str, torch.Tensor], config: dict, where: str,
               cfg_name: str) -> Fold:
     """Check one linear's MiSS tensor (``.miss``, or RWKV-PEFT's ``.disha`` / ``.bone``) against its weight.
@@ -179,15 +194,7 @@ def miss_fold(weight: torch.Tensor, tensors: dict[str, torch.Tensor], config: di
         raise ValueError(f"{where}: one MiSS tensor per linear, found {sorted(tensors)}")
     ((suffix, adapter),) = tensors.items()
     where = f"{where}.{suffix}"
-    mode = config.get("mode")
-    if mode is None and suffix != "miss":
-        mode = "balance" if adapter.dim() == 2 else "bat_col"
-    if mode is None:
-        raise ValueError(f"{where} is a MiSS adapter but no mode is known: no {cfg_name} with \"mode\" beside it "
-                         "and no --mode flag")
-    mode = MODE_ALIASES.get(mode, mode)
-    if mode not in MODES:
-        raise ValueError(f"{where}: MiSS mode must be one of {'|'.join(MODES)}, got {mode!r}")
+    mode = miss_mode(config, suffix, adapter, where, cfg_name)
     out_f, in_f = weight.shape
     want_dim = 3 if mode.startswith("bat") else 2
     if adapter.dim() != want_dim:

@@ -1,0 +1,201 @@
+"""Hugging Face peft adapter folders (``save_pretrained``: adapter_config.json + adapter_model.safetensors).
+
+Keys there are ``base_model.model.<module>.<peft suffix>`` (the prefix may be absent) with the module
+named as RWKV-PEFT saves it (BlinkDL: ``blocks.3.att.receptance``) or as the Hugging Face RWKV-7
+layout names it (``model.layers.3.attn.r_proj``). Reading renames every key to ours
+(``blocks.3.att.receptance.miss``) and the config to adapter_config.json's fields, so the merge,
+``--verify``, generate and ``load`` see an ordinary adapter; tensors are views of the memory-mapped
+file (nothing copied, dtype kept). ``rwkv_peft.export.adapter`` writes such folders with these tables.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts before every module path
+SUFFIXES = {  # peft_type -> {peft key suffix: ours}
+    "MISS": {"miss_block": "miss"},
+    "BONE": {"bone_block": "miss"},  # peft's name for MiSS before the rename (old folders)
+    "LORA": {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B", "lora_magnitude_vector": "lora_magnitude_vector",
+             "lora_magnitude_vector.weight": "lora_magnitude_vector"},  # the latter: some peft versions' DoRA
+}
+MISS_INIT = {True: "balance", False: "balance", "bat": "bat_row", "mini": "mini"}  # init_weights -> our mode
+# The linears of the Hugging Face RWKV-7 layout (flash-linear-attention's, which rwkv7-hf loads), by our name.
+HF_LINEARS = {"att.receptance": "attn.r_proj", "att.key": "attn.k_proj", "att.value": "attn.v_proj",
+              "att.output": "attn.o_proj", "ffn.key": "ffn.key", "ffn.value": "ffn.value"}
+LAYOUTS = {"blinkdl": "blocks.{}.", "hf": "model.layers.{}."}  # --names -> a layer's module prefix
+# Config fields whose non-default values change what the tensors mean in ways no method here computes.
+_REFUSED = {
+    "modules_to_save": "whole modules saved beside the adapter",
+    "bias": "trained biases",
+    "fan_in_fan_out": "transposed (Conv1D) weights",
+    "rank_pattern": "per-module ranks",
+    "alpha_pattern": "per-module alphas",
+    "layer_replication": "replicated layers",
+    "target_parameters": "adapters on parameters instead of modules",
+    "trainable_token_indices": "trained token embeddings",
+    "lora_bias": "a trained bias on lora_B",
+}
+_PLAIN_INIT = (True, False, None, "gaussian")  # other init_lora_weights (pissa, olora, ...) change the base
+
+
+def linear_names(version_targets: Iterable[dict[str, tuple[str, ...]]]) -> set[str]:
+    """``part.attr`` of every linear some model class adapts (att.receptance, ffn.key, ...)."""
+    return {f"{part}.{attr}" for targets in version_targets for part, attrs in targets.items() for attr in attrs}
+
+
+@functools.cache
+def _blinkdl_linears() -> frozenset[str]:
+    from rwkv_peft.model import VERSIONS
+
+    return frozenset(linear_names(v.model.peft_targets for v in VERSIONS.values()))
+
+
+def our_module(module: str) -> tuple[str, str] | None:
+    """(our path, layout) of a module path in either layout; None when it names no adaptable linear."""
+    for layout, prefix in LAYOUTS.items():
+        m = re.fullmatch(re.escape(prefix).replace(r"\{\}", r"(\d+)") + r"(\w+\.\w+)", module)
+        if m is None:
+            continue
+        i, name = m.groups()
+        if layout == "hf":
+            name = next((ours for ours, hf in HF_LINEARS.items() if hf == name), None)
+        if name in _blinkdl_linears():
+            return f"blocks.{i}.{name}", layout
+    return None
+
+
+def _read_config(folder: Path) -> dict:
+    path = folder / CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: not a peft adapter folder (no {CONFIG} in it)")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    if raw.get("peft_type") not in SUFFIXES:
+        raise ValueError(f"{path}: peft_type {raw.get('peft_type')!r} is not supported (expected one of "
+                         f"{', '.join(SUFFIXES)})")
+    for field, what in _REFUSED.items():
+        if raw.get(field) not in (None, False, "none", [], {}):
+            raise ValueError(f"{path}: {field}={raw[field]!r} ({what}) is not supported")
+    if raw.get("init_lora_weights", True) not in _PLAIN_INIT:
+        raise ValueError(f"{path}: init_lora_weights={raw['init_lora_weights']!r} trains against a changed base "
+                         "model; save it with peft's path_initial_model_for_weight_conversion (a plain LoRA)")
+    return raw
+
+
+def _our_config(raw: dict, where: str) -> dict:
+    """adapter_config.json's fields (method, mode, r, mini_r, alpha) from peft's config."""
+    kind, r = raw["peft_type"], raw.get("r")
+    if not isinstance(r, int) or r < 1:
+        raise ValueError(f"{where}: r must be a positive integer, got {r!r}")
+    if kind in ("MISS", "BONE"):
+        init = raw.get("init_weights", True)
+        known = {k: v for k, v in MISS_INIT.items() if kind == "MISS" or k != "mini"}
+        mode = known.get(init) if isinstance(init, (bool, str)) else None
+        if mode is None:
+            raise ValueError(f"{where}: init_weights {init!r} is not a {kind} variant (one of "
+                             f"{', '.join(json.dumps(k) for k in known)})")
+        return {"method": "miss", "mode": mode, "r": r, "mini_r": raw.get("mini_r", 1) if mode == "mini" else None}
+    alpha = raw.get("lora_alpha", 8)
+    if raw.get("use_rslora"):  # peft scales by alpha / sqrt(r); ours is alpha / r
+        alpha = alpha * math.sqrt(r)
+    return {"method": "dora" if raw.get("use_dora") else "lora", "r": r, "alpha": alpha}
+
+
+def _check_targets(targets: str | list | None, modules: list[str], where: str) -> None:
+    """Every target_modules entry names some linear of the layout the keys use (peft's rule: the full
+    path, a dotted suffix of it, or a regex over the full path)."""
+    if targets is None:
+        return
+    layout = "hf" if any(m.startswith(LAYOUTS["hf"].split("{")[0]) for m in modules) else "blinkdl"
+    layers = {int(i) for m in modules for i in re.findall(r"\.(\d+)\.", f".{m}.")} or {0}
+    names = _blinkdl_linears() if layout == "blinkdl" else set(HF_LINEARS.values())
+    known = [LAYOUTS[layout].format(i) + n for i in layers for n in names]
+    if isinstance(targets, str):
+        bad = [] if any(re.fullmatch(targets, k) for k in known) else [targets]
+    else:
+        bad = [t for t in targets if not any(k == t or k.endswith(f".{t}") for k in known)]
+    if bad:
+        raise ValueError(f"{where}: target_modules {bad} name no linear of the RWKV model this adapter folds into "
+                         f"({layout} names: {', '.join(sorted(names))})")
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from rwkv_peft.model.checkpoint import map_safetensors, read_state_dict
+
+    if (folder / WEIGHTS).is_file():
+        return map_safetensors(folder / WEIGHTS)
+    if (folder / "adapter_model.bin").is_file():  # safe_serialization=False: a torch zip, read weights_only
+        return read_state_dict(folder / "adapter_model.bin")
+    raise FileNotFoundError(f"{folder}: no {WEIGHTS} (nor adapter_model.bin) in the adapter folder")
+
+
+def read_peft_folder(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors under our keys, adapter_config.json's fields) of a peft adapter folder; one ValueError
+    naming the file and the field or key otherwise."""
+    folder = Path(path)
+    raw = _read_config(folder)
+    where = str(folder / CONFIG)
+    cfg = _our_config(raw, where)
+    suffixes = SUFFIXES[raw["peft_type"]]
+    tensors = _weights(folder)
+    if not tensors:
+        raise ValueError(f"{folder}: the adapter holds no tensors")
+    split = {}  # peft key -> (module path, peft suffix)
+    for key in tensors:
+        name = key.removeprefix(PREFIX)
+        suffix = next((s for s in suffixes if name.endswith(f".{s}")), "")
+        split[key] = name[: -len(suffix) - 1] if suffix else name, suffix
+    _check_targets(raw.get("target_modules"), [m for m, _ in split.values()], where)
+    out, layouts = {}, set()
+    for key, (module, suffix) in split.items():
+        found = our_module(module) if suffix else None
+        if found is None:
+            example = next(iter(suffixes))
+            raise ValueError(f"{folder}: key {key} is not a {raw['peft_type']} tensor of an RWKV linear (expected "
+                             f"e.g. {PREFIX}blocks.0.att.receptance.{example} or model.layers.0.attn.r_proj.{example})")
+        out[f"{found[0]}.{suffixes[suffix]}"] = tensors[key]
+        layouts.add(found[1])
+    if len(layouts) > 1:
+        raise ValueError(f"{folder}: keys mix BlinkDL (blocks.N) and Hugging Face (model.layers.N) module names")
+    parts = sorted({k.split(".")[2] for k in out})
+    return out, cfg | {"parts": parts, "train_parts": [], "_source": where}
+
+
+def adapter_file(path: str | os.PathLike) -> Path:
+    """The file holding an adapter's tensors: ``path`` itself, or a peft folder's weights."""
+    path = Path(path)
+    return path / WEIGHTS if path.is_dir() else path
+
+
+def check_loadable(path: str | os.PathLike, method: str, settings: dict, flag: str) -> None:
+    """A peft folder given as ``load`` holds the adapter the flags set up (method, mode, r, alpha): shapes
+    alone do not tell bat_row from bat_col on a square weight, nor one LoRA scale from another."""
+    where = str(Path(path) / CONFIG)
+    have = _our_config(_read_config(Path(path)), where)
+    want = {"method": method} | settings
+    diff = [f"{k} {have[k]!r} ({flag} says {want[k]!r})" for k in have
+            if k in want and have[k] is not None and not _same(have[k], want[k])]
+    if diff:
+        raise ValueError(f"{flag} load {path}: the folder's adapter differs from the one configured: {', '.join(diff)}")
+
+
+def _same(a: object, b: object) -> bool:
+    """Equal, numbers to rounding (an rsLoRA alpha converted to ours is a product with sqrt(r))."""
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-9)
+    return a == b
