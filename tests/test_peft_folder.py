@@ -106,6 +106,30 @@ def test_peft_loads_our_folder_onto_our_model(case: str, base_file: Path, base_l
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def hf_base(base_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The base as a Hugging Face RWKV-7 folder, converted by rwkv7-hf's own converter."""
+    from rwkv7_hf.converter import main as convert
+
+    out = tmp_path_factory.mktemp("hf") / "model"
+    convert(["--input", str(base_file), "--output", str(out), "--precision", "fp32"])
+    return out
+
+
+@pytest.mark.parametrize("case", ["bat_row", "dora"])
+def test_peft_loads_our_hf_named_folder_onto_the_hugging_face_model(case: str, hf_base: Path, ours: dict,
+                                                                   tmp_path: Path) -> None:
+    from peft import PeftModel
+    from rwkv7_hf import RWKV7ForCausalLM
+
+    adapter, want = ours[case]
+    folder = export_adapter(adapter, tmp_path / "peft", "hf")
+    model = PeftModel.from_pretrained(RWKV7ForCausalLM.from_pretrained(str(hf_base)), str(folder)).eval()
+    with torch.no_grad():
+        got = model(torch.tensor([TOKENS])).logits[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
 def _peft_folder(base_file: Path, case: str, folder: Path) -> tuple[torch.nn.Module, torch.Tensor]:
     """peft's model of our base with a perturbed adapter of ``case``, saved by save_pretrained, and its logits."""
     model = get_peft_model(load_model(base_file, op="torch"), THEIRS[case]())
@@ -192,6 +216,8 @@ def test_round_trip_gives_identical_tensors(case: str, names: str, ours: dict, t
     back, cfg = read_peft_folder(folder)
     assert sorted(back) == sorted(sd)
     assert all(back[k].dtype == sd[k].dtype and torch.equal(back[k], sd[k]) for k in sd)
+    again, _ = read_peft_folder(export_adapter(folder, tmp_path / "renamed", "hf" if names == "blinkdl" else "blinkdl"))
+    assert sorted(again) == sorted(sd) and all(torch.equal(again[k], sd[k]) for k in sd)  # a folder in, too
     want = json.loads((adapter.parent / "adapter_config.json").read_text())
     assert cfg["method"] == want["method"]
     assert all(cfg[k] == want[k] for k in ("mode", "r", "mini_r", "alpha") if cfg.get(k) is not None)

@@ -16,6 +16,7 @@ from helpers import tiny_run_files, train_flags
 
 from rwkv_peft.model import load_model
 from rwkv_peft.peft import apply_peft, parse_peft_config
+from rwkv_peft.peft.folder import read_peft_folder
 from rwkv_peft.train import lr_at, main, masked_loss, plots
 from rwkv_peft.train.loggers import read_log
 
@@ -199,7 +200,8 @@ def test_two_nodes_equal_one_process_with_the_global_batch(files, one_process, t
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", ["data", "checkpoint", "n_embd", "strategy", "head_chunk", "data_type"])
+@pytest.mark.parametrize("case", ["data", "checkpoint", "n_embd", "strategy", "head_chunk", "data_type",
+                                  "peft_folder"])
 def test_bad_input_is_one_line_before_heavy_work(files, tmp_path, case):
     kw = {}
     if case == "data":
@@ -214,6 +216,8 @@ def test_bad_input_is_one_line_before_heavy_work(files, tmp_path, case):
         kw["strategy"] = "deepspeed_stage_9"
     elif case == "data_type":
         kw["data_type"] = "csv"  # named as the flag at fault, not as a missing --data_file
+    elif case == "peft_folder":  # peft has no bat_col
+        kw.update(peft_folder="hf", miss_config='{"r":8,"mode":"bat_col"}')
     else:
         kw["head_chunk"] = -2
     with pytest.raises(SystemExit) as e:
@@ -221,7 +225,8 @@ def test_bad_input_is_one_line_before_heavy_work(files, tmp_path, case):
     msg = str(e.value)
     assert msg.startswith("error: ") and "\n" not in msg
     assert {"data": "--data_file", "checkpoint": "not an RWKV", "n_embd": "--n_embd 128",
-            "strategy": "--strategy", "head_chunk": "--head_chunk", "data_type": "--data_type"}[case] in msg
+            "strategy": "--strategy", "head_chunk": "--head_chunk", "data_type": "--data_type",
+            "peft_folder": "--peft_folder: MiSS mode bat_col"}[case] in msg
     assert not (tmp_path / "out").exists()
 
 
@@ -232,7 +237,8 @@ def test_baselines_train_through_deepspeed(files, tmp_path: Path, peft: str, con
     train in the same loop; the saved adapter holds exactly the method's tensors."""
     out = tmp_path / peft
     flag = "peft_config" if peft == "state" else "lora_config"
-    main(train_flags(files, out, peft=peft, **{flag: config}, epoch_count=1, epoch_steps=6, lr_init=3e-2))
+    folder = {"peft_folder": "hf"} if peft == "dora" else {}  # and as a peft folder (tests/test_peft_folder.py)
+    main(train_flags(files, out, peft=peft, **{flag: config}, epoch_count=1, epoch_steps=6, lr_init=3e-2, **folder))
     seen = losses(out)
     if peft == "state":  # a start state cannot store a successor table; it must still train
         assert all(np.isfinite(seen)) and adapter(out)["blocks.0.att.time_state"].abs().max() > 0
@@ -244,6 +250,9 @@ def test_baselines_train_through_deepspeed(files, tmp_path: Path, peft: str, con
     assert leaves == want
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["method"] == peft
+    for name in ("rwkv-0", "rwkv-final") if folder else ():
+        saved, (back, _) = adapter(out, f"{name}.pth"), read_peft_folder(out / f"{name}-peft")
+        assert sorted(back) == sorted(saved) and all(torch.equal(back[k], v) for k, v in saved.items())
 
 
 def test_messages_go_through_the_progress_bar(tmp_path, capsys):

@@ -100,7 +100,7 @@ def peft_folder(tensors: dict[str, torch.Tensor], cfg: dict, names: str, where: 
         raise ValueError(f"{where}: --names hf: the Hugging Face layout here is RWKV-7's (x070), the adapter's base is "
                          f"{cfg['base']['version']}")
     body = _miss_config(groups, cfg, where) if method == "miss" else _lora_config(groups, cfg, method == "dora", where)
-    theirs = {ours: peft for peft, ours in reversed(SUFFIXES[body["peft_type"]].items())}
+    theirs = {ours: peft for peft, ours in SUFFIXES[body["peft_type"]].items()}
     keys, targets = {}, set()
     for linear, group in groups.items():
         module = _module(linear, names, where)

@@ -26,8 +26,7 @@ PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts before every
 SUFFIXES = {  # peft_type -> {peft key suffix: ours}
     "MISS": {"miss_block": "miss"},
     "BONE": {"bone_block": "miss"},  # peft's name for MiSS before the rename (old folders)
-    "LORA": {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B", "lora_magnitude_vector": "lora_magnitude_vector",
-             "lora_magnitude_vector.weight": "lora_magnitude_vector"},  # the latter: some peft versions' DoRA
+    "LORA": {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B", "lora_magnitude_vector": "lora_magnitude_vector"},
 }
 MISS_INIT = {True: "balance", False: "balance", "bat": "bat_row", "mini": "mini"}  # init_weights -> our mode
 # The linears of the Hugging Face RWKV-7 layout (flash-linear-attention's, which rwkv7-hf loads), by our name.

@@ -31,7 +31,8 @@ class RunFailed(Exception):
 def output_files(cfg: TrainConfig, proj: Path) -> list[Path]:
     """Every file a run may write in --proj_dir."""
     epochs = [f"rwkv-{e}.pth" for e in range(cfg.epoch_begin, cfg.epoch_begin + cfg.epoch_count)]
-    return [proj / n for n in (*epochs, FINAL_FILE, BEST_FILE, STATE_FILE, "adapter_config.json",
+    folders = [peft_folder_of(Path(n)).name for n in (*epochs, FINAL_FILE)] if cfg.peft_folder else []
+    return [proj / n for n in (*epochs, *folders, FINAL_FILE, BEST_FILE, STATE_FILE, "adapter_config.json",
                                "train_config.json", "train_log.jsonl", "loss.png", "eval.png")]
 
 
@@ -111,3 +112,16 @@ def write_final(last_saved: Path, proj: Path) -> Path:
     """rwkv-final.pth: a copy of the run's last adapter."""
     files.copy_file(last_saved, proj / FINAL_FILE)
     return proj / FINAL_FILE
+
+
+def peft_folder_of(adapter: Path) -> Path:
+    """Where --peft_folder writes an adapter as a Hugging Face peft folder: rwkv-<epoch>-peft/ beside it."""
+    return adapter.with_name(f"{adapter.stem}-peft")
+
+
+def write_peft_folder(names: str, adapter: Path) -> None:
+    """With --peft_folder blinkdl|hf ('' = off): the adapter also as a peft folder with those module names."""
+    if names:
+        from rwkv_peft.export.adapter import export_adapter
+
+        export_adapter(adapter, peft_folder_of(adapter), names)

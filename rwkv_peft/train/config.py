@@ -21,7 +21,7 @@ ARCH_FLAGS = ("n_layer", "n_embd", "vocab_size", "head_size", "dim_ffn")
 # flags that take one of a few words, in the order check_config checks them
 CHOICES = {"strategy": STRATEGIES, "precision": PRECISIONS, "accelerator": ACCELERATORS,
            "lr_schedule": ("cos", "wsd", "const"), "train_type": ("", "infctx"), "quant": ("none", "int8", "nf4"),
-           "too_long": ("truncate", "drop")}
+           "too_long": ("truncate", "drop"), "peft_folder": ("", "blinkdl", "hf")}
 
 
 @dataclass
@@ -83,6 +83,7 @@ class TrainConfig:
     save_best: int = 0
     max_bad_steps: int = 20
     progress: int = 1
+    peft_folder: str = ""
     n_layer: int = 0
     n_embd: int = 0
     vocab_size: int = 0
@@ -171,6 +172,8 @@ def build_parser() -> ArgumentParser:
         "save_best": "1: keep the adapter with the lowest eval loss as rwkv-best.pth",
         "max_bad_steps": "stop after this many NaN/inf losses in a row",
         "progress": "0: no progress bar (log lines instead)",
+        "peft_folder": "blinkdl | hf: also write each saved adapter as a Hugging Face peft folder rwkv-<epoch>-peft/ "
+                       "with these module names ('': off)",
     }
     for name, value in defaults.to_dict().items():
         kw = {"help": helps.get(name)}
@@ -247,6 +250,12 @@ def check_config(cfg: TrainConfig) -> None:
                          f"(held-out data in the --data_type {cfg.data_type} format)")
     if objective.check is not None:
         objective.check(cfg)
+    if cfg.peft_folder:  # refused now, not at the first save
+        from rwkv_peft.export.adapter import check_exportable
+
+        peft_cfg = get_method(cfg.peft).parse(cfg.peft_json)
+        method = get_method(cfg.peft).describe(peft_cfg).get("method", cfg.peft)
+        check_exportable(method, getattr(peft_cfg, "mode", None), list(peft_cfg.train_parts), "--peft_folder")
 
 
 def input_files(cfg: TrainConfig) -> dict[str, str]:

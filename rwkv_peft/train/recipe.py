@@ -335,6 +335,8 @@ def end_epoch(run: Run, epoch: int) -> str | None:
     except RunFailed as e:
         return str(e)
     run.last_saved = saved or run.last_saved
+    if saved is not None:
+        checkpoints.write_peft_folder(cfg.peft_folder, saved)
     if run.is_main:
         plots.plot_loss(run.proj / "train_log.jsonl", run.proj / "loss.png", run.title)
     return None
@@ -382,7 +384,7 @@ def summarize(run: Run, failure: str | None, train_parts: tuple[str, ...]) -> di
             plots.plot_loss(proj / "train_log.jsonl", proj / "loss.png", run.title)
             if run.heldout is not None:
                 plots.plot_eval(proj / "train_log.jsonl", proj / "eval.png", run.title)
-        checkpoints.write_final(run.last_saved, proj)
+        checkpoints.write_peft_folder(run.cfg.peft_folder, checkpoints.write_final(run.last_saved, proj))
     summary = {"trainable_params": sum(p.numel() for p in run.params),
                "total_params": sum(p.numel() for p in run.model.parameters()), "tokens": run.tokens_seen,
                "steps": run.step, "skipped_steps": run.bad_total, "wall_s": round(time.time() - run.t_start, 1),
