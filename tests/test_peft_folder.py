@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import perturbed_model
+from conftest import perturbed, perturbed_model
 from peft import LoraConfig, MissConfig, PeftConfig, get_peft_model, inject_adapter_in_model, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
@@ -270,3 +270,22 @@ def test_what_peft_cannot_hold_is_refused(base_file: Path, tmp_path: Path, capsy
     msg = _error(capsys, export_main, ["--adapter", str(tmp_path / "rwkv-1.pth"), "--mode", "bat_col",
                                        "--output", str(tmp_path / "peft")])
     assert "bat_col" in msg and "bat_row" in msg and not (tmp_path / "peft" / "adapter_model.safetensors").exists()
+
+
+def test_rwkv6_adapters_take_the_hugging_face_rwkv6_names(tmp_path: Path) -> None:
+    """x060 has its own HF layout (RWKV/v6-Finch-*-HF: rwkv.blocks.N.attention.receptance): written and read back,
+    a folder with those names merges exactly as the .pth it came from."""
+    save_model(perturbed("x060", n_layer=1, n_embd=64, head_size=32), tmp_path / "base.pth")
+    model = load_model(tmp_path / "base.pth", op="torch")
+    cfg = parse_peft_config("miss", '{"r": 16}')
+    apply_peft(model, "miss", cfg)
+    _perturb(model, 4)
+    torch.save(trainable_state_dict(model), tmp_path / "rwkv-1.pth")
+    (tmp_path / "adapter_config.json").write_text(json.dumps(adapter_config(model, "miss", cfg)))
+    folder = export_adapter(tmp_path / "rwkv-1.pth", tmp_path / "peft", "hf")
+    keys = list(load_file(str(folder / "adapter_model.safetensors")))
+    assert "base_model.model.rwkv.blocks.0.attention.gate.miss_block" in keys and len(keys) == 8
+    for name in ("rwkv-1.pth", "peft"):
+        merge_adapter(tmp_path / "base.pth", tmp_path / name, tmp_path / f"{name}.merged.pth")
+    a, b = read_state_dict(tmp_path / "rwkv-1.pth.merged.pth"), read_state_dict(tmp_path / "peft.merged.pth")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -11,23 +11,22 @@ decoded); the key and config tables are rwkv_peft.peft.folder's, which reads suc
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
+import re
 from pathlib import Path
 
 import torch
 
 from rwkv_peft import files
+from rwkv_peft.cli import ArgumentParser, fail
 from rwkv_peft.merge.plan import read_adapter
 from rwkv_peft.model.stream import tensor_layout, write_safetensors
-from rwkv_peft.peft.folder import CONFIG, HF_LINEARS, LAYOUTS, MISS_INIT, PREFIX, SUFFIXES, WEIGHTS
+from rwkv_peft.peft.folder import CONFIG, MISS_INIT, NAMES, PREFIX, SUFFIXES, WEIGHTS, module_name
 from rwkv_peft.peft.lora import PISSA_BUFFERS
 from rwkv_peft.peft.miss import miss_mode
 from rwkv_peft.peft.registry import adapter_keys, key_aliases, merge_flags, method_for_keys
 
-NAMES = tuple(LAYOUTS)
 EXPORTABLE = ("miss", "lora", "dora")  # methods whose adapters peft has (PiSSA's is relative to its residual base)
 
 
@@ -72,16 +71,6 @@ def _lora_config(groups: dict[str, dict[str, torch.Tensor]], cfg: dict, dora: bo
             "fan_in_fan_out": False}
 
 
-def _module(linear: str, names: str, where: str) -> str:
-    """A linear's module path in the ``names`` layout."""
-    if names == "blinkdl":
-        return linear
-    _, i, name = linear.split(".", 2)
-    if name not in HF_LINEARS:
-        raise ValueError(f"{where}: {linear} has no name in the Hugging Face RWKV-7 layout ({', '.join(HF_LINEARS)})")
-    return LAYOUTS["hf"].format(i) + HF_LINEARS[name]
-
-
 def peft_folder(tensors: dict[str, torch.Tensor], cfg: dict, names: str, where: str) -> tuple[dict, dict[str, str]]:
     """(adapter_config.json's content, our key -> peft key) for an adapter's tensors and config."""
     aliases, suffixes = key_aliases(), adapter_keys()
@@ -96,15 +85,16 @@ def peft_folder(tensors: dict[str, torch.Tensor], cfg: dict, names: str, where: 
         raise ValueError(f"{where}: expected the adapter tensors of one method, found {sorted(methods) or 'none'}")
     method = methods.pop()
     check_exportable(method, None, plain, where)
-    if names == "hf" and (cfg.get("base") or {}).get("version", "x070") != "x070":
-        raise ValueError(f"{where}: --names hf: the Hugging Face layout here is RWKV-7's (x070), the adapter's base is "
-                         f"{cfg['base']['version']}")
+    version = (cfg.get("base") or {}).get("version", "x070")  # a foreign adapter without one: RWKV-7's names
     body = _miss_config(groups, cfg, where) if method == "miss" else _lora_config(groups, cfg, method == "dora", where)
     theirs = {ours: peft for peft, ours in SUFFIXES[body["peft_type"]].items()}
     keys, targets = {}, set()
     for linear, group in groups.items():
-        module = _module(linear, names, where)
-        targets.add(module.split(".", 3)[-1] if names == "hf" else module.split(".", 2)[-1])
+        try:
+            module = module_name(linear, names, version)
+        except ValueError as e:
+            raise ValueError(f"{where}: --names {names}: {e}") from None
+        targets.add(re.split(r"\.\d+\.", module, maxsplit=1)[1])  # the name below the layer, as peft users write
         for suffix in group:
             keys[f"{linear}.{suffix}"] = f"{PREFIX}{module}.{theirs[aliases.get(suffix, suffix)]}"
     config = body | {"target_modules": sorted(targets), "bias": "none", "modules_to_save": None, "task_type": None,
@@ -121,30 +111,32 @@ def export_adapter(adapter: str | os.PathLike, output: str | os.PathLike, names:
         raise ValueError(f"--names: expected one of {'|'.join(NAMES)}, got {names!r}")
     if not adapter.exists():
         raise FileNotFoundError(f"{adapter}: --adapter file (or peft adapter folder) not found")
-    if output.exists() and (not output.is_dir() or adapter.is_dir() and os.path.samefile(adapter, output)):
-        raise ValueError(f"--output {output}: expected a new or existing folder other than the adapter's")
-    files.check_writable_dir(output, f"--output {output}")
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {output}: expected a folder, found a file")
+    files.check_not_input({output: f"--output {output}"}, {adapter: f"--adapter {adapter}"})
+    files.check_writable_dir(output.parent, f"--output {output}")
     tensors, cfg = read_adapter(adapter, config)
     body, keys = peft_folder(tensors, cfg, names, str(adapter))
     spans = tensor_layout(adapter)[1] if adapter.is_file() else {}  # copied as bytes; a folder's from its mapping
     specs = [(keys[k], t.dtype, tuple(t.shape)) for k, t in tensors.items()]
-    output.mkdir(parents=True, exist_ok=True)
-    files.note_removed(files.remove_stale_temps(output))
-    with files.atomic_path(output / WEIGHTS) as tmp, open(tmp, "wb") as f:
-        write_safetensors(f, specs, (spans.get(k, t) for k, t in tensors.items()))
-    files.write_text(output / CONFIG, json.dumps(body, indent=2) + "\n")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    files.note_removed(files.remove_stale_temps(output.parent, output.name))
+    with files.atomic_dir(output) as tmp:  # the whole folder or none of it, an older one replaced
+        with open(tmp / WEIGHTS, "wb") as f:
+            write_safetensors(f, specs, (spans.get(k, t) for k, t in tensors.items()))
+        (tmp / CONFIG).write_text(json.dumps(body, indent=2) + "\n")
     return output
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rwkv_peft.export adapter",
-                                description="Write an adapter as a Hugging Face peft adapter folder")
+    p = ArgumentParser(prog="python -m rwkv_peft.export adapter",
+                       description="Write an adapter as a Hugging Face peft adapter folder")
     p.add_argument("--adapter", required=True, help="adapter checkpoint OUT/rwkv-N.pth (adapter_config.json beside "
                    "it) or a peft folder")
     p.add_argument("--format", default="peft", choices=("peft",), help="peft: adapter_config.json + "
                    "adapter_model.safetensors")
     p.add_argument("--names", default="blinkdl", choices=NAMES, help="module names: blinkdl (blocks.N.att.receptance, "
-                   "as RWKV-PEFT) or hf (model.layers.N.attn.r_proj, the Hugging Face RWKV-7 layout)")
+                   "as RWKV-PEFT) or hf (the version's Hugging Face layout: model.layers.N.attn.r_proj for RWKV-7)")
     p.add_argument("--output", required=True, help="the folder to write")
     for f in merge_flags():  # for adapters without adapter_config.json (RWKV-PEFT's)
         p.add_argument(f.flag, dest=f.key, **f.kwargs)
@@ -152,6 +144,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = export_adapter(a.adapter, a.output, a.names, {f.key: getattr(a, f.key) for f in merge_flags()})
     except (ValueError, OSError) as e:
-        sys.exit(f"error: {files.describe(e)}")
+        fail(e)
     print(f"wrote {out}")
     return 0

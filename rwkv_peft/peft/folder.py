@@ -20,6 +20,9 @@ from pathlib import Path
 
 import torch
 
+from rwkv_peft.export.hf import DEFAULT_LAYOUT, blinkdl_module_name, hf_module_name
+from rwkv_peft.export.hf import LAYOUTS as HF_LAYOUTS
+
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts before every module path
@@ -29,10 +32,7 @@ SUFFIXES = {  # peft_type -> {peft key suffix: ours}
     "LORA": {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B", "lora_magnitude_vector": "lora_magnitude_vector"},
 }
 MISS_INIT = {True: "balance", False: "balance", "bat": "bat_row", "mini": "mini"}  # init_weights -> our mode
-# The linears of the Hugging Face RWKV-7 layout (flash-linear-attention's, which rwkv7-hf loads), by our name.
-HF_LINEARS = {"att.receptance": "attn.r_proj", "att.key": "attn.k_proj", "att.value": "attn.v_proj",
-              "att.output": "attn.o_proj", "ffn.key": "ffn.key", "ffn.value": "ffn.value"}
-LAYOUTS = {"blinkdl": "blocks.{}.", "hf": "model.layers.{}."}  # --names -> a layer's module prefix
+NAMES = ("blinkdl", "hf")  # module names: ours (RWKV-PEFT's), or the version's Hugging Face layout (export.hf)
 # Config fields whose non-default values change what the tensors mean in ways no method here computes.
 _REFUSED = {
     "modules_to_save": "whole modules saved beside the adapter",
@@ -61,17 +61,33 @@ def _blinkdl_linears() -> frozenset[str]:
 
 
 def our_module(module: str) -> tuple[str, str] | None:
-    """(our path, layout) of a module path in either layout; None when it names no adaptable linear."""
-    for layout, prefix in LAYOUTS.items():
-        m = re.fullmatch(re.escape(prefix).replace(r"\{\}", r"(\d+)") + r"(\w+\.\w+)", module)
-        if m is None:
+    """(our path, its layout: blinkdl or an export.hf layout) of a module path; None when it names no linear
+    an adapter folds into."""
+    found = [(module, "blinkdl")] if re.fullmatch(r"blocks\.\d+\.\w+\.\w+", module) else []
+    for layout in HF_LAYOUTS:
+        try:
+            found.append((blinkdl_module_name(module, layout), layout))
+        except ValueError:
             continue
-        i, name = m.groups()
-        if layout == "hf":
-            name = next((ours for ours, hf in HF_LINEARS.items() if hf == name), None)
-        if name in _blinkdl_linears():
-            return f"blocks.{i}.{name}", layout
-    return None
+    return next(((p, lay) for p, lay in found if p.split(".", 2)[2] in _blinkdl_linears()), None)
+
+
+def module_name(path: str, names: str, version: str) -> str:
+    """Our linear ``path`` named as ``names`` says (hf: the version's default Hugging Face layout)."""
+    return path if names == "blinkdl" else hf_module_name(path, DEFAULT_LAYOUT[version])
+
+
+def _known_modules(layers: set[int]) -> dict[str, str]:
+    """Every adaptable linear of these layers in every layout: module path -> layout."""
+    out = {}
+    for path in (f"blocks.{i}.{n}" for i in layers for n in _blinkdl_linears()):
+        out[path] = "blinkdl"
+        for layout in HF_LAYOUTS:
+            try:
+                out[hf_module_name(path, layout)] = layout
+            except ValueError:
+                continue
+    return out
 
 
 def _read_config(folder: Path) -> dict:
@@ -116,21 +132,20 @@ def _our_config(raw: dict, where: str) -> dict:
 
 
 def _check_targets(targets: str | list | None, modules: list[str], where: str) -> None:
-    """Every target_modules entry names some linear of the layout the keys use (peft's rule: the full
-    path, a dotted suffix of it, or a regex over the full path)."""
+    """Every target_modules entry names some linear an adapter folds into, in any layout (peft's rule:
+    the full path, a dotted suffix of it, or a regex over the full path)."""
     if targets is None:
         return
-    layout = "hf" if any(m.startswith(LAYOUTS["hf"].split("{")[0]) for m in modules) else "blinkdl"
-    layers = {int(i) for m in modules for i in re.findall(r"\.(\d+)\.", f".{m}.")} or {0}
-    names = _blinkdl_linears() if layout == "blinkdl" else set(HF_LINEARS.values())
-    known = [LAYOUTS[layout].format(i) + n for i in layers for n in names]
+    known = _known_modules({int(i) for m in modules for i in re.findall(r"\.(\d+)\.", f".{m}.")} or {0})
     if isinstance(targets, str):
         bad = [] if any(re.fullmatch(targets, k) for k in known) else [targets]
     else:
         bad = [t for t in targets if not any(k == t or k.endswith(f".{t}") for k in known)]
     if bad:
+        examples = sorted({re.split(r"\.\d+\.", k, maxsplit=1)[1] for k, lay in known.items()
+                           if lay in ("blinkdl", "fla")})
         raise ValueError(f"{where}: target_modules {bad} name no linear of the RWKV model this adapter folds into "
-                         f"({layout} names: {', '.join(sorted(names))})")
+                         f"(e.g. {', '.join(examples)})")
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -170,7 +185,7 @@ def read_peft_folder(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
         out[f"{found[0]}.{suffixes[suffix]}"] = tensors[key]
         layouts.add(found[1])
     if len(layouts) > 1:
-        raise ValueError(f"{folder}: keys mix BlinkDL (blocks.N) and Hugging Face (model.layers.N) module names")
+        raise ValueError(f"{folder}: keys mix module names of several layouts ({', '.join(sorted(layouts))})")
     parts = sorted({k.split(".")[2] for k in out})
     return out, cfg | {"parts": parts, "train_parts": [], "_source": where}
 
