@@ -16,7 +16,8 @@ def _parser(description: str) -> ArgumentParser:
     p.add_argument(
         "--base_model", required=True, help="base checkpoint (.pth/.safetensors); the merged one with --unmerge"
     )
-    p.add_argument("--peft_checkpoint", required=True, help="adapter checkpoint, e.g. OUT/rwkv-N.pth")
+    p.add_argument("--peft_checkpoint", required=True,
+                   help="adapter checkpoint, e.g. OUT/rwkv-N.pth, or a Hugging Face peft adapter folder")
     p.add_argument("--output", required=True, help="output checkpoint (.pth, or .safetensors by name)")
     for f in merge_flags():  # what the methods' merges can take from the command line
         p.add_argument(f.flag, dest=f.key, **f.kwargs)
