@@ -289,3 +289,16 @@ def test_rwkv6_adapters_take_the_hugging_face_rwkv6_names(tmp_path: Path) -> Non
         merge_adapter(tmp_path / "base.pth", tmp_path / name, tmp_path / f"{name}.merged.pth")
     a, b = read_state_dict(tmp_path / "rwkv-1.pth.merged.pth"), read_state_dict(tmp_path / "peft.merged.pth")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_folder_saved_without_safetensors_merges_the_same(base_file: Path, tmp_path: Path) -> None:
+    """save_pretrained(safe_serialization=False) writes adapter_model.bin (a torch zip, read weights_only)."""
+    model = get_peft_model(load_model(base_file, op="torch"), THEIRS["lora"]())
+    _perturb(model, 5)
+    model.save_pretrained(str(tmp_path / "st"))
+    model.save_pretrained(str(tmp_path / "bin"), safe_serialization=False)
+    assert (tmp_path / "bin" / "adapter_model.bin").is_file()
+    for name in ("st", "bin"):
+        merge_adapter(base_file, tmp_path / name, tmp_path / f"{name}.pth")
+    a, b = read_state_dict(tmp_path / "st.pth"), read_state_dict(tmp_path / "bin.pth")
+    assert all(torch.equal(a[k], b[k]) for k in a)
