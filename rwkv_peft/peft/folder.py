@@ -1,8 +1,9 @@
 """Hugging Face peft adapter folders (``save_pretrained``: adapter_config.json + adapter_model.safetensors).
 
 Keys there are ``base_model.model.<module>.<peft suffix>`` (the prefix may be absent) with the module
-named as RWKV-PEFT saves it (BlinkDL: ``blocks.3.att.receptance``) or as the Hugging Face RWKV-7
-layout names it (``model.layers.3.attn.r_proj``). Reading renames every key to ours
+named as RWKV-PEFT saves it (BlinkDL: ``blocks.3.att.receptance``) or as a Hugging Face layout of
+rwkv_peft.export.hf names it (RWKV-7's ``model.layers.3.attn.r_proj``, RWKV-6's
+``rwkv.blocks.3.attention.receptance``). Reading renames every key to ours
 (``blocks.3.att.receptance.miss``) and the config to adapter_config.json's fields, so the merge,
 ``--verify``, generate and ``load`` see an ordinary adapter; tensors are views of the memory-mapped
 file (nothing copied, dtype kept). ``rwkv_peft.export.adapter`` writes such folders with these tables.
