@@ -5,8 +5,9 @@
 DIR gets adapter_config.json (MISS for MiSS balance / mini / bat_row, LORA for LoRA and DoRA) and
 adapter_model.safetensors with ``base_model.model.<module>.<peft suffix>`` keys: modules named as in
 this project's and RWKV-PEFT's model (``--names blinkdl``) or in the version's Hugging Face layout
-(``--names hf``: RWKV-7's ``model.layers.N.attn.r_proj``). Tensors go from the adapter file to the folder as bytes (dtype kept, nothing
-decoded); the key and config tables are rwkv_peft.peft.folder's, which reads such folders back.
+(``--names hf``: RWKV-7's ``model.layers.N.attn.r_proj``). Tensors go from the adapter file to the
+folder as bytes (dtype kept, nothing decoded); the key and config tables are rwkv_peft.peft.folder's,
+which reads such folders back.
 """
 
 from __future__ import annotations
