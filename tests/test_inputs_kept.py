@@ -10,16 +10,18 @@ import importlib
 import importlib.util
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
-from helpers import tiny_run_files, train_flags
+from helpers import tiny_run_files, token_stream, train_flags
 from test_reliability import ROOT, mounted_tmpfs, one_line_error
 
 from rwkv_peft import files
 from rwkv_peft.data import make_binidx as make_binidx_mod
 from rwkv_peft.data import writers
 from rwkv_peft.train import main as train_main
+from rwkv_peft.train.loggers import read_log
 
 DOCS = "".join(json.dumps({"text": f"document {i}: caf\u00e9 \u4e2d\u6587"}) + "\n" for i in range(20))
 
@@ -136,3 +138,36 @@ def test_argparse_errors_are_one_error_line(module, capsys):
     assert e.value.code == 2 and out == "", (out, err)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "--help" in lines[0], err
+
+
+# ----------------------------------------------------------------------------- resume with other settings
+
+
+def test_resume_refuses_changed_settings_unless_allowed(tmp_path, capfd):
+    """The adversarial case: a resume with another ctx_len and data file once went on silently. A moved
+    copy of the same data is no change; --resume_changes allow goes on and logs what changed."""
+    data = tiny_run_files(tmp_path, 1200)
+    out = tmp_path / "run"
+    train_main(train_flags(data, out, epoch_steps=2, epoch_count=1))
+    for ext in (".bin", ".idx"):  # the same tokens under another name
+        shutil.copy(data["data"] + ext, tmp_path / f"moved{ext}")
+    moved = {**data, "data": str(tmp_path / "moved")}
+    train_main(train_flags(moved, out, epoch_steps=2, epoch_count=1, resume=1))
+    assert "resume_changes" not in read_log(out / "train_log.jsonl")[-1]
+
+    token_stream(tmp_path / "other", 256, 1500)
+    other = {**data, "data": str(tmp_path / "other"), "n_tokens": 1500}
+    changed = train_flags(other, out, 32, epoch_steps=2, epoch_count=1, resume=1)
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir())
+    with pytest.raises(SystemExit) as e:
+        train_main(changed)
+    msg = one_line_error(e, "--resume 1", "ctx_len 16 -> 32", f"data_file {data['data']} (", "--resume_changes allow")
+    assert f"-> {other['data']} (" in msg and "lr_init" not in msg
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) == before  # nothing written
+
+    capfd.readouterr()
+    summary = train_main([*changed, "--resume_changes", "allow"])
+    logged = [r for r in read_log(out / "train_log.jsonl") if "resume_changes" in r]
+    assert len(logged) == 1 and logged[0]["step"] == 2 and summary["resume_changes"] == logged[0]["resume_changes"]
+    assert any(c.startswith("ctx_len 16 -> 32") for c in summary["resume_changes"])
+    assert "changed: resumed with other settings" in capfd.readouterr().out

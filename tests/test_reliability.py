@@ -218,7 +218,8 @@ def test_diverging_lr_fails_and_keeps_the_last_good_checkpoint(data, tmp_path):
     main(flags(data, out, epoch_count=1))
     good = (out / "rwkv-0.pth").read_bytes()
     with pytest.raises(SystemExit) as e:
-        main(flags(data, out, epoch_count=3, epoch_begin=0, resume=1, lr_init=1e6, lr_final=1e6, max_bad_steps=2))
+        main(flags(data, out, epoch_count=3, epoch_begin=0, resume=1, lr_init=1e6, lr_final=1e6, max_bad_steps=2,
+                   resume_changes="allow"))
     one_line_error(e, "diverged", "--lr_init", "rwkv-0.pth", "no rwkv-final.pth")
     assert not (out / "rwkv-final.pth").exists() and (out / "rwkv-0.pth").read_bytes() == good
     assert leftovers(out) == []

@@ -72,9 +72,11 @@ def restore(engine, state: dict, rank: int, proj: Path) -> None:
     torch.set_rng_state(state["rng"][rank])
 
 
-def save_epoch(engine, model: torch.nn.Module, params: list, proj: Path, epoch: int, step: int) -> Path | None:
-    """rwkv-<epoch>.pth (trainable tensors) and trainer_state.pt (optimizer per rank, RNG, position), written
-    by rank 0 (its path returned); collective. A NaN/inf adapter is not saved: RunFailed."""
+def save_epoch(engine, model: torch.nn.Module, params: list, proj: Path, epoch: int, step: int,
+               settings: dict) -> Path | None:
+    """rwkv-<epoch>.pth (trainable tensors) and trainer_state.pt (optimizer per rank, RNG, position, the run's
+    ``settings`` that a resume compares), written by rank 0 (its path returned); collective. A NaN/inf adapter
+    is not saved: RunFailed."""
     sd = gathered_trainable(engine, model, params)
     bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     world = dist.get_world_size()
@@ -89,7 +91,7 @@ def save_epoch(engine, model: torch.nn.Module, params: list, proj: Path, epoch: 
     write_state_dict(sd, path)
     with files.atomic_path(proj / STATE_FILE) as tmp, open(tmp, "wb") as f:
         torch.save({"epoch": epoch, "step": step, "adapter": path.name, "optimizer": gathered_opt,
-                    "rng": gathered_rng}, f)
+                    "rng": gathered_rng, "settings": settings}, f)
     return path
 
 

@@ -21,7 +21,8 @@ ARCH_FLAGS = ("n_layer", "n_embd", "vocab_size", "head_size", "dim_ffn")
 # flags that take one of a few words, in the order check_config checks them
 CHOICES = {"strategy": STRATEGIES, "precision": PRECISIONS, "accelerator": ACCELERATORS,
            "lr_schedule": ("cos", "wsd", "const"), "train_type": ("", "infctx"), "quant": ("none", "int8", "nf4"),
-           "too_long": ("truncate", "drop"), "peft_folder": ("", "blinkdl", "hf")}
+           "too_long": ("truncate", "drop"), "peft_folder": ("", "blinkdl", "hf"),
+           "resume_changes": ("refuse", "allow")}
 
 
 @dataclass
@@ -74,6 +75,7 @@ class TrainConfig:
     head_chunk: int = -1
     quant: str = "none"
     resume: int = 0
+    resume_changes: str = "refuse"
     wandb: str = ""
     tensorboard: str = ""
     eval_data: str = ""
@@ -163,6 +165,8 @@ def build_parser() -> ArgumentParser:
                       "token (-1: auto, about 128 MiB of fp32 logits; 0: the plain path, all logits at once)",
         "quant": "none | int8 | nf4: keep the frozen base linears quantized (bitsandbytes)",
         "resume": "1: continue from the latest checkpoint in proj_dir (optimizer, schedule, data position)",
+        "resume_changes": "refuse: --resume 1 with settings that change what the run computes (ctx_len, data, "
+                          "lr schedule, seed, ...) is an error listing them | allow: go on, logging the changes",
         "wandb": "wandb project name (empty: off; WANDB_MODE=offline logs locally)",
         "tensorboard": "directory for TensorBoard event files (empty: off)",
         "eval_data": "held-out file in the --data_type format: loss over the training mask, and generations",

@@ -29,7 +29,7 @@ from rwkv_peft.model import config_from_state_dict, load_model, read_state_dict
 from rwkv_peft.model.checkpoint import first_nonfinite
 from rwkv_peft.peft import adapter_config, apply_peft, load_adapter, parse_peft_config
 from rwkv_peft.quant import quantize_base
-from rwkv_peft.train import checkpoints, engine, plots
+from rwkv_peft.train import checkpoints, engine, plots, settings
 from rwkv_peft.train.checkpoints import RunFailed
 from rwkv_peft.train.config import ARCH_FLAGS, TrainConfig, parse_args
 from rwkv_peft.train.heldout import HeldOut
@@ -59,6 +59,8 @@ class Run:
     objective: Objective | None = None
     params: list = field(default_factory=list)
     resume: dict | None = None
+    settings: dict = field(default_factory=dict)  # what decides the result; saved with each checkpoint
+    resume_changes: list[str] = field(default_factory=list)  # --resume_changes allow: what differs
     start_epoch: int = 0
     step: int = 0
     run_log: RunLog | None = None
@@ -117,7 +119,9 @@ def train(cfg: TrainConfig, dataset=None) -> dict:
         deepspeed = engine.import_deepspeed(on_gpu)
         with engine.process_group(cfg, on_gpu, deepspeed) as (rank, world, local_rank):
             run = Run(cfg, proj, on_gpu, t_start, rank, world, f"cuda:{local_rank}" if on_gpu else "cpu", arch)
-            run.resume = checkpoints.find_resume(cfg, proj)
+            run.resume, run.settings = checkpoints.find_resume(cfg, proj), settings.snapshot(cfg, world)
+            run.resume_changes = settings.check_resume(run.resume, run.settings, cfg.resume_changes,
+                                                       proj / checkpoints.STATE_FILE)
             setup_data(run, dataset)
             report = setup_model(run, base_sd, peft_cfg)
             del base_sd
@@ -218,6 +222,9 @@ def start_log(run: Run, report: str, peft_cfg) -> None:
             run.say(f"note: removed {proj / checkpoints.FINAL_FILE} of an earlier run; this run writes its own "
                     "when it completes")
         run.run_log = RunLog(cfg, proj, effective)
+        if run.resume_changes:  # --resume_changes allow: the result is not the uninterrupted run's
+            run.say(f"note: resumed with changed settings: {'; '.join(run.resume_changes)}")
+            run.run_log.log({"step": run.step, "resume_changes": run.resume_changes})
     if run.heldout is not None and run.resume is not None:
         run.heldout.remember(read_log(proj / "train_log.jsonl") if run.is_main else [])
     if run.is_main and cfg.progress:
@@ -331,7 +338,7 @@ def end_epoch(run: Run, epoch: int) -> str | None:
         run.say(f"note: epoch {epoch} not saved: its last step had a NaN/inf loss")  # suspect weights
         return None
     try:
-        saved = checkpoints.save_epoch(run.engine, run.model, run.params, run.proj, epoch, run.step)
+        saved = checkpoints.save_epoch(run.engine, run.model, run.params, run.proj, epoch, run.step, run.settings)
     except RunFailed as e:
         return str(e)
     run.last_saved = saved or run.last_saved
@@ -393,6 +400,8 @@ def summarize(run: Run, failure: str | None, train_parts: tuple[str, ...]) -> di
                "adapter": str(run.last_saved) if run.last_saved else None, "model": run.model}
     if run.heldout is not None:
         summary.update(best_step=run.heldout.best_step, best_eval_loss=run.heldout.best_loss)
+    if run.resume_changes:
+        summary["resume_changes"] = run.resume_changes
     if run.is_main:
         for line in closing_lines(cfg, proj, summary, train_parts):
             run.say(line)

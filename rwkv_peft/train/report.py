@@ -61,6 +61,9 @@ def closing_lines(cfg: TrainConfig, proj: Path, summary: dict, train_parts: tupl
         kept = f" (kept as {proj / BEST_FILE})" if cfg.save_best else ""
         lines.append(f"eval:    best held-out loss {summary['best_eval_loss']:.4f} at step {summary['best_step']}"
                      f"{kept}; curve {proj / 'eval.png'}")
+    if summary.get("resume_changes"):  # --resume_changes allow
+        lines.append(f"changed: resumed with other settings than the saved run's: "
+                     f"{'; '.join(summary['resume_changes'])}")
     return lines
 
 
