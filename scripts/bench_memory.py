@@ -99,7 +99,9 @@ def run_one(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from rwkv_peft.cli import ArgumentParser  # stdlib only: the children's resting RSS stays what it was
+
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ctx_len", type=int, default=4096)
     p.add_argument("--chunk_ctx", type=int, default=512)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",

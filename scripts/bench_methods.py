@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rwkv_peft import files  # noqa: E402
+from rwkv_peft.cli import ArgumentParser  # noqa: E402
 from rwkv_peft.data import DEFAULT_SFT_TEMPLATE, render_sft  # noqa: E402
 from rwkv_peft.peft.registry import METHODS as REGISTRY  # noqa: E402
 from rwkv_peft.peft.registry import saved_buffers  # noqa: E402
@@ -812,7 +813,7 @@ def write_report(res: dict, out: Path) -> None:
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Setting]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--text", type=Path, help="plain-text corpus for pre-training the base")
     p.add_argument("--sft", type=Path, help="jsonl with question/answer ('#### N') records")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "bench_methods",

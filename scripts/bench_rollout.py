@@ -12,7 +12,6 @@ prints completions/s for both and the ratio (> 1: ours is faster).
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from rwkv_peft.cli import ArgumentParser  # noqa: E402
 from rwkv_peft.data.tokenizer import get_tokenizer  # noqa: E402
 from rwkv_peft.generate import load_for_generation  # noqa: E402
 from rwkv_peft.rl.rollout import rollout  # noqa: E402
@@ -46,7 +46,7 @@ def runtime_logps(runtime, r, temperature: float) -> torch.Tensor:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n_layer", type=int, default=12)
     p.add_argument("--n_embd", type=int, default=768)
     p.add_argument("--prompts", type=int, default=4)
