@@ -3,7 +3,7 @@
 python merge/merge_lora.py --base_model BASE.pth --peft_checkpoint OUT/rwkv-N.pth --output MERGED.pth
 (alpha from adapter_config.json beside the checkpoint, or --lora_alpha; PiSSA's initial factors
 pissa_A0/pissa_B0 and DoRA's lora_magnitude_vector are read from the adapter itself; --unmerge inverts
-LoRA and PiSSA)
+LoRA and PiSSA). The same as python -m rwkv_peft.merge, the one merge command for every method.
 """
 
 import sys

@@ -1,7 +1,8 @@
 """Fold a MiSS adapter (rwkv_peft's .miss, RWKV-PEFT's .disha/.bone) into an RWKV checkpoint.
 
 python merge/merge_miss.py --base_model BASE.pth --peft_checkpoint OUT/rwkv-N.pth --output MERGED.pth
-(mode from adapter_config.json beside the checkpoint; --mode overrides; --unmerge inverts)
+(mode from adapter_config.json beside the checkpoint; --mode overrides; --unmerge inverts). The same as
+python -m rwkv_peft.merge, the one merge command for every method.
 """
 
 import sys

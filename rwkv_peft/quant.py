@@ -5,7 +5,7 @@ its CUDA kernels alike): ``int8`` is LLM.int8()'s row-wise absmax quantization (
 output row), ``nf4`` is QLoRA's NormalFloat4 with one fp32 absmax per block of 64 weights.
 
 A quantized weight is a ``QuantWeight`` module that takes the place of the ``weight`` parameter
-in the very layer that held it (nn.Linear, MissLinear, LoraLinear), so the layers need no change:
+in the very layer that held it (nn.Linear or an adapter layer), so the layers need no change:
 ``F.linear(x, weight)`` on it runs ``dequant_linear``, which dequantizes for the matmul and again
 in backward instead of keeping a full-precision copy alive between the two; any other use of the
 weight (``.float()``, Bat's block products, merging) sees the dequantized tensor. Adapters and
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rwkv_peft.peft.inject import target_slots
-from rwkv_peft.peft.miss import MissLinear
+from rwkv_peft.peft.registry import get_method
 
 FORMATS = ("int8", "nf4")
 NF4_BLOCKSIZE = 64
@@ -211,15 +211,16 @@ def quantize_base(model: nn.Module, fmt: str) -> str:
     (``--peft full``) are refused, since only a frozen base can live in low precision.
     """
     _check_format(fmt)
+    method = get_method(model.peft_method) if hasattr(model, "peft_method") else None
     before = after = count = 0
     for path, parent, attr in target_slots(model):
         module = getattr(parent, attr)
         w = module.weight
         if isinstance(w, QuantWeight):
             raise ValueError(f"--quant {fmt}: {path} is already quantized ({w.fmt})")
-        if isinstance(module, MissLinear) and module.mode == "bat_row":
-            raise ValueError(f"--quant {fmt}: {path} is MiSS bat_row, whose forward needs the dense base weight; "
-                             "use balance, mini or bat_col with --quant")
+        why = method.no_quant(module) if method is not None else ""
+        if why:
+            raise ValueError(f"--quant {fmt}: {path} is {why}")
         if w.requires_grad:
             raise ValueError(f"--quant {fmt}: {path}.weight is trainable; quantize only a frozen base "
                              "(--peft miss|lora|pissa|state, applied before quantizing)")

@@ -29,6 +29,7 @@ from rwkv_peft.generate import (
     main,
     sample,
 )
+from rwkv_peft.merge import main as merge_main
 from rwkv_peft.merge import merge_adapter
 from rwkv_peft.model import load_model, save_model
 from rwkv_peft.peft import MissConfig, adapter_config, apply_peft, load_adapter, trainable_state_dict
@@ -318,6 +319,13 @@ def test_merge_state_file_runs_in_the_runtime_x060(state_runs) -> None:
     torch.testing.assert_close(runtime_logits(load_runtime(merged, "x060"), tokens, "seq"), ours, atol=TOL, rtol=0)
     model = load_for_generation(str(merged), op="torch")  # generate --model reads the merged state too
     torch.testing.assert_close(model(torch.tensor([tokens]))[0].detach(), ours, atol=1e-5, rtol=0)
+    again = run["dir"] / "merged_again.pth"  # the one merge command recognises a state adapter by itself
+    merge_main(["--base_model", str(run["base"]), "--peft_checkpoint", str(run["state"]), "--output", str(again)])
+    a, b = torch.load(merged, weights_only=True), torch.load(again, weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(SystemExit, match="--verify: not available for a --peft state adapter"):
+        merge_main(["--base_model", str(run["base"]), "--peft_checkpoint", str(run["state"]), "--output",
+                    str(run["dir"] / "v.pth"), "--verify"])
 
 
 def test_state_file_errors_are_one_line(state_runs, models, tmp_path) -> None:

@@ -18,7 +18,7 @@ import torch
 
 from rwkv_peft.model import config_from_state_dict, detect_version, read_state_dict
 from rwkv_peft.peft.config import Fold
-from rwkv_peft.peft.registry import METHODS, adapter_keys, method_for_keys
+from rwkv_peft.peft.registry import METHODS, adapter_keys, base_replacing, method_for_keys
 
 ARCH_FIELDS = ("n_layer", "n_embd", "vocab_size", "head_size", "dim_ffn")
 
@@ -130,12 +130,13 @@ def _check_adapter(adapter: Mapping[str, torch.Tensor], base: Mapping[str, torch
             raise ValueError(f"{adapter_name}: {m.no_fold}")
     if not adapter:
         raise ValueError(f"{adapter_name}: the adapter holds no tensors")
-    if config.get("method") != "full" and not any(_split(k)[1] in adapter_keys() for k in adapter):
+    whole = base_replacing().name  # its adapter is plain base tensors
+    if config.get("method") != whole and not any(_split(k)[1] in adapter_keys() for k in adapter):
         if set(base) <= set(adapter) or not config.get("method"):  # a whole model, or nothing says otherwise
             raise ValueError(
                 f"{adapter_name}: holds no adapter tensors (.miss, .lora_A, ...) but {len(adapter)} plain model "
                 "tensors: is it a base model? Pass the adapter the trainer wrote (e.g. OUT/rwkv-final.pth); a "
-                '--peft full checkpoint needs its adapter_config.json ("method": "full") beside it'
+                f'--peft {whole} checkpoint needs its adapter_config.json ("method": "{whole}") beside it'
             )
 
 

@@ -14,6 +14,7 @@ import torch
 
 from rwkv_peft.merge.plan import Edit, plan_edits, read_adapter
 from rwkv_peft.model.checkpoint import meta_state_dict, read_specs
+from rwkv_peft.peft.registry import base_replacing, get_method
 
 DEMO_QUESTION = "Tom has 3 apples. He gets 5 more. How many apples does Tom have now?"
 
@@ -26,8 +27,9 @@ def peft_config_from_edits(edits: Mapping[str, Edit], config: dict, model: torch
     methods = {f.method for f in folds.values()}
     if len(methods) > 1:
         raise ValueError(f"the adapter mixes methods {sorted(methods)}; one adapted model cannot rebuild it")
-    if not methods:
-        return "full", parse_peft_config("full", "{}")
+    if not methods:  # plain base tensors only
+        whole = base_replacing().name
+        return whole, parse_peft_config(whole, "{}")
     paths = [k.rpartition(".")[0] for k in folds]
     parts = sorted({p.rpartition(".")[0].rpartition(".")[2] for p in paths})
     train_parts = sorted({model.train_part(k) for k, e in edits.items() if e.fold is None} - {None})
@@ -50,15 +52,12 @@ def adapted_model(
     # the stored shapes, from the file's metadata (load_model has checked its CRCs)
     edits = plan_edits(meta_state_dict(read_specs(base_path)), adapter, cfg, str(base_path), str(adapter_path))
     method, peft_cfg = peft_config_from_edits(edits, cfg, model)
-    if method == "full":
-        load_adapter(model, adapter)
-    else:
-        apply_peft(model, method, peft_cfg)
-        load_adapter(model, adapter)
-        if quant is not None:
-            from rwkv_peft.quant import quantize_base
+    apply_peft(model, method, peft_cfg)
+    load_adapter(model, adapter)
+    if quant is not None and not get_method(method).replaces_base:  # trained weights are not quantized
+        from rwkv_peft.quant import quantize_base
 
-            quantize_base(model, quant)
+        quantize_base(model, quant)
     return model.eval()
 
 

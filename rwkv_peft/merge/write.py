@@ -155,7 +155,7 @@ def write_edited(
     return output
 
 
-def _prepare_output(output: Path, inputs: dict[Path, str]) -> None:
+def prepare_output(output: Path, inputs: dict[Path, str]) -> None:
     """Before reading anything big: the output is none of the inputs (each mapped to its flag), its
     directory exists and is writable, has room for a file the size of the base (the first input), and
     temps of merges killed there before are removed."""
@@ -190,7 +190,7 @@ def merge_adapter(
         raise FileNotFoundError(f"{base_path}: --base_model file not found")
     if not adapter_path.exists():
         raise FileNotFoundError(f"{adapter_path}: --peft_checkpoint file (or peft adapter folder) not found")
-    _prepare_output(output, {base_path: f"--base_model {base_path}",
+    prepare_output(output, {base_path: f"--base_model {base_path}",
                              adapter_path: f"--peft_checkpoint {adapter_path}"})
     adapter, cfg = read_adapter(adapter_path, config)
     specs, spans = tensor_layout(base_path)  # every tensor, and where its bytes lie (CRC checked as they stream)

@@ -369,6 +369,13 @@ def miss_linear(
     raise AssertionError
 
 
+def miss_quant(layer: nn.Module) -> str:
+    """Why this MiSS layer cannot keep a quantized base weight ('' if it can)."""
+    if getattr(layer, "mode", None) == "bat_row":
+        return "MiSS bat_row, whose forward needs the dense base weight; use balance, mini or bat_col with --quant"
+    return ""
+
+
 class MissLinear(Switchable, nn.Module):
     """A frozen nn.Linear weight plus a MiSS adapter ``miss``; parameter names stay checkpoint keys."""
 

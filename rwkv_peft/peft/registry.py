@@ -22,9 +22,19 @@ from torch import nn
 
 from rwkv_peft.peft.config import Fold, switch_layers
 from rwkv_peft.peft.dora import DoraConfig, DoraLinear, dora_fold
+from rwkv_peft.peft.full import FullConfig, train_everything
 from rwkv_peft.peft.lora import PISSA_BUFFERS, LoraConfig, LoraLinear, lora_fold
-from rwkv_peft.peft.miss import MODE_ALIASES, MODES, MissConfig, MissLinear, miss_check, miss_fold, miss_shape
-from rwkv_peft.peft.state import FullConfig, StateConfig, add_time_state, switch_state, train_everything
+from rwkv_peft.peft.miss import (
+    MODE_ALIASES,
+    MODES,
+    MissConfig,
+    MissLinear,
+    miss_check,
+    miss_fold,
+    miss_quant,
+    miss_shape,
+)
+from rwkv_peft.peft.state import StateConfig, add_time_state, merge_state, switch_state
 
 Shapes = list[tuple[int, int]]  # (out, in) of every adapted linear
 
@@ -62,6 +72,9 @@ class Method:
     switch: Callable[[nn.Module, bool], None] | None = switch_layers  # (model, off): bypass the adapter or not
     no_switch: str = ""  # why it has no switch (said to the user)
     state_file: bool = False  # its adapter (without train_parts) is a start-state file: generate --state
+    replaces_base: bool = False  # its adapter is plain base tensors that replace the base's (no adapter keys)
+    no_quant: Callable[[nn.Module], str] = lambda layer: ""  # why an adapted layer cannot keep a quantized base
+    merge_whole: Callable[[Any, Any, Any], Any] | None = None  # (base, adapter, output): a merge not per linear
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -91,7 +104,7 @@ _RECORDS = (
         "miss", "--miss_config", MissConfig.from_json, layer=MissLinear, check=miss_check,
         describe=lambda cfg: {"mode": cfg.mode, "r": cfg.r, "mini_r": cfg.mini_r},
         keys=("miss", "disha", "bone"), key_aliases={"disha": "miss", "bone": "miss"}, fold=miss_fold,
-        merge_script="merge_miss",
+        merge_script="merge_miss", no_quant=miss_quant,
         merge_flags=(MergeFlag("--mode", "mode", {"choices": [*MODES, *MODE_ALIASES],
                                                   "help": "MiSS mode (overrides adapter_config.json)"}),),
         params=lambda cfg, shapes: sum(_numel(miss_shape(o, i, cfg)) for o, i in shapes),
@@ -115,11 +128,12 @@ _RECORDS = (
     ),
     Method(
         "state", "--peft_config", StateConfig.from_json, attach=add_time_state, keys=("time_state",),
-        switch=switch_state, state_file=True,
+        switch=switch_state, state_file=True, merge_whole=merge_state,
         no_fold="a state-tuning adapter (time_state) has no weights to fold into the base; "
                 "load it as the initial state instead",
     ),
     Method("full", "--peft_config", FullConfig.from_json, attach=train_everything, merge_script="merge_miss",
+           replaces_base=True,
            switch=None, no_switch="full fine-tuning trains the base weights themselves; there is no adapter to "
                                "switch off (compute reference outputs before training instead)"),
 )
@@ -160,3 +174,17 @@ def method_for_keys(found: set[str]) -> Method | None:
 def merge_flags() -> tuple[MergeFlag, ...]:
     """The merge CLI's override flags, each once."""
     return tuple({f.flag: f for m in _RECORDS for f in m.merge_flags}.values())
+
+
+def base_replacing() -> Method:
+    """The method whose adapter is whole base tensors (full fine-tuning)."""
+    return next(m for m in _RECORDS if m.replaces_base)
+
+
+def whole_merge_method(config_method: str | None, keys: set[str]) -> Method | None:
+    """The method that merges this adapter as a whole rather than linear by linear (state tuning), named by
+    adapter_config.json's ``method`` or recognised by its key suffixes; None for every other adapter."""
+    if config_method in METHODS:
+        return METHODS[config_method] if METHODS[config_method].merge_whole else None
+    suffixes = {k.rpartition(".")[2] for k in keys}
+    return next((m for m in _RECORDS if m.merge_whole and suffixes & set(m.keys)), None)

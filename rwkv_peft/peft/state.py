@@ -1,4 +1,4 @@
-"""State tuning (a trainable initial WKV state per layer and head, the base frozen) and full fine-tuning.
+"""State tuning: a trainable initial WKV state per layer and head, the base frozen.
 
 ``add_time_state`` gives every block's time mix a ``time_state`` (H, N, N), indexed [value, key],
 and makes it the mix's ``start_state``: the WKV state it starts from when no state is passed in.
@@ -20,7 +20,7 @@ from rwkv_peft.peft.config import as_tuple, check_train_parts, json_fields
 
 @dataclass
 class StateConfig:
-    """State tuning (and full fine-tuning) settings: extra train parts and an adapter to start from."""
+    """State tuning settings (full fine-tuning's too): extra train parts and an adapter to start from."""
 
     train_parts: tuple[str, ...] = ()
     load: str = ""
@@ -35,15 +35,6 @@ class StateConfig:
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-
-class FullConfig(StateConfig):
-    """Full fine-tuning: every parameter trains; ``load`` starts from a saved (partial) state dict."""
-
-
-def train_everything(model: nn.Module, cfg: FullConfig) -> None:
-    """Full fine-tuning's adapter: none; every parameter of the model trains."""
-    model.requires_grad_(True)
 
 
 def _learned_start(att: nn.Module, batch: int) -> torch.Tensor:
