@@ -1,4 +1,5 @@
-"""The package as pip installs it (not editable): the kernel sources travel inside it and work from any directory."""
+"""The package as pip installs it (not editable): the kernel sources, kept in the top-level cuda/ folder, travel
+inside its sdist and wheel and build from any directory."""
 
 from __future__ import annotations
 
@@ -38,18 +39,29 @@ print("ok", sorted(p.name for p in CSRC.iterdir()))
 @pytest.mark.skipif(importlib.util.find_spec("setuptools") is None or shutil.which("g++") is None,
                     reason="needs setuptools and a C++ compiler")
 def test_installed_package_builds_its_kernel_from_another_directory(tmp_path: Path) -> None:
-    """``pip install .`` (a real wheel build, into a target dir) ships csrc/; the CPU kernel builds from it."""
+    """An sdist of the checkout (cuda/ and the rwkv_peft/ops/csrc link to it, as they are), ``pip install`` of
+    it (a wheel built from the sdist, into a target dir) ships the sources of cuda/; the CPU kernel builds
+    from them."""
     if subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True).returncode:
         pytest.skip("needs pip")
     src = tmp_path / "src"  # a copy of the project, so the build leaves nothing in the checkout
-    shutil.copytree(ROOT / "rwkv_peft", src / "rwkv_peft", ignore=shutil.ignore_patterns("__pycache__"))
+    assert (ROOT / "rwkv_peft" / "ops" / "csrc").resolve() == ROOT / "cuda"
+    for name in ("rwkv_peft", "cuda"):
+        shutil.copytree(ROOT / name, src / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "requirements.txt", "README.md"):
         shutil.copy2(ROOT / name, src / name)
+    sdist = subprocess.run([sys.executable, "-c", "import sys; from setuptools import build_meta as b; "
+                            "print(b.build_sdist(sys.argv[1]))", str(tmp_path / "dist")], cwd=src,
+                           capture_output=True, text=True, timeout=300)
+    assert sdist.returncode == 0, sdist.stderr[-3000:]
     target = tmp_path / "site"
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
-                           "--quiet", "--target", str(target), str(src)], capture_output=True, text=True, timeout=300)
+                           "--quiet", "--target", str(target), str(tmp_path / "dist" / sdist.stdout.split()[-1])],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (target / "rwkv_peft" / "ops" / "csrc" / "wkv7_cpu.cpp").is_file()
+    for source in (ROOT / "cuda").iterdir():
+        installed = target / "rwkv_peft" / "ops" / "csrc" / source.name
+        assert not installed.is_symlink() and installed.read_bytes() == source.read_bytes(), source.name
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {

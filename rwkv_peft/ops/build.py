@@ -1,4 +1,9 @@
-"""JIT builds of the WKV kernels in ``csrc/`` (shipped inside the package) with ninja, and one ctypes wrapper.
+"""JIT builds of the WKV kernels with ninja, and one ctypes wrapper.
+
+The sources live in the project's top-level ``cuda/`` folder. The package reaches them as
+``rwkv_peft/ops/csrc``: in a checkout a symlink to ``../../cuda``, in an sdist or wheel a folder of the
+files themselves (setuptools copies through the link), so an installed package builds them from any
+working directory.
 
 ``load_kernel(family, device, head_size)`` builds (first time) and opens ``csrc/<family>_<device>``
 and returns a ``Kernel`` whose ``forward`` / ``backward`` take the C functions' integer arguments
