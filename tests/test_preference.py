@@ -13,7 +13,7 @@ import torch
 from conftest import perturbed_model
 
 from rwkv_peft.data import get_tokenizer
-from rwkv_peft.data.preference import PairDataset, load_pairs
+from rwkv_peft.data.preference import PairItems, load_pairs, pair_hash
 from rwkv_peft.model import save_model
 from rwkv_peft.runtime import load_runtime, runtime_logits
 from rwkv_peft.train.logps import logp_loss, sequence_logps
@@ -50,8 +50,9 @@ def test_pairs_train_only_the_completion_and_its_end(tmp_path):
     assert trained_text(c1, fc1) == " 5" and trained_text(r1, fr1) == " six"  # not the prompt's "Hello!"
     assert tok.decode(c1.tolist()).startswith("System: Be brief.\n\nUser: Hi\n\nAssistant: Hello!\n\nUser: 2+3?")
 
-    ds = PairDataset(pairs, ctx_len=12, samples_per_epoch=2)
-    s = ds.doc_sample(0)
+    items = PairItems(pairs, ctx_len=12)
+    s = items[0]
+    assert len(items) == 2 and s["pair_hash"].item() == pair_hash(pairs[0]) != pair_hash(pairs[1])
     assert s["input_ids"].shape == s["targets"].shape == s["mask"].shape == (2, 12)
     n = len(c0) - 1
     assert s["targets"][0, :n].tolist() == c0[1:].tolist() and s["mask"][0, n:].sum() == 0  # padding untrained

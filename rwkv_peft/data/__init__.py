@@ -12,7 +12,7 @@ from functools import partial
 
 import numpy as np
 
-from . import prompts  # noqa: F401  (registers --data_type prompts)
+from . import preference, prompts  # noqa: F401  (register --data_type preference and prompts)
 from .binidx import BinIdx, BinIdxWriter
 from .chat import ChatTemplate, load_chat
 from .dataset import DocDataset, GetDataset, ItemDataset, largest_magic_prime, permute
@@ -72,7 +72,7 @@ def build_dataset(data_file: str, data_type: str, dataload: str, ctx_len: int,
     data = kind.read(data_file, options, dataload != "get")
     if not data:
         raise ValueError(f"{data_file}: no usable records for --data_type {data_type}")
-    summary = data.summary if kind.tokens else f"{data_file}: {len(data)} records"
+    summary = getattr(data, "summary", "") or f"{data_file}: {len(data)} records"
     if not kind.tokens:
         ds = ItemDataset(data, checked, **common)
     elif dataload == "get":

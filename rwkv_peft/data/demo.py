@@ -5,12 +5,19 @@
 Each line is {"question": ..., "answer": ...}; the answer is a short worked solution with
 GSM8K's calculator annotations and ends in "#### N". Small numbers and a handful of
 templates keep it learnable by a tiny model within minutes, with no download.
+
+    python -m rwkv_peft.data.demo --out pairs.jsonl --n 2000 --preference
+
+writes preference pairs of the same problems instead (TRL's conversational form, for
+--data_type preference): the chosen answer is the worked solution, the rejected one computes
+with the wrong operations (adds where it should subtract, ...), so its numbers are wrong.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 from rwkv_peft import files
@@ -76,15 +83,41 @@ def generate(n: int, seed: int = 0) -> list[dict[str, str]]:
     return [dict(zip(("question", "answer"), _problem(rng), strict=True)) for _ in range(n)]
 
 
-def write_demo(path: str, n: int = 3000, seed: int = 0) -> None:
-    """Write the demo set as jsonl (temp file, then rename)."""
+WRONG_OP = {"+": "-", "-": "+", "*": "+", "/": "*"}
+STEP = re.compile(r"(\d+) ([-+*/]) (\d+) = <<\d+[-+*/]\d+=-?\d+>>-?\d+")
+
+
+def _wrong(answer: str) -> str:
+    """The worked solution with every calculation done with the wrong operation (+ for -, - for +, + for *,
+    * for /), and the final answer the last wrong result."""
+    last = []
+
+    def swap(m: re.Match) -> str:
+        a, op, b = int(m[1]), WRONG_OP[m[2]], int(m[3])
+        last.append({"+": a + b, "-": a - b, "*": a * b}[op])
+        return f"{a} {op} {b} = <<{a}{op}{b}={last[-1]}>>{last[-1]}"
+
+    work = STEP.sub(swap, answer.rsplit("#### ", 1)[0])
+    return f"{work}#### {last[-1]}"
+
+
+def preference_pairs(n: int, seed: int = 0) -> list[dict]:
+    """n pairs: {"prompt": [user question], "chosen": [the solution], "rejected": [a solution that computes
+    with the wrong operations]}, the same for the same seed everywhere."""
+    return [{"prompt": [{"role": "user", "content": p["question"]}],
+             "chosen": [{"role": "assistant", "content": p["answer"]}],
+             "rejected": [{"role": "assistant", "content": _wrong(p["answer"])}]} for p in generate(n, seed)]
+
+
+def write_demo(path: str, n: int = 3000, seed: int = 0, preference: bool = False) -> None:
+    """Write the demo set (or its preference pairs) as jsonl (temp file, then rename)."""
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
     out = Path(path)
     if not out.parent.is_dir():
         raise FileNotFoundError(f"{out.parent}: output directory does not exist (--out {path})")
     with files.atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for rec in generate(n, seed):
+        for rec in preference_pairs(n, seed) if preference else generate(n, seed):
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
@@ -93,9 +126,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True, help="output jsonl path")
     ap.add_argument("--n", type=int, default=3000, help="number of problems")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--preference", action="store_true", help="write preference pairs (--data_type preference)")
     args = ap.parse_args(argv)
-    write_demo(args.out, args.n, args.seed)
-    print(f"wrote {args.n} problems to {args.out}")
+    write_demo(args.out, args.n, args.seed, args.preference)
+    print(f"wrote {args.n} {'preference pairs' if args.preference else 'problems'} to {args.out}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ class JsonlStats:
     skipped: Counter = field(default_factory=Counter)
     first_line: dict = field(default_factory=dict)
     kept_changed: Counter = field(default_factory=Counter)  # kept but altered, e.g. truncated
+    unit: str = "documents"  # what a kept record is (preference: pairs)
 
     def skip(self, reason: str, lineno: int) -> None:
         self.skipped[reason] += 1
@@ -39,7 +40,7 @@ class JsonlStats:
             self.trained += trained
 
     def summary(self, with_path: bool = True) -> str:
-        s = f"{self.documents} documents, {self.tokens} tokens"
+        s = f"{self.documents} {self.unit}, {self.tokens} tokens"
         if self.trained is not None:
             s += f" ({self.trained} trained)"
         s = f"{self.path}: {s}" if with_path else s

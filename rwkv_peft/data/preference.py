@@ -18,6 +18,7 @@ each cut to its first ctx_len+1 tokens and padded with 0 (padding masked out).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,8 +26,10 @@ import torch
 
 from .chat import ChatTemplate, Pieces, conversation_pieces, encode_chat
 from .dataset import DocDataset
+from .documents import checked
 from .jsonl import JsonlStats, iter_jsonl_objects, reject
 from .tokenizer import check_vocab_range, get_tokenizer
+from .types import DataOptions, DataType, register_data_type
 
 FIELDS = ("prompt", "chosen", "rejected")
 EXPECTED = ('{"prompt", "chosen", "rejected"}, each a string, or each a list of chat messages '
@@ -83,7 +86,7 @@ def load_pairs(path: str, vocab_size: int, ctx_len: int, tokenizer: str = "world
     if too_long not in ("truncate", "drop"):
         raise ValueError(f"--too_long {too_long!r}: expected truncate or drop")
     tok, template = get_tokenizer(tokenizer), template or ChatTemplate.load()
-    stats, pairs = JsonlStats(path), []
+    stats, pairs = JsonlStats(path, unit="pairs"), []
     stats.trained = 0
     for lineno, obj in iter_jsonl_objects(path, stats, strict, EXPECTED):
         reason, chosen, rejected = pair_pieces(obj, template)
@@ -111,31 +114,46 @@ def load_pairs(path: str, vocab_size: int, ctx_len: int, tokenizer: str = "world
     if not pairs:
         raise ValueError(f"{path}: no usable preference pairs ({stats.summary(with_path=False)}); "
                          f"expected one per line: {EXPECTED}")
-    stats.documents = len(pairs)
     return pairs, stats
 
 
-def _checked(*_: object) -> None:
-    """Pairs had their ids range-checked while tokenizing."""
+def pair_hash(pair: Pair) -> int:
+    """A 64-bit content hash of a pair's tokens and masks (the key of precomputed reference log-probs)."""
+    h = hashlib.blake2b(digest_size=8)
+    for a in pair:
+        h.update(np.ascontiguousarray(a).tobytes())
+        h.update(b"|")
+    return int.from_bytes(h.digest(), "little", signed=True)
 
 
-class PairDataset(DocDataset):
-    """One pair per sample, (2, ctx_len): chosen then rejected, each as ``DocDataset`` pads a document.
-    ``reference`` (pairs x 2), when given, travels with the samples as ``ref_logps``."""
+class PairItems(Sequence):
+    """The pairs as samples, one item per pair: ``input_ids`` / ``targets`` / ``mask`` of shape (2, ctx_len),
+    chosen then rejected, each padded as ``DocDataset`` pads a document, and ``pair_hash``."""
 
-    def __init__(self, pairs: Sequence[Pair], ctx_len: int, samples_per_epoch: int = 1, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, reference: torch.Tensor | None = None):
-        docs = [d for p in pairs for d in p[::2]]
-        flags = [f for p in pairs for f in p[1::2]]
-        super().__init__(docs, _checked, ctx_len, samples_per_epoch, seed, rank, world_size,
-                         flags=flags)
-        self.n_docs = len(pairs)
-        self.reference = reference
+    def __init__(self, pairs: Sequence[Pair], ctx_len: int, summary: str = ""):
+        docs = DocDataset([d for p in pairs for d in p[::2]], checked, ctx_len, 1, 0,
+                          flags=[f for p in pairs for f in p[1::2]])
+        self.docs, self.summary = docs, summary
+        self.hashes = torch.tensor([pair_hash(p) for p in pairs], dtype=torch.int64)
 
-    def doc_sample(self, d: int) -> dict[str, torch.Tensor]:
-        """The sample of pair d."""
-        rows = [super(PairDataset, self).doc_sample(2 * d + k) for k in (0, 1)]
-        sample = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
-        if self.reference is not None:
-            sample["ref_logps"] = self.reference[d]
-        return sample
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    def __getitem__(self, d: int) -> dict[str, torch.Tensor]:
+        if not 0 <= d < len(self):
+            raise IndexError(f"pair {d} outside [0, {len(self)})")
+        rows = [self.docs.doc_sample(2 * d + k) for k in (0, 1)]
+        return {**{k: torch.stack([r[k] for r in rows]) for k in rows[0]}, "pair_hash": self.hashes[d]}
+
+
+def read_preference(path: str, o: DataOptions, padded: bool = True) -> PairItems:
+    """The data type's reader: a preference jsonl as pair items (always one pair per sample)."""
+    pairs, stats = load_pairs(path, o.vocab_size, o.ctx_len, o.tokenizer, ChatTemplate.load(o.chat_template),
+                              o.too_long, o.strict)
+    return PairItems(pairs, o.ctx_len, stats.summary())
+
+
+register_data_type(DataType(
+    "preference", "{'prompt', 'chosen', 'rejected'} jsonl (TRL's: strings, or chat message lists rendered with the "
+    "chat template); loss on the completions, for --objective dpo|orpo|simpo", read_preference, tokens=False,
+    dataloads=("pad",)))

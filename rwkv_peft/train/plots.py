@@ -59,7 +59,8 @@ def _save_figure(fig, ax, png_path: Path, title: str) -> None:
 
 
 def plot_eval(log_path: Path, png_path: Path, title: str = "") -> None:
-    """Held-out loss per evaluation (best marked) over the training loss's moving average."""
+    """Held-out loss per evaluation (best marked) over the training loss's moving average, and any held-out
+    accuracy the objective logs (e.g. preference tuning's reward accuracy) on a 0..1 axis of its own."""
     records = read_log(log_path)
     evals = [r for r in records if "eval_loss" in r]
     if not evals:
@@ -78,4 +79,13 @@ def plot_eval(log_path: Path, png_path: Path, title: str = "") -> None:
     best = min(evals, key=lambda r: r["eval_loss"])
     ax.plot([best["step"]], [best["eval_loss"]], "*", ms=14,
             label=f"best: {best['eval_loss']:.4f} at step {best['step']}")
+    accuracies = sorted({k for r in evals for k in r if k.startswith("eval_") and "acc" in k})
+    if accuracies:
+        right = ax.twinx()
+        for k in accuracies:
+            right.plot([r["step"] for r in evals if k in r], [r[k] for r in evals if k in r], "s--", color="tab:green",
+                       label=f"held-out {k[5:]}")
+        right.set_ylim(0, 1.05)
+        right.set_ylabel("accuracy")
+        right.legend(loc="center right")
     _save_figure(fig, ax, png_path, title)

@@ -129,4 +129,4 @@ def objective_options(name: str, given: Mapping[str, Any]) -> dict[str, Any]:
     return {k: given.get(k, kw.get("default")) for k, kw in dests.items()}
 
 
-from rwkv_peft.train.objectives import grpo, lm  # noqa: E402,F401  (registers the built-in objectives)
+from rwkv_peft.train.objectives import grpo, lm, preference  # noqa: E402,F401  (registers the built-in objectives)
