@@ -86,6 +86,26 @@ def test_adapter_disabled_logps_equal_the_base(method: str, config: str):
     assert (got - want).abs().max() <= 1e-6
 
 
+def test_adapter_disabled_on_a_quantized_base_is_that_base():
+    """--quant: the reference is the quantized base, i.e. the same model with its adapter at zero."""
+    pytest.importorskip("bitsandbytes.functional", reason="--quant needs bitsandbytes")
+    from rwkv_peft.quant import quantize_base
+
+    ids = torch.randint(1, 300, (2, 9), generator=torch.Generator().manual_seed(0))
+    model = perturbed_model(vocab=300, seed=2)
+    apply_peft(model, "miss", parse_peft_config("miss", '{"r":8}'))
+    quantize_base(model, "nf4")
+    adapter = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        base = model(ids, loss=logp_loss(ids))[1]
+        for p in adapter:
+            p.normal_(0, 0.1)
+        with adapter_disabled(model) as off:
+            got = off(ids, loss=logp_loss(ids))[1]
+        assert (model(ids, loss=logp_loss(ids))[1] - base).abs().max() > 1e-2
+    assert torch.equal(got, base)
+
+
 def objective_for(model, name: str, **options) -> object:
     cfg = TrainConfig(objective=name, data_type="preference")
     ctx = Context(model, model, cfg, objective_options(name, options))
