@@ -28,7 +28,7 @@ LR_FINAL=${LR_FINAL:-3e-3}
 WARMUP_STEPS=${WARMUP_STEPS:-0}
 STRICT=${STRICT:-0}                           # 1: a malformed jsonl line stops the run
 STRATEGY=${STRATEGY:-deepspeed_stage_1}
-PRECISION=${PRECISION:-}                      # empty: bf16 on GPU, fp32 on CPU
+PRECISION=${PRECISION:-auto}                  # auto: bf16 where the CPU/GPU computes it natively, else fp32
 ACCELERATOR=${ACCELERATOR:-}                  # empty: gpu if CUDA is available, else cpu
 DEVICES=${DEVICES:-1}                         # > 1: several processes via torchrun
 GRAD_CP=${GRAD_CP:-0}
@@ -45,9 +45,6 @@ DEMO_EMBD=${DEMO_EMBD:-128}
 set -e
 if [ -z "$ACCELERATOR" ]; then
     if [ "$(python -c 'import torch; print(torch.cuda.is_available())')" = True ]; then ACCELERATOR=gpu; else ACCELERATOR=cpu; fi
-fi
-if [ -z "$PRECISION" ]; then
-    if [ "$ACCELERATOR" = cpu ]; then PRECISION=fp32; else PRECISION=bf16; fi
 fi
 if [ ! -f "$LOAD_MODEL" ]; then
     [ "$LOAD_MODEL" = out/demo/base.pth ] || { echo "error: LOAD_MODEL=$LOAD_MODEL not found" >&2; exit 1; }

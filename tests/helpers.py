@@ -45,7 +45,8 @@ def train_flags(files: dict, out: Path, ctx: int = 16, **kw: object) -> list[str
     flags = {"load_model": files["base"], "data_file": files["data"], "data_type": "binidx", "proj_dir": out,
              "peft": "miss", "miss_config": '{"r":8}', "ctx_len": ctx, "micro_bsz": 4, "epoch_steps": 4,
              "epoch_count": 2, "lr_init": 1e-2, "lr_final": 1e-3, "op": "torch", "progress": 0,
-             "accelerator": "cpu", "random_seed": 1, "magic_prime": largest_magic_prime(files["n_tokens"], ctx)}
+             "accelerator": "cpu", "precision": "fp32", "random_seed": 1,
+             "magic_prime": largest_magic_prime(files["n_tokens"], ctx)}
     return cli({**flags, **kw})
 
 

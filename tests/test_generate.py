@@ -264,7 +264,7 @@ def state_runs(tmp_path_factory) -> dict[str, dict[str, Path]]:
         flags = {"load_model": d / "base.pth", "data_file": d / "data", "data_type": "binidx", "proj_dir": d / "out",
                  "peft": "state", "ctx_len": 16, "micro_bsz": 2, "epoch_steps": 3, "epoch_count": 1,
                  "lr_init": 0.1, "lr_final": 0.1, "op": "torch", "progress": 0, "accelerator": "cpu",
-                 "magic_prime": largest_magic_prime(len(ids), 16)}
+                 "precision": "fp32", "magic_prime": largest_magic_prime(len(ids), 16)}
         train_main(cli(flags))
         out[version] = {"base": d / "base.pth", "state": d / "out" / "rwkv-final.pth", "dir": d}
     return out

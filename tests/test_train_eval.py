@@ -62,7 +62,7 @@ def run(tmp_path_factory) -> dict:
     flags = {"load_model": files["base"], "data_file": files["train"], "data_type": "chat", "dataload": "pad",
              "tokenizer": files["tokenizer"], "proj_dir": str(files["out"]), "peft": "miss",
              "miss_config": '{"r":8}', "ctx_len": CTX, "micro_bsz": 2, "epoch_steps": STEPS // 2, "epoch_count": 2,
-             "lr_init": 2e-2, "lr_final": 2e-3, "op": "torch", "progress": 0, "accelerator": "cpu",
+             "lr_init": 2e-2, "lr_final": 2e-3, "op": "torch", "progress": 0, "accelerator": "cpu", "precision": "fp32",
              "random_seed": 1, "eval_data": files["eval"], "eval_every": EVERY, "eval_samples": 2,
              "eval_max_tokens": 8, "save_best": 1, "tensorboard": str(files["tb"])}
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off"}

@@ -11,11 +11,11 @@ from rwkv_peft.cli import ArgumentParser
 from rwkv_peft.data import DATA_TYPES, DataOptions, get_data_type
 from rwkv_peft.ops import OPS
 from rwkv_peft.peft.registry import METHODS, get_method
+from rwkv_peft.precision import PRECISIONS
 from rwkv_peft.train.objectives import OBJECTIVES, add_objective_flags, get_objective, objective_options
 
 STRATEGIES = ("deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3",
               "deepspeed_stage_2_offload", "deepspeed_stage_3_offload")
-PRECISIONS = ("fp32", "bf16", "fp16")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 ARCH_FLAGS = ("n_layer", "n_embd", "vocab_size", "head_size", "dim_ffn")
 # flags that take one of a few words, in the order check_config checks them
@@ -59,7 +59,7 @@ class TrainConfig:
     grad_cp: int = 0
     accumulate_grad_batches: int = 1
     strategy: str = "deepspeed_stage_1"
-    precision: str = "fp32"
+    precision: str = "auto"
     accelerator: str = "auto"
     devices: int = 1
     num_nodes: int = 1
@@ -150,7 +150,9 @@ def build_parser() -> ArgumentParser:
         "wsd_decay": "fraction of the run spent decaying with --lr_schedule wsd",
         "grad_cp": "1: per-block gradient checkpointing (less memory, ~30%% slower)",
         "strategy": "|".join(STRATEGIES),
-        "precision": "|".join(PRECISIONS),
+        "precision": "auto (bf16 where the CPU/GPU computes it natively: avx512_bf16/AMX, compute capability "
+                     ">= 8.0; else fp32) | fp32 | bf16 (fp32 master weights, optimizer state and gradient sums) "
+                     "| fp16 (GPU)",
         "accelerator": "auto (gpu if CUDA is available) | cpu | gpu",
         "devices": "processes per node; launch with torchrun/deepspeed for > 1",
         "peft": " | ".join(METHODS),

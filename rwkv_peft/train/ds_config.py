@@ -33,8 +33,9 @@ def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
     }
-    if cfg.precision == "bf16":
+    if cfg.precision == "bf16":  # bf16 module; fp32 master weights, optimizer state and gradient sums
         ds["bf16"] = {"enabled": True}
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
     elif cfg.precision == "fp16":
         ds["fp16"] = {"enabled": True, "initial_scale_power": 12, "loss_scale_window": 100}
     return ds

@@ -7,29 +7,36 @@ the same code runs in CI on a laptop CPU and under ``torchrun`` / ``deepspeed`` 
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
 import socket
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext, redirect_stdout
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from rwkv_peft.model import to_stored
 from rwkv_peft.peft import trainable_state_dict
+from rwkv_peft.precision import master, resolve_precision, set_masters
 from rwkv_peft.train.config import TrainConfig
 from rwkv_peft.train.ds_config import build_ds_config, check_supported
 
 
 def check_device(cfg: TrainConfig) -> bool:
-    """Whether the run uses a GPU; refuses what this machine or DeepSpeed cannot do."""
+    """Whether the run uses a GPU; refuses what this machine or DeepSpeed cannot do. Resolves ``--precision
+    auto`` for the device and says the choice (rank 0's first line)."""
     on_gpu = cfg.accelerator in ("gpu", "cuda") or (cfg.accelerator == "auto" and torch.cuda.is_available())
     if on_gpu and not torch.cuda.is_available():
         raise ValueError(f"--accelerator {cfg.accelerator}: no CUDA device is available; use --accelerator cpu")
+    cfg.precision, why = resolve_precision(cfg.precision, "cuda" if on_gpu else "cpu")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"precision: {cfg.precision} ({why})", flush=True)
     check_supported(cfg, on_gpu)
     return on_gpu
 
@@ -93,10 +100,15 @@ def import_deepspeed(on_gpu: bool):
 
 
 def build_engine(deepspeed, cfg: TrainConfig, model: nn.Module, params: list, on_gpu: bool, world: int):
-    """DeepSpeed's engine around the model and an Adam over ``params``."""
+    """DeepSpeed's engine around the model and an Adam over ``params``; under bf16/fp16 their fp32 master
+    copies start from the fp32 values ``params`` hold before the engine casts the module."""
     optimizer = build_optimizer(cfg, params, on_gpu)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=params,
-                                           config=build_ds_config(cfg, world))
+    fp32_values = [p.detach().clone() for p in params] if cfg.precision != "fp32" else None
+    with redirect_stdout(io.StringIO()):  # bf16 on ZeRO-1 prints memory statistics (print(), no logger)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=params,
+                                               config=build_ds_config(cfg, world))
+    if fp32_values is not None:
+        set_masters(params, fp32_values)
     return engine
 
 
@@ -154,13 +166,20 @@ def load_optimizer_state(engine, state: list[dict], where: Path) -> None:
 
 
 def gathered_trainable(engine, model: nn.Module, params: list) -> dict[str, torch.Tensor]:
-    """The trainable tensors, whole on every rank (ZeRO-3 holds a slice per rank: gathered; collective)."""
+    """The trainable tensors, whole on every rank (ZeRO-3 holds a slice per rank: gathered; collective);
+    under bf16/fp16 their fp32 master copies, which the optimizer updates (the module's are rounded)."""
+    gathered = nullcontext()
     if engine.zero_optimization_partition_weights():
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(params):
-            return trainable_state_dict(model)
-    return trainable_state_dict(model)
+        gathered = deepspeed.zero.GatheredParameters(params)
+    with gathered:
+        sd = trainable_state_dict(model)
+        if engine.bfloat16_enabled() or engine.fp16_enabled():
+            for n, p in model.named_parameters():
+                if p.requires_grad:
+                    sd[n] = to_stored(model, n, master(p).detach()).to("cpu", copy=True)
+    return sd
 
 
 def grad_norm(engine) -> dict[str, float]:
