@@ -103,13 +103,17 @@ def test_chunked_equals_whole_sequence() -> None:
 
 
 def test_bf16_inputs_cpu() -> None:
-    """bf16 in, computed in fp32: equals the fp32 kernel on the same (rounded) values."""
-    xs = [x.bfloat16() for x in make_inputs(1, 20, 2, 16, seed=9)]
-    y, s = wkv7(*xs, op="cpu")
-    y32, s32 = wkv7(*(x.float() for x in xs), op="cpu")
-    assert y.dtype == torch.bfloat16 and s.dtype == torch.float32
-    torch.testing.assert_close(y, y32.bfloat16())
-    torch.testing.assert_close(s, s32)
+    """bf16 in, read by the kernel and computed in fp32: y and every gradient are exactly the fp32
+    kernel's on the same (rounded) values, rounded to bf16 (the kernel rounds as torch does)."""
+    xs = [x.bfloat16() for x in make_inputs(2, 37, 2, 16, seed=9)]
+    s0 = torch.randn(2, 2, 16, 16, generator=torch.Generator().manual_seed(4))
+    gy = torch.randn(2, 37, 2, 16, generator=torch.Generator().manual_seed(5)).bfloat16()
+    got = run("cpu", xs, s0, gy, s0)
+    want = run("cpu", [x.float() for x in xs], s0, gy.float(), s0)
+    names = ["y", "state", "dr", "dw", "dk", "dv", "da", "db", "ds0"]
+    for name, g, w in zip(names, got, want, strict=True):
+        assert g.dtype == (torch.float32 if name in ("state", "ds0") else torch.bfloat16), name
+        assert torch.equal(g, w.to(g.dtype)), name
 
 
 def test_no_grad_inference_matches() -> None:

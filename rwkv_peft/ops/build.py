@@ -35,9 +35,9 @@ FAMILIES = ("wkv7", "wkv6")
 DEVICES = ("cpu", "cuda")
 CPU_FLAGS = ("-O3", "-fopenmp", "-march=native", "-ffp-contract=fast")
 CUDA_FLAGS = ("-O3", "--use_fast_math", "-Xptxas=-O3", "--extra-device-vectorization")
-# pointer arguments of forward / backward after the four integers (CUDA: the stream included)
-_POINTERS = {("wkv7", "cpu"): (11, 17), ("wkv6", "cpu"): (9, 14), ("wkv7", "cuda"): (12, 19),
-             ("wkv6", "cuda"): (10, 16)}
+# (leading integers, pointer arguments of forward, of backward); CUDA: the stream included
+_ARGS = {("wkv7", "cpu"): (5, 11, 17), ("wkv6", "cpu"): (4, 9, 14), ("wkv7", "cuda"): (4, 12, 19),
+         ("wkv6", "cuda"): (4, 10, 16)}
 
 
 def cache_root() -> Path:
@@ -160,11 +160,11 @@ def load_kernel(family: str, device: str, head_size: int = 64) -> Kernel:
                      CUDA_FLAGS + (f"-DWKV_N={head_size}",))
         int_t = ctypes.c_int
     kernel = Kernel(lib, family, device)
-    n_fwd, n_bwd = _POINTERS[family, device]
+    n_int, n_fwd, n_bwd = _ARGS[family, device]
     ret = None if device == "cpu" else ctypes.c_int
     for what, n in (("forward", n_fwd), ("backward", n_bwd)):
         fn = kernel._fn(what)
-        fn.argtypes, fn.restype = [int_t] * 4 + [ctypes.c_void_p] * n, ret
+        fn.argtypes, fn.restype = [int_t] * n_int + [ctypes.c_void_p] * n, ret
     kernel._fn("chunk").restype = int_t
     if device == "cuda":
         kernel._fn("error_string").argtypes, kernel._fn("error_string").restype = [ctypes.c_int], ctypes.c_char_p
