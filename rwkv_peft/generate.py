@@ -118,15 +118,21 @@ class Decoder:
     """
 
     def __init__(self, model: nn.Module, tokenizer=None, state: list | None = None):
+        from rwkv_peft.model.decode import stepper
+
         self.model, self.tokenizer, self.state = model, tokenizer, state
         self.logits: torch.Tensor | None = None  # (B, V) fp32 after the last token read
         self.fed = 0  # tokens read so far, all calls together
         self.device = next(model.parameters()).device
+        self.stepper = stepper(model)  # one-token steps a block per kernel call (None: forward_state)
 
     @torch.no_grad()
     def _forward(self, idx: torch.Tensor) -> None:
-        logits, self.state = self.model.forward_state(idx, self.state)
-        self.logits = logits[:, -1].float()
+        if idx.shape[1] == 1 and self.state is not None and self.stepper is not None:
+            self.logits, self.state = self.stepper.step(idx[:, 0], self.state)
+        else:
+            logits, self.state = self.model.forward_state(idx, self.state)
+            self.logits = logits[:, -1].float()
         self.fed += idx.shape[1]
 
     def feed(self, tokens: Sequence[int]) -> torch.Tensor:

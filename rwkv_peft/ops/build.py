@@ -142,6 +142,12 @@ class Kernel:
 
 
 @functools.cache
+def load_library(name: str) -> ctypes.CDLL:
+    """Build (first time) and open ``csrc/<name>.cpp``, a plain C library for the CPU (e.g. the decode steps)."""
+    return _build(f"rwkv_peft_{name}", (f"{name}.cpp",), (), CPU_FLAGS)
+
+
+@functools.cache
 def load_kernel(family: str, device: str, head_size: int = 64) -> Kernel:
     """Build (first time) and open the ``family`` kernel for ``device``; CUDA kernels are built per head size.
 
