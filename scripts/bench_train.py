@@ -10,8 +10,13 @@ a busy neighbour slows all methods alike) and keeps each method's fastest round 
 step. The frozen row (no parameter gradients at all, only activation gradients) is the floor any
 adapter method can reach. ``--profile METHOD`` prints torch.profiler's table of the top costs of one
 more step of that method. ``--head_chunk 0,-1`` runs every method with the plain head (all logits at
-once) and with the chunked one (auto chunk) side by side and prints their ratios. Goals: a MiSS step
-<= 0.75x a full fine-tuning step; the chunked head's step at least 5% faster than the plain one's.
+once) and with the chunked one (auto chunk) side by side and prints their ratios. ``--precision
+fp32,bf16`` runs every method both ways as the trainer does (bf16: bf16 model, fp32 master copies of
+the trainable tensors for AdamW) and prints bf16 / fp32 step time and peak RSS. Each row also gives
+its step time over its matmul time (one profiled step: all ops' self CPU time / that of mm, addmm,
+addmm_, bmm): the distance to the matmul floor. Goals: a MiSS step <= 0.75x a full fine-tuning step; the
+chunked head's step at least 5% faster than the plain one's; bf16 <= 0.6x fp32 on a CPU with native
+bf16; step / matmul time <= 1.25.
 """
 
 from __future__ import annotations
@@ -32,7 +37,10 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def setup(method: str, head_chunk: int, a: argparse.Namespace):
+MATMULS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")
+
+
+def setup(method: str, head_chunk: int, precision: str, a: argparse.Namespace):
     """(step function, trainable count) for one method on a fresh copy of the same model."""
     import time
 
@@ -51,8 +59,11 @@ def setup(method: str, head_chunk: int, a: argparse.Namespace):
         flags = {"miss": a.miss_config, "lora": a.lora_config}
         apply_peft(model, method, parse_peft_config(method, flags.get(method, "")))
     model.train()
+    if precision == "bf16":
+        model.bfloat16()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    masters = [p.detach().float().clone().requires_grad_() for p in params] if precision == "bf16" else params
+    opt = torch.optim.AdamW(masters, lr=1e-4) if params else None
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, a.vocab_size, (a.micro_bsz, a.ctx_len + 1), generator=g)
     mask = torch.ones(a.micro_bsz, a.ctx_len)
@@ -62,9 +73,16 @@ def setup(method: str, head_chunk: int, a: argparse.Namespace):
         t0, c0 = time.perf_counter(), time.process_time()
         masked_loss(model, idx[:, :-1], idx[:, 1:], mask, head_chunk).backward()
         if opt is not None:
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            if masters is not params:  # bf16: the fp32 masters take the gradients, the bf16 copies the update
+                for m, p in zip(masters, params, strict=True):
+                    m.grad, p.grad = p.grad.float(), None
+            torch.nn.utils.clip_grad_norm_(masters, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if masters is not params:
+                with torch.no_grad():
+                    for m, p in zip(masters, params, strict=True):
+                        p.copy_(m)
         return time.perf_counter() - t0, time.process_time() - c0
 
     step()  # warm-up: allocators, kernels, optimizer state
@@ -80,13 +98,27 @@ def profile_table(step, rows: int) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
-def worker(method: str, head_chunk: int, a: argparse.Namespace, conn) -> None:
-    """One method's process: answers "step" with (wall, CPU) seconds, "profile" with a table, "rss" with MiB."""
+def matmul_share(step) -> float:
+    """One profiled step's self CPU time over that of its matrix products (>= 1; 1: nothing but matmuls)."""
+    import torch
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    events = prof.key_averages()
+    mm = sum(e.self_cpu_time_total for e in events if e.key in MATMULS)
+    return sum(e.self_cpu_time_total for e in events) / max(mm, 1e-9)
+
+
+def worker(method: str, head_chunk: int, precision: str, a: argparse.Namespace, conn) -> None:
+    """One method's process: answers "step" with (wall, CPU) seconds, "profile" with a table, "rss" with MiB,
+    "matmul" with step / matmul time."""
     sys.path.insert(0, str(ROOT))  # run from a clone without installing
-    step, trainable = setup(method, head_chunk, a)
+    step, trainable = setup(method, head_chunk, precision, a)
     conn.send(trainable)
+    answers = {"step": step, "profile": lambda: profile_table(step, a.profile_rows), "rss": rss_mb,
+               "matmul": lambda: matmul_share(step)}
     while (cmd := conn.recv()) != "stop":
-        conn.send(step() if cmd == "step" else profile_table(step, a.profile_rows) if cmd == "profile" else rss_mb())
+        conn.send(answers[cmd]())
 
 
 def parse_args() -> argparse.Namespace:
@@ -107,12 +139,16 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--profile_rows", type=int, default=15)
     p.add_argument("--head_chunk", default="-1",
                    help="tokens per chunk of the head + loss, comma separated to compare (0: plain, -1: auto)")
+    p.add_argument("--precision", default="fp32", help="fp32 | bf16 | fp32,bf16 (side by side)")
     shape = p.parse_known_args()[0].shape
     if shape:
         p.set_defaults(**SHAPES[shape])  # explicit flags still win
     a = p.parse_args()
     a.methods = a.methods.split(",")
     a.head_chunk = [int(c) for c in a.head_chunk.split(",")]
+    a.precision = a.precision.split(",")
+    if set(a.precision) - {"fp32", "bf16"}:
+        p.error(f"--precision: expected fp32, bf16 or fp32,bf16, got {','.join(a.precision)}")
     bad = [m for m in a.methods if m not in METHODS] + ([a.profile] if a.profile and a.profile not in a.methods else [])
     if bad:
         p.error(f"--methods/--profile: unknown or unselected method(s) {bad}; choose from {','.join(METHODS)}")
@@ -125,53 +161,68 @@ def main() -> None:
     pipes = {}
     for m in a.methods:
         for hc in a.head_chunk:
-            here, there = ctx.Pipe()
-            ctx.Process(target=worker, args=(m, hc, a, there), daemon=True).start()
-            pipes[m, hc] = here
+            for prec in a.precision:
+                here, there = ctx.Pipe()
+                ctx.Process(target=worker, args=(m, hc, prec, a, there), daemon=True).start()
+                pipes[m, hc, prec] = here
     head = {0: "plain", -1: "auto"}
-    rows = {k: {"method": k[0], "head": head.get(k[1], str(k[1])), "trainable": pipe.recv(), "times": []}
-            for k, pipe in pipes.items()}
+    rows = {k: {"method": k[0], "head": head.get(k[1], str(k[1])), "precision": k[2], "trainable": pipe.recv(),
+                "times": []} for k, pipe in pipes.items()}
     import torch  # after the workers started: only for the thread count printed
 
     print(f"RWKV-7 L{a.n_layer} D{a.n_embd} vocab {a.vocab_size}, {a.micro_bsz}x{a.ctx_len} tokens/step, "
           f"op {a.op}, {torch.get_num_threads()} threads, best of {a.steps} interleaved rounds, one process per method")
     for _ in range(a.steps):
-        for m, pipe in pipes.items():
+        for k, pipe in pipes.items():
             pipe.send("step")
-            rows[m]["times"].append(pipe.recv())
+            rows[k]["times"].append(pipe.recv())
+    table = None
     if a.profile:
-        pipes[a.profile, a.head_chunk[-1]].send("profile")
-        table = pipes[a.profile, a.head_chunk[-1]].recv()
-    for m, pipe in pipes.items():
-        pipe.send("rss")
-        rows[m]["rss_mb"] = pipe.recv()
+        pipes[a.profile, a.head_chunk[-1], a.precision[-1]].send("profile")
+        table = pipes[a.profile, a.head_chunk[-1], a.precision[-1]].recv()
+    for k, pipe in pipes.items():
+        for cmd in ("rss", "matmul"):
+            pipe.send(cmd)
+            rows[k][cmd] = pipe.recv()
         pipe.send("stop")
     for r in rows.values():  # the fastest round: the least disturbed by other processes
         r["step_s"], r["cpu_s"] = min(t[0] for t in r["times"]), min(t[1] for t in r["times"])
         r["tok_s"] = a.micro_bsz * a.ctx_len / r["step_s"]
-    print(f"{'method':<8} {'head':>6} {'trainable':>12} {'step s':>8} {'cpu s':>8} {'tok/s':>8} {'x full':>7} "
-          f"{'peak RSS MiB':>13}")
-    for (m, hc), r in rows.items():
-        full = rows.get(("full", hc))
+    report(a, rows, table)
+
+
+def report(a: argparse.Namespace, rows: dict, table: str | None) -> None:
+    print(f"{'method':<8} {'head':>6} {'prec':>5} {'trainable':>12} {'step s':>8} {'cpu s':>8} {'tok/s':>8} "
+          f"{'x full':>7} {'step/mm':>8} {'peak RSS MiB':>13}")
+    for (m, hc, prec), r in rows.items():
+        full = rows.get(("full", hc, prec))
         rel = f"{r['step_s'] / full['step_s']:>7.2f}" if full else f"{'-':>7}"
-        print(f"{m:<8} {r['head']:>6} {r['trainable']:>12,} {r['step_s']:>8.3f} {r['cpu_s']:>8.3f} "
-              f"{r['tok_s']:>8.1f} {rel} {r['rss_mb']:>13.0f}")
+        print(f"{m:<8} {r['head']:>6} {prec:>5} {r['trainable']:>12,} {r['step_s']:>8.3f} {r['cpu_s']:>8.3f} "
+              f"{r['tok_s']:>8.1f} {rel} {r['matmul']:>8.2f} {r['rss']:>13.0f}")
     for hc in a.head_chunk:
-        if ("full", hc) in rows and ("miss", hc) in rows:
-            ratio = rows["miss", hc]["step_s"] / rows["full", hc]["step_s"]
-            verdict = "met" if ratio <= 0.75 else "NOT met"
-            print(f"MiSS step / full fine-tuning step ({rows['miss', hc]['head']} head) = {ratio:.2f} "
-                  f"(goal <= 0.75: {verdict})")
+        for prec in a.precision:
+            if ("full", hc, prec) in rows and ("miss", hc, prec) in rows:
+                ratio = rows["miss", hc, prec]["step_s"] / rows["full", hc, prec]["step_s"]
+                print(f"MiSS step / full fine-tuning step ({rows['miss', hc, prec]['head']} head, {prec}) = "
+                      f"{ratio:.2f} (goal <= 0.75: {'met' if ratio <= 0.75 else 'NOT met'})")
     for m in a.methods:
-        for hc in a.head_chunk[1:]:
-            r, p = rows[m, hc], rows[m, a.head_chunk[0]]
+        for prec in a.precision:
+            for hc in a.head_chunk[1:]:
+                r, p = rows[m, hc, prec], rows[m, a.head_chunk[0], prec]
+                ratio = r["step_s"] / p["step_s"]
+                print(f"{m} {prec}: {r['head']} head / {p['head']} head: step time {ratio:.3f} "
+                      f"(goal <= 0.95: {'met' if ratio <= 0.95 else 'NOT met'}), CPU time "
+                      f"{r['cpu_s'] / p['cpu_s']:.3f}, peak RSS {r['rss'] / p['rss']:.3f}")
+        for hc in a.head_chunk if "bf16" in a.precision and "fp32" in a.precision else ():
+            r, p = rows[m, hc, "bf16"], rows[m, hc, "fp32"]
             ratio = r["step_s"] / p["step_s"]
-            print(f"{m}: {r['head']} head / {p['head']} head: step time {ratio:.3f} "
-                  f"(goal <= 0.95: {'met' if ratio <= 0.95 else 'NOT met'}), CPU time {r['cpu_s'] / p['cpu_s']:.3f}, "
-                  f"peak RSS {r['rss_mb'] / p['rss_mb']:.3f}")
-    if a.profile:
-        print(f"\ntop costs of one {a.profile} step ({rows[a.profile, a.head_chunk[-1]]['head']} head; "
-              "torch.profiler, sorted by self CPU time):")
+            print(f"{m} ({r['head']} head): bf16 / fp32 step time {ratio:.2f} (goal <= 0.6: "
+                  f"{'met' if ratio <= 0.6 else 'NOT met'}), CPU time {r['cpu_s'] / p['cpu_s']:.2f}, peak RSS "
+                  f"{r['rss'] / p['rss']:.2f}; step / matmul time fp32 {p['matmul']:.2f}, bf16 {r['matmul']:.2f} "
+                  f"(goal <= 1.25)")
+    if table is not None:
+        print(f"\ntop costs of one {a.profile} step ({rows[a.profile, a.head_chunk[-1], a.precision[-1]]['head']} "
+              f"head, {a.precision[-1]}; torch.profiler, sorted by self CPU time):")
         print(table)
 
 
