@@ -18,7 +18,6 @@ bandwidth, and checks that ours and the runtime produce the same greedy tokens.
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from rwkv_peft.cli import ArgumentParser  # noqa: E402
 from rwkv_peft.data.tokenizer import get_tokenizer  # noqa: E402
 from rwkv_peft.generate import Decoder  # noqa: E402
 from rwkv_peft.model import load_model  # noqa: E402
@@ -83,7 +83,7 @@ def step_bytes(model) -> int:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n_layer", type=int, default=12)
     p.add_argument("--n_embd", type=int, default=768)
     p.add_argument("--prompt", type=int, default=512, help="prompt tokens")
