@@ -48,3 +48,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def auto_precision_is_fp32():
+    """``--precision auto`` reads /proc/cpuinfo: in tests it sees a CPU without bf16 arithmetic, so a run
+    computes the same on every machine (test_precision fakes the flags it tests; subprocess runs pin
+    ``--precision`` in their flags)."""
+    from rwkv_peft import precision
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(precision, "CPUINFO", "/nonexistent/cpuinfo")
+        yield

@@ -10,7 +10,7 @@ from torch import nn
 
 from rwkv_peft.generate import Decoder
 from rwkv_peft.model.decode import stepper
-from rwkv_peft.peft import MissConfig, apply_peft
+from rwkv_peft.peft import MissConfig, adapter_disabled, apply_peft
 from rwkv_peft.runtime import load_runtime, runtime_generate
 
 VOCAB = 300
@@ -58,6 +58,12 @@ def test_step_equals_forward_state(adapted: bool) -> None:
     for got_block, want_block in zip(state, want_state, strict=True):
         for g_, w_ in zip(got_block, want_block, strict=True):
             _assert_close(g_, w_, 1e-5)
+    if adapted:  # switched off (the reference model of DPO / GRPO), the step is the base's
+        with adapter_disabled(model), torch.no_grad():
+            base_logits = model.forward_state(idx, None)[0]
+            got, _ = _steps(stepper(model).step, model, idx, 7)
+        _assert_close(got, base_logits[:, 7:], 1e-5)
+        assert ((base_logits - full).abs().max() > 1e-2).item()  # the adapter does change the logits
 
 
 def test_bf16_weights_are_the_fp32_step_on_rounded_weights() -> None:

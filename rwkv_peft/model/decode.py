@@ -34,8 +34,9 @@ KNOWN = {n.split()[0] for n in BLOCK_TENSORS} - set(LINEARS)  # a block's tensor
 
 
 def _linear_weight(module: nn.Module) -> torch.Tensor | None:
-    """The weight a linear (plain, or adapted by a method that can merge) applies; None if unknown."""
-    if type(module) is nn.Linear and module.bias is None:
+    """The weight a linear (plain, or adapted by a method that can merge) applies; None if unknown. An
+    adapter switched off (``peft.adapter_disabled``) applies its base weight."""
+    if type(module) is nn.Linear and module.bias is None or getattr(module, "adapter_off", False):
         return module.weight
     merged = getattr(module, "merged_weight", None)
     return merged() if callable(merged) else None
