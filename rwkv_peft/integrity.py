@@ -1,9 +1,10 @@
 """Integrity of what we read: a file's bytes read in chunks through one reused buffer, each span checked
-against its recorded CRC-32 (torch's .pth files are zip archives that record one per tensor), and whole zip
-checkpoints verified in a few threads."""
+against its recorded CRC-32 (torch's .pth files are zip archives that record one per tensor), or read
+through a private mapping in one pass with the CRC, and whole zip checkpoints verified in a few threads."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import struct
 import zipfile
@@ -12,6 +13,10 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 READ_CHUNK = 1 << 23  # bytes per read when a file's bytes pass through this process
 
@@ -109,3 +114,29 @@ def check_zip(path: str | os.PathLike) -> None:
         raise ValueError(f"{path}: corrupt: CRC-32 mismatch in record {failed[0].partition('/')[2] or failed[0]}"
                          + (f" and {len(failed) - 1} more" if len(failed) > 1 else "")
                          + " (the file changed after it was written: bit rot or a damaged copy)")
+
+
+def read_mapped(span: Span, itemsize: int, out: torch.Tensor) -> bool:
+    """The fp32 (itemsize 4) or bf16 (2) tensor at ``span`` into the fp32 ``out`` through a private mapping
+    (csrc/mapped_read.cpp: no read buffer, widened and CRC-summed in one pass); False where that library
+    cannot run here. A file truncated under the mapping is the error a short read gives, not SIGBUS."""
+    from rwkv_peft.ops.build import load_library
+
+    try:
+        lib = load_library("mapped_read")
+    except (OSError, RuntimeError, ImportError):  # no compiler here: the chunked reads do it
+        return False
+    lib.mapped_read_ready.restype = lib.mapped_read.restype = ctypes.c_int64
+    if not lib.mapped_read_ready():
+        return False
+    crc = ctypes.c_uint32(0)
+    status = lib.mapped_read(os.fsencode(span.path), ctypes.c_int64(span.offset), ctypes.c_int64(span.nbytes),
+                             ctypes.c_int64(itemsize), ctypes.c_void_p(out.data_ptr()), ctypes.byref(crc))
+    if status == 1:
+        raise ValueError(f"{span.path}: truncated (a tensor's bytes end past the end of the file)")
+    if status < 0:
+        raise OSError(-status, f"{span.path}: {os.strerror(-status)}")
+    if span.crc is not None and crc.value != span.crc:
+        raise ValueError(f"{span.path}: corrupt: CRC-32 mismatch in the tensor at byte {span.offset} "
+                         f"(read {crc.value:08x}, recorded {span.crc:08x})")
+    return True

@@ -13,7 +13,8 @@ best round is kept. The floor is a copy of the base file (read it, write it once
 (shutil.copyfile: inside the kernel) and ``copy+fsync`` (also on disk before it returns, as every
 merge output is before its rename); ``through`` reads every byte into the process and writes it
 back (+fsync), what a merge must do at least for the bytes it changes; ``startup`` is the
-interpreter importing torch and rwkv_peft.merge, which every merge pays whatever the model's size.
+interpreter importing torch and rwkv_peft.merge, which every merge pays whatever the model's size;
+``ours chunked`` is ours reading the edited tensors through a buffer instead of a private mapping.
 With ``--compare`` the outputs are checked to hold the same tensors. Goals: ours <= 0.5x their
 wall time, <= 1.5x the copy's, peak RSS <= 0.3x theirs; --shape 7b: < 1 GB.
 """
@@ -60,6 +61,9 @@ while n := os.readv(src, [buf]):
 os.fsync(dst)
 """  # every byte read into this process and written back: what a merge must do for the bytes it changes
 STARTUP = "import rwkv_peft.merge"  # the interpreter and torch: a fixed cost of every merge, whatever the size
+# ours with every edited tensor read in chunks through a buffer instead of a private mapping
+CHUNKED = ("import sys; from rwkv_peft.model import stream; stream.MAP_MIN = 1 << 62; "
+           "from rwkv_peft.merge import main; main(sys.argv[1:])")
 
 
 def run(cmd: list[str]) -> tuple[float, float, float]:
@@ -162,6 +166,7 @@ def main() -> None:
     outputs = {name: d / f"{name}.pth" for name in ("ours", "theirs", "copy")}
     cmds = {"ours": [sys.executable, str(ROOT / "merge" / "merge_miss.py"), "--base_model", str(base),
                      "--peft_checkpoint", str(adapter), "--output", str(outputs["ours"]), "--quiet"]}
+    cmds["ours chunked"] = [sys.executable, "-c", CHUNKED, *cmds["ours"][2:]]
     if a.compare:
         cmds["theirs"] = [sys.executable, a.compare, "--base_model", str(base), "--peft_checkpoint", str(adapter),
                           "--output", str(outputs["theirs"]), *shlex.split(a.compare_args)]
@@ -183,8 +188,11 @@ def main() -> None:
                 if name in ("ours", "theirs") and a.compare:  # kept for the comparison, out of the page cache's way
                     outputs[name].rename(d / f"{name}-kept.pth")
         for name, (wall, cpu, rss) in best.items():
-            print(f"{name:>10}: {wall:6.2f} s wall  {cpu:6.2f} s CPU (user+sys)  peak RSS {rss:7.0f} MB")
+            print(f"{name:>12}: {wall:6.2f} s wall  {cpu:6.2f} s CPU (user+sys)  peak RSS {rss:7.0f} MB")
         t_ours, c_ours, m_ours = best["ours"]
+        t_chunked, c_chunked, _ = best["ours chunked"]
+        print(f"ratio ours/ours chunked (edited tensors mapped vs read through a buffer): {t_ours / t_chunked:.2f}x "
+              f"wall, {c_ours / c_chunked:.2f}x CPU")
         if "theirs" in best:
             t_theirs, c_theirs, m_theirs = best["theirs"]
             print(f"ratio ours/theirs: time {t_ours / t_theirs:.2f}x wall (goal <= 0.5x), "

@@ -8,6 +8,9 @@ rounding of the fp32 result (2^-8 relative).
 from __future__ import annotations
 
 import json
+import mmap
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -242,6 +245,41 @@ def test_byte_copied_merge_equals_decoded_merge(
         want_back = merge_state_dict(merged, folded_sd, cfg, unmerge=True)
         assert sorted(back) == sorted(want_back)
         assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in want_back.items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mapped_reads_write_the_same_bytes_and_a_truncated_base_is_one_line(
+    dtype: torch.dtype, base_file: Path, trained: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Edited tensors read through a private mapping (MAP_MIN lowered: all of them) give the chunked
+    reads' file byte for byte; a base cut short while the merge reads it is one error line, no file."""
+    from rwkv_peft.model import stream
+
+    base = _save_base(torch.load(base_file, weights_only=True), tmp_path / "base.pth", dtype)
+    adapter, real = trained["balance"][0], stream.read_mapped
+    used = []
+    monkeypatch.setattr(stream, "read_mapped", lambda *a: used.append(real(*a)) or used[-1])
+    written = {}
+    for name, limit in (("chunked", 1 << 62), ("mapped", 0)):
+        monkeypatch.setattr(stream, "MAP_MIN", limit)
+        written[name] = merge_adapter(base, adapter, tmp_path / f"{name}.pth").read_bytes()
+    assert used and all(used) and written["mapped"] == written["chunked"]
+
+    lock, cut = threading.Lock(), []
+
+    def cut_then_read(span, *a):  # the file shrinks under the merge before its first read of a matrix
+        with lock:
+            if not cut and span.nbytes > 2 * mmap.PAGESIZE:  # pages wholly past the cut: SIGBUS, not zeros
+                cut.append(os.truncate(span.path, span.offset + 16))
+        return real(span, *a)
+
+    monkeypatch.setattr(stream, "read_mapped", cut_then_read)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(SystemExit) as e:
+        main(["--base_model", str(base), "--peft_checkpoint", str(adapter), "--output",
+              str(tmp_path / "out" / "merged.pth"), "--quiet"])
+    assert f"{base}: truncated" in str(e.value) and "\n" not in str(e.value)
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_a_result_that_overflows_the_stored_dtype_is_refused(base_file: Path, trained: dict, tmp_path: Path) -> None:

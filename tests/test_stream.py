@@ -134,3 +134,34 @@ def test_read_float_in_chunks_checks_the_crc(tmp_path: Path, monkeypatch: pytest
     pth.write_bytes(raw)
     with pytest.raises(ValueError, match=f"{pth}: corrupt: CRC-32 mismatch in the tensor"):
         stream.read_float(span, torch.bfloat16, (64, 48))
+
+
+@pytest.mark.parametrize("key, dtype", [("w", torch.bfloat16), ("whole", torch.float32)])
+def test_read_float_through_a_mapping(key: str, dtype: torch.dtype, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Big tensors are read through a private mapping (every tensor here, MAP_MIN lowered): the same fp32
+    values as the chunked reads, the CRC checked; a file truncated under the mapping raises SIGBUS on
+    the pages past its end, which comes back as the one-line error of a short read."""
+    from rwkv_peft.integrity import read_mapped
+
+    sd, pth, _ = _sources(tmp_path)
+    span, shape = tensor_spans(pth)[key], tuple(sd[key].shape)
+    out = torch.empty(shape)
+    assert read_mapped(span, dtype.itemsize, out)  # the mapped reader builds and runs here
+    monkeypatch.setattr(stream, "MAP_MIN", 1 << 62)
+    chunked = stream.read_float(span, dtype, shape)
+    monkeypatch.setattr(stream, "MAP_MIN", 0)
+    assert torch.equal(stream.read_float(span, dtype, shape), chunked) and torch.equal(out, chunked)
+    assert torch.equal(chunked, sd[key].float())
+    raw = bytearray(pth.read_bytes())
+    raw[span.offset + span.nbytes // 2] ^= 0x01
+    pth.write_bytes(raw)
+    with pytest.raises(ValueError, match=f"{pth}: corrupt: CRC-32 mismatch in the tensor"):
+        stream.read_float(span, dtype, shape)
+    big = tmp_path / "big.pth"
+    torch.save({"x": torch.randn(3, 4096)}, big)  # 48 KiB: pages wholly past a cut near its start
+    span = tensor_spans(big)["x"]
+    with open(big, "r+b") as f:
+        f.truncate(span.offset + 16)
+    with pytest.raises(ValueError, match=f"{big}: truncated"):
+        stream.read_float(span, torch.float32, (3, 4096))

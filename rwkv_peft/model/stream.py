@@ -33,7 +33,7 @@ from typing import BinaryIO
 
 import torch
 
-from rwkv_peft.integrity import READ_CHUNK, Span, read_chunks, record_start
+from rwkv_peft.integrity import READ_CHUNK, Span, read_chunks, read_mapped, record_start
 
 # legacy storage classes as torch.save pickles them (the weights_only loader allows exactly these)
 STORAGE_TYPES = {
@@ -63,6 +63,7 @@ SAFETENSORS_DTYPES = {
 FROM_SAFETENSORS = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 ALIGN = 64  # torch.save's storage alignment: records start on 64-byte boundaries (mmap loads rely on it)
 CHUNK = READ_CHUNK  # bytes per read or cast when bytes pass through this process (tests lower it)
+MAP_MIN = 1 << 20  # tensors of at least this many bytes are read through a mapping (tests lower it)
 
 Spec = tuple[str, torch.dtype, tuple[int, ...]]  # key, dtype, shape of one output tensor
 
@@ -127,13 +128,15 @@ def _safetensors_layout(path: Path) -> tuple[list[Spec], dict[str, Span]]:
 def read_float(span: Span, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     """The tensor stored at ``span`` (``dtype``, ``shape``) in fp32, CRC-checked where the CRC is known.
 
-    Read and converted a chunk at a time, so memory peaks at the fp32 result plus one chunk,
-    not the stored copy as well.
+    fp32/bf16 tensors of ``MAP_MIN`` bytes or more are read through a private mapping (``read_mapped``), others
+    a chunk at a time: memory peaks at the fp32 result plus at most one chunk, not the stored copy as well.
     """
     if _nbytes(dtype, shape) != span.nbytes:
         raise ValueError(f"{span.path}: {span.nbytes} bytes at {span.offset} cannot hold {dtype} {tuple(shape)}")
-    out = torch.empty(shape, dtype=torch.float32)
-    flat, size, done = out.view(-1), dtype.itemsize, 0
+    out, size, done = torch.empty(shape, dtype=torch.float32), dtype.itemsize, 0
+    if span.nbytes >= MAP_MIN and dtype in (torch.float32, torch.bfloat16) and read_mapped(span, size, out):
+        return out
+    flat = out.view(-1)
     for view in read_chunks(span, size, chunk=CHUNK):
         n = len(view) // size
         flat[done : done + n].copy_(torch.frombuffer(view, dtype=dtype))
