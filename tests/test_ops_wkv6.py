@@ -72,6 +72,15 @@ def test_cpu_kernel_bf16_inputs_computed_in_fp32() -> None:
     assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
     for a, b in zip(got, want, strict=True):  # both round once to bf16 at the end
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2 * b.float().abs().max().item())
+    # the kernel reads bf16 itself and rounds as torch does: exactly the fp32 kernel on the rounded values
+    gy = torch.randn(got[0].shape, generator=torch.Generator().manual_seed(3)).bfloat16()
+    outs = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        ins = [x.to(dtype if i < 4 else x.dtype).detach().requires_grad_() for i, x in enumerate(xs)]
+        y, sT = wkv6(*ins[:5], state=ins[5], op="cpu")
+        outs[dtype] = [y.detach(), sT.detach(), *torch.autograd.grad((y * gy.to(dtype)).sum() + sT.sum(), ins)]
+    for name, a, b in zip(("y", "sT", "dr", "dw", "dk", "dv", "du", "ds0"), *outs.values(), strict=True):
+        assert torch.equal(a, b.to(a.dtype)), name
 
 
 def test_extreme_decays_stay_finite() -> None:
