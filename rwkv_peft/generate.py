@@ -30,6 +30,7 @@ from rwkv_peft import files
 from rwkv_peft.cli import ArgumentParser, UserText
 from rwkv_peft.data.chat import ChatTemplate
 from rwkv_peft.data.tokenizer import END_TOKEN, get_tokenizer
+from rwkv_peft.precision import DTYPES, PRECISIONS, resolve_precision
 
 FEED_CHUNK = 1024  # prompt tokens per forward call: bounds activation memory on long prompts
 STOP = ChatTemplate.load().stop  # "\n\nUser:": the model starting the next user turn ends its reply
@@ -418,7 +419,8 @@ def _parser() -> ArgumentParser:
     p.add_argument("--seed", type=int, help="sampling seed (default: random)")
     p.add_argument("--tokenizer", default="world", help="world (default) or a Hugging Face tokenizer.json")
     p.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda | cuda:N")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="default fp32 on cpu, bf16 on cuda")
+    p.add_argument("--precision", choices=PRECISIONS, help="default fp32 on cpu (the runtime's tokens), bf16 on "
+                   "cuda; auto: bf16 where the hardware computes it natively (a decode step reads half the bytes)")
     p.add_argument("--op", default="auto", help="WKV kernel: auto | cuda | cpu | torch | fla")
     p.add_argument("--verbose", action="store_true", help="per reply: tokens fed and generated, speed (stderr)")
     return p
@@ -475,7 +477,7 @@ def _settings(args: argparse.Namespace) -> tuple[Sampling, str, str, ChatTemplat
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available here")
-    precision = args.precision or ("fp32" if device == "cpu" else "bf16")
+    precision = resolve_precision(args.precision or ("fp32" if device == "cpu" else "bf16"), device)[0]
     template = ChatTemplate.load(args.chat_template)
     stop = [template.stop] if args.stop is None else [_unescape(s) for s in args.stop if s]
     return sampling, device, precision, template, stop
@@ -484,7 +486,7 @@ def _settings(args: argparse.Namespace) -> tuple[Sampling, str, str, ChatTemplat
 def _load(args: argparse.Namespace, device: str, precision: str) -> Decoder:
     """The model (``load_for_generation``) and its tokenizer, checked to fit each other."""
     tokenizer = get_tokenizer(args.tokenizer)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    dtype = DTYPES[precision]
     model = load_for_generation(args.model, args.adapter, args.state, device, dtype, args.op)
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"--tokenizer {args.tokenizer}: {tokenizer.vocab_size} tokens, but {args.model} "
