@@ -126,11 +126,9 @@ def _safetensors_layout(path: Path) -> tuple[list[Spec], dict[str, Span]]:
 
 
 def read_float(span: Span, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    """The tensor stored at ``span`` (``dtype``, ``shape``) in fp32, CRC-checked where the CRC is known.
-
-    fp32/bf16 tensors of ``MAP_MIN`` bytes or more are read through a private mapping (``read_mapped``), others
-    a chunk at a time: memory peaks at the fp32 result plus at most one chunk, not the stored copy as well.
-    """
+    """The tensor stored at ``span`` (``dtype``, ``shape``) in fp32, CRC-checked where the CRC is known. fp32/bf16
+    tensors of ``MAP_MIN`` bytes or more are read through a private mapping (``read_mapped``), others a chunk
+    at a time: memory peaks at the fp32 result plus at most one chunk, not the stored copy as well."""
     if _nbytes(dtype, shape) != span.nbytes:
         raise ValueError(f"{span.path}: {span.nbytes} bytes at {span.offset} cannot hold {dtype} {tuple(shape)}")
     out, size, done = torch.empty(shape, dtype=torch.float32), dtype.itemsize, 0
