@@ -10,7 +10,7 @@ from helpers import tiny_run_files, train_flags
 
 from rwkv_peft import precision
 from rwkv_peft.precision import resolve_precision
-from rwkv_peft.train.loop import main
+from rwkv_peft.train import main
 
 EPYC = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
 SAPPHIRE = "processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_bf16 amx_tile amx_int8\n"
