@@ -140,9 +140,9 @@ def stepper(model: nn.Module, dtype: torch.dtype | None = None) -> Stepper | Non
     if dtype not in (torch.float32, torch.bfloat16):
         return None
     cfg = model.cfg
-    blocks = [_block_tensors(b, dtype, cfg) for b in model.blocks]
+    if any(hasattr(p, "ds_id") for p in model.parameters()):  # ZeRO-3 slices, gathered per forward call
+        return None
     whole = (model.emb.weight.shape == model.head.weight.shape == (cfg.vocab_size, cfg.n_embd)
              and model.ln_out.weight.numel() == model.ln_out.bias.numel() == cfg.n_embd)
-    if not whole or any(b is None for b in blocks):
-        return None
-    return Stepper(model, blocks, dtype)
+    blocks = [_block_tensors(b, dtype, cfg) for b in model.blocks] if whole else [None]
+    return None if any(b is None for b in blocks) else Stepper(model, blocks, dtype)
