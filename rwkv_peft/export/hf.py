@@ -411,4 +411,7 @@ def write_folder(
                     files.copy_file(p, tmp / p.name)
         if not (tmp / VOCAB_FILE).exists():
             files.copy_file(world_vocab_path(), tmp / VOCAB_FILE)
+        got = {k: (d, torch.Size(s).numel()) for k, d, s in HFCheckpoint(tmp).specs()}
+        if got != {p[0]: (p[3], torch.Size(p[4]).numel()) for p in plan}:
+            raise ValueError(f"{output}: the folder read back does not hold the tensors written; not written")
     return dropped
