@@ -409,7 +409,7 @@ def write_folder(
                 if p.is_file() and not p.name.startswith(".") and p.name != "config.json" and not (
                         p.name in WEIGHT_FILES or re.fullmatch(r"(model|pytorch_model)-\d+-of-\d+\.\w+", p.name)):
                     files.copy_file(p, tmp / p.name)
-        if not (tmp / VOCAB_FILE).exists():
+        elif not (tmp / VOCAB_FILE).exists():  # a new folder gets the World vocab beside it
             files.copy_file(world_vocab_path(), tmp / VOCAB_FILE)
         got = {k: (d, torch.Size(s).numel()) for k, d, s in HFCheckpoint(tmp).specs()}
         if got != {p[0]: (p[3], torch.Size(p[4]).numel()) for p in plan}:
