@@ -16,9 +16,9 @@ import torch
 from rwkv_peft import cli, files
 from rwkv_peft.export.gguf import QTYPES, write_gguf
 from rwkv_peft.export.hf import LAYOUTS, HFCheckpoint, write_folder
-from rwkv_peft.merge.plan import MergedView, plan_edits, resolve_config
+from rwkv_peft.merge.plan import MergedView, plan_edits, read_adapter
 from rwkv_peft.model import config_from_state_dict, detect_version
-from rwkv_peft.model.checkpoint import meta_state_dict, open_checkpoint, read_specs, read_state_dict, tensor_specs
+from rwkv_peft.model.checkpoint import meta_state_dict, open_checkpoint, read_specs, tensor_specs
 from rwkv_peft.model.stream import tensor_layout
 from rwkv_peft.peft.registry import merge_flags
 
@@ -32,8 +32,8 @@ def open_model(path: Path, adapter: Path | None, overrides: dict) -> tuple[Mappi
     spans = base.spans() if isinstance(base, HFCheckpoint) else tensor_layout(path)[1]
     if adapter is None:
         return base, spans
-    edits = plan_edits(meta_state_dict(tensor_specs(base)), read_state_dict(adapter),
-                       resolve_config(adapter, overrides), str(path), str(adapter))
+    tensors, cfg = read_adapter(adapter, overrides)
+    edits = plan_edits(meta_state_dict(tensor_specs(base)), tensors, cfg, str(path), str(adapter))
     return MergedView(base, edits), {k: v for k, v in spans.items() if k not in edits}
 
 
@@ -86,7 +86,7 @@ def _parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(prog="python -m rwkv_peft.export", description="Export an RWKV model (optionally "
                            "with an adapter merged in) as an HF folder, GGUF, .pth or .safetensors")
     p.add_argument("--model", required=True, help="checkpoint (.pth/.safetensors) or Hugging Face folder")
-    p.add_argument("--adapter", help="adapter checkpoint to merge on the way (e.g. OUT/rwkv-final.pth)")
+    p.add_argument("--adapter", help="adapter to merge on the way (e.g. OUT/rwkv-final.pth, or a peft folder)")
     p.add_argument("--format", required=True, choices=("hf", "gguf", "pth", "safetensors"))
     p.add_argument("--output", required=True, help="folder (hf) or file (.gguf/.pth/.safetensors)")
     p.add_argument("--dtype", help="gguf: f32|f16|bf16|q8_0 (default f16); others: fp32|fp16|bf16 "
@@ -114,8 +114,8 @@ def export(a) -> None:
     if not model.exists():
         raise FileNotFoundError(f"--model {model}: not found")
     adapter = Path(a.adapter) if a.adapter else None
-    if adapter is not None and not adapter.is_file():
-        raise FileNotFoundError(f"--adapter {adapter}: file not found")
+    if adapter is not None and not adapter.exists():
+        raise FileNotFoundError(f"--adapter {adapter}: file (or peft adapter folder) not found")
     dtype = _dtype(a.format, a.dtype)
     inputs = {model: f"--model {model}", **({adapter: f"--adapter {adapter}"} if adapter else {})}
     _check_output(out, a.format, inputs)
