@@ -170,3 +170,14 @@ def test_hf_folders_train_merge_and_export_back(tmp_path):
     assert set(want) == set(got) and any(not torch.equal(want[k], base[k]) for k in want)
     for k in want:
         assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+
+
+def test_sharded_folder_reads_back(tmp_path):
+    """Above --shard_size the weights go to model-0000i-of-0000n.safetensors with an index, as HF writes them."""
+    write_checkpoint(LAYOUTS["x070_released"], tmp_path / "m.pth", torch.float32)
+    write_folder(open_checkpoint(tmp_path / "m.pth"), tmp_path / "hf", shard_bytes=100_000)
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in (tmp_path / "hf").glob("model-*.safetensors"))
+    assert len(shards) > 2 and sorted(set(index["weight_map"].values())) == shards
+    sd, back = read_state_dict(tmp_path / "m.pth"), read_state_dict(tmp_path / "hf")
+    assert list(back) == list(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
