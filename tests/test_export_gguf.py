@@ -43,7 +43,7 @@ def llama_cpp_converter() -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     sdist = cache / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
     if not sdist.is_file():
-        cmd = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "--no-build-isolation",
+        cmd = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
                f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(cache)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
