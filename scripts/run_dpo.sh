@@ -22,7 +22,7 @@ EPOCH_COUNT=${EPOCH_COUNT:-2}
 LR_INIT=${LR_INIT:-1e-2}
 LR_FINAL=${LR_FINAL:-1e-3}
 STRATEGY=${STRATEGY:-deepspeed_stage_1}
-PRECISION=${PRECISION:-}                         # empty: bf16 on GPU, fp32 on CPU
+PRECISION=${PRECISION:-auto}                     # auto: bf16 where the CPU/GPU computes it natively, else fp32
 ACCELERATOR=${ACCELERATOR:-}                     # empty: gpu if CUDA is available, else cpu
 QUESTION=${QUESTION:-"Mia had 15 marbles and gave 6 of them to Tom. How many marbles does Mia have left?"}
 
@@ -30,9 +30,6 @@ QUESTION=${QUESTION:-"Mia had 15 marbles and gave 6 of them to Tom. How many mar
 set -e
 if [ -z "$ACCELERATOR" ]; then
     if [ "$(python -c 'import torch; print(torch.cuda.is_available())')" = True ]; then ACCELERATOR=gpu; else ACCELERATOR=cpu; fi
-fi
-if [ -z "$PRECISION" ]; then
-    if [ "$ACCELERATOR" = cpu ]; then PRECISION=fp32; else PRECISION=bf16; fi
 fi
 if [ ! -f "$SFT_MODEL" ]; then
     [ "$SFT_MODEL" = out/demo/dpo/sft.pth ] || { echo "error: SFT_MODEL=$SFT_MODEL not found" >&2; exit 1; }
