@@ -54,7 +54,7 @@ def flags(f: dict, out: Path, objective: str = "dpo", **kw) -> list[str]:
     base = {"load_model": f["base"], "data_file": f["train"], "data_type": "preference", "objective": objective,
             "proj_dir": out, "peft": "miss", "miss_config": '{"r":8}', "ctx_len": 16, "micro_bsz": 4,
             "epoch_steps": 12, "epoch_count": 1, "lr_init": 3e-2, "lr_final": 3e-3, "op": "torch", "progress": 0,
-            "accelerator": "cpu", "random_seed": 1}
+            "accelerator": "cpu", "precision": "fp32", "random_seed": 1}
     return cli({**base, **kw})
 
 
