@@ -18,11 +18,13 @@ from helpers import cli
 from rwkv_peft.data.chat import ChatTemplate
 from rwkv_peft.data.prompts import load_prompts
 from rwkv_peft.model import save_model
-from rwkv_peft.rl.loss import VARIANTS, group_advantages, kl_k3, policy_loss
+from rwkv_peft.peft import apply_peft, parse_peft_config
+from rwkv_peft.rl.loss import VARIANTS, group_advantages, kl_k3, policy_loss, policy_stats
 from rwkv_peft.rl.rewards import RewardError, load_rewards, score
-from rwkv_peft.rl.rollout import completion_logps, rollout, sample_tokens
+from rwkv_peft.rl.rollout import rollout, sample_tokens
 from rwkv_peft.train import main
 from rwkv_peft.train.loggers import read_log
+from rwkv_peft.train.objectives.grpo import completion_logps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -83,14 +85,16 @@ def test_advantages_and_clipped_loss_equal_the_published_formulas(variant):
     lengths = torch.randint(1, L + 1, (B,), generator=g)
     mask = (torch.arange(L)[None] < lengths[:, None]).double()
     for eps_high in (None, 0.35):
-        out = policy_loss(logp, old, adv.double(), mask, v, clip_low=0.2, clip_high=eps_high, ref_logp=ref,
-                          kl_beta=0.04, max_new_tokens=10)
+        loss = policy_loss(logp, old, adv.double(), mask, v, clip_low=0.2, clip_high=eps_high, ref_logp=ref,
+                           kl_beta=0.04, max_new_tokens=10)
         high = v.clip_high if eps_high is None else eps_high
         want = ref_loss(logp.tolist(), old.tolist(), ref.tolist(), mask.tolist(), adv.tolist(), variant, 0.2, high,
                         0.04, 10)
-        assert abs(out.loss.item() - want) <= 1e-6, (variant, eps_high)
-        assert 0 < out.clip_frac < 1  # the fixed ratios put some tokens past each side of the clip
-    out.loss.backward()
+        assert abs(loss.item() - want) <= 1e-6, (variant, eps_high)
+        stats = policy_stats(logp, old, adv.double(), mask, v, 0.2, eps_high, ref)
+        assert 0 < stats["clip_frac"] < 1  # the fixed ratios put some tokens past each side of the clip
+        assert stats["kl"] > 0
+    loss.backward()
     assert torch.isfinite(logp.grad).all() and logp.grad[mask == 0].abs().max() == 0
 
 
@@ -175,23 +179,39 @@ def test_prompts_read_strings_and_messages(tmp_path):
 # ----------------------------------------------------------------------------- rollouts
 
 
-def test_rollout_logps_equal_teacher_forced_logps():
+@pytest.mark.parametrize("peft", ["none", "miss", "lora"])
+def test_rollout_logps_equal_teacher_forced_logps(peft):
     """The decoder and the trainer see the same model: each sampled token's log-prob recorded while decoding
-    equals the log-prob of one parallel forward over prompt + completion (fp32, <= 1e-4)."""
+    equals the log-prob of one parallel forward over prompt + completion (fp32, <= 1e-4), also through an
+    adapter with non-zero weights (the decoder's one-token steps apply its merged weight)."""
     torch.manual_seed(0)
     model = perturbed_model(n_layer=2, n_embd=64, vocab=300, head_size=32)
     with torch.no_grad():
         model.head.weight[0] += model.head.weight[0].sign() * 0.6  # make the end token likely: lengths differ
+        if peft != "none":
+            apply_peft(model, peft, parse_peft_config(peft, '{"r":8}'))
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape) * 0.05)
     prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15], [1]]
     r = rollout(model, prompts, 4, 16, temperature=0.9, top_p=0.95, rng=torch.Generator().manual_seed(1))
     assert r.tokens.shape[0] == 12 and r.prompts[4] == prompts[1]
     assert 1 < int(r.lengths.min()) < int(r.lengths.max())  # some ended early, on token 0, masked after it
     ended = r.lengths < r.tokens.shape[1]
     assert all(r.tokens[b, int(r.lengths[b]) - 1] == 0 for b in range(12) if ended[b])
-    with torch.no_grad():
-        tf = completion_logps(model, r.prompts, r.tokens, temperature=0.9)
-    assert (tf * r.mask - r.logps).abs().max() <= 1e-4
+    for head_chunk in (0, 5):  # the plain head (full logits) and the chunked one
+        with torch.no_grad():
+            tf = completion_logps(model, r.prompts, r.tokens, temperature=0.9, head_chunk=head_chunk)[1]
+        assert (tf * r.mask - r.logps).abs().max() <= 1e-4
     assert r.logps[r.mask.bool()].max() < 0
+
+
+def test_sampled_tokens_follow_the_tempered_softmax():
+    logits = torch.tensor([[1.0, 0.0, -1.0, 0.5, -30.0]]).repeat(40000, 1)
+    for t in (1.0, 0.5):
+        tok, _ = sample_tokens(logits, t, rng=torch.Generator().manual_seed(1))
+        freq = torch.bincount(tok, minlength=5) / len(tok)
+        assert (freq - torch.softmax(logits[0] / t, -1)).abs().max() < 0.01
 
 
 def test_top_p_keeps_the_nucleus():
@@ -247,6 +267,9 @@ def test_toy_reward_rises_from_chance_and_kl_starts_at_zero(toy, tmp_path):
     assert log[0]["kl"] == 0 and log[-1]["kl"] > 0
     assert {"reward_std", "reward_starts", "reward_starts_std", "completion_len", "clip_frac"} <= set(log[0])
     assert (out / "rwkv-final.pth").is_file()
+    rows = read_log(out / "completions.jsonl")  # --log_completions 2 per batch of rollouts
+    assert [r["rollout"] for r in rows] == [i // 2 + 1 for i in range(24)]
+    assert all(r["reward"] == r["reward_starts"] == float(r["completion"][:1] == "\x07") for r in rows)
 
 
 def test_a_reward_returning_nan_stops_the_run_naming_it_without_a_final_file(toy, tmp_path):

@@ -11,6 +11,8 @@ templates keep it learnable by a tiny model within minutes, with no download.
 writes preference pairs of the same problems instead (TRL's conversational form, for
 --data_type preference): the chosen answer is the worked solution, the rejected one computes
 with the wrong operations (adds where it should subtract, ...), so its numbers are wrong.
+``--prompts`` writes them as prompts for GRPO (--data_type prompts), the solution kept for the reward:
+{"prompt": [{"role": "user", "content": question}], "answer": solution}.
 """
 
 from __future__ import annotations
@@ -109,15 +111,21 @@ def preference_pairs(n: int, seed: int = 0) -> list[dict]:
              "rejected": [{"role": "assistant", "content": _wrong(p["answer"])}]} for p in generate(n, seed)]
 
 
-def write_demo(path: str, n: int = 3000, seed: int = 0, preference: bool = False) -> None:
-    """Write the demo set (or its preference pairs) as jsonl (temp file, then rename)."""
+def prompt_records(n: int, seed: int = 0) -> list[dict]:
+    """n GRPO prompts: {"prompt": [user question], "answer": the worked solution ending in '#### N'}."""
+    return [{"prompt": [{"role": "user", "content": p["question"]}], "answer": p["answer"]} for p in generate(n, seed)]
+
+
+def write_demo(path: str, n: int = 3000, seed: int = 0, preference: bool = False, prompts: bool = False) -> None:
+    """Write the demo set (or its preference pairs, or its GRPO prompts) as jsonl (temp file, then rename)."""
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
     out = Path(path)
     if not out.parent.is_dir():
         raise FileNotFoundError(f"{out.parent}: output directory does not exist (--out {path})")
+    records = preference_pairs(n, seed) if preference else prompt_records(n, seed) if prompts else generate(n, seed)
     with files.atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for rec in preference_pairs(n, seed) if preference else generate(n, seed):
+        for rec in records:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
@@ -126,10 +134,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True, help="output jsonl path")
     ap.add_argument("--n", type=int, default=3000, help="number of problems")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--preference", action="store_true", help="write preference pairs (--data_type preference)")
+    kind = ap.add_mutually_exclusive_group()
+    kind.add_argument("--preference", action="store_true", help="write preference pairs (--data_type preference)")
+    kind.add_argument("--prompts", action="store_true", help="write prompts for GRPO (--data_type prompts)")
     args = ap.parse_args(argv)
-    write_demo(args.out, args.n, args.seed, args.preference)
-    print(f"wrote {args.n} {'preference pairs' if args.preference else 'problems'} to {args.out}")
+    write_demo(args.out, args.n, args.seed, args.preference, args.prompts)
+    what = "preference pairs" if args.preference else "prompts" if args.prompts else "problems"
+    print(f"wrote {args.n} {what} to {args.out}")
 
 
 if __name__ == "__main__":

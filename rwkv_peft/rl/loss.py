@@ -67,14 +67,6 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.expm1(d) - d
 
 
-@dataclass
-class PolicyLoss:
-    loss: torch.Tensor  # scalar, with gradient through logp
-    kl: float  # mean k3 over completion tokens (0 when no reference was given)
-    clip_frac: float  # fraction of completion tokens whose clipped term was the one taken
-    ratio_max: float
-
-
 def policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -86,8 +78,8 @@ def policy_loss(
     ref_logp: torch.Tensor | None = None,
     kl_beta: float = 0.0,
     max_new_tokens: int = 0,
-) -> PolicyLoss:
-    """The clipped surrogate with the KL term, averaged as ``variant`` says.
+) -> torch.Tensor:
+    """The clipped surrogate with the KL term, averaged as ``variant`` says (a scalar, with gradient through logp).
 
     ``logp``, ``old_logp``, ``ref_logp``, ``mask``: (B, L) per completion token (mask 1 on real tokens);
     ``advantages``: (B,). ``max_new_tokens`` is Dr. GRPO's constant (default: L).
@@ -96,28 +88,28 @@ def policy_loss(
     mask = mask.to(logp.dtype)
     ratio = torch.exp(logp - old_logp)
     adv = advantages.to(logp.dtype)[:, None]
-    clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
-    per_token = -torch.minimum(ratio * adv, clipped * adv)
-    kl = None
-    if ref_logp is not None:
-        kl = kl_k3(logp, ref_logp)
-        per_token = per_token + kl_beta * kl
-    total = _average(per_token, mask, variant.average, max_new_tokens or mask.shape[1])
-    with torch.no_grad():
-        n = mask.sum().clamp(min=1)
-        taken = ((ratio < 1 - clip_low) & (adv < 0)) | ((ratio > 1 + clip_high) & (adv > 0))
-        return PolicyLoss(
-            total,
-            float((kl * mask).sum() / n) if kl is not None else 0.0,
-            float((taken.to(mask.dtype) * mask).sum() / n),
-            float((ratio * mask).max()),
-        )
-
-
-def _average(per_token: torch.Tensor, mask: torch.Tensor, how: str, max_new_tokens: int) -> torch.Tensor:
+    per_token = -torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv)
+    if ref_logp is not None and kl_beta:
+        per_token = per_token + kl_beta * kl_k3(logp, ref_logp)
     summed = (per_token * mask).sum(1)
-    if how == "sequence":
+    if variant.average == "sequence":
         return (summed / mask.sum(1).clamp(min=1)).mean()
-    if how == "constant":
-        return summed.sum() / (mask.shape[0] * max_new_tokens)
+    if variant.average == "constant":
+        return summed.sum() / (mask.shape[0] * (max_new_tokens or mask.shape[1]))
     return summed.sum() / mask.sum().clamp(min=1)
+
+
+@torch.no_grad()
+def policy_stats(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                 variant: Variant, clip_low: float = 0.2, clip_high: float | None = None,
+                 ref_logp: torch.Tensor | None = None) -> dict[str, float]:
+    """Per completion token: the mean KL to the reference (0 without one) and the fraction whose clipped term
+    was the one taken (``clip_frac``)."""
+    clip_high = variant.clip_high if clip_high is None else clip_high
+    mask = mask.to(logp.dtype)
+    n = mask.sum().clamp(min=1)
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages.to(logp.dtype)[:, None]
+    clipped = ((ratio < 1 - clip_low) & (adv < 0)) | ((ratio > 1 + clip_high) & (adv > 0))
+    kl = 0.0 if ref_logp is None else float((kl_k3(logp, ref_logp) * mask).sum() / n)
+    return {"kl": kl, "clip_frac": float((clipped.to(mask.dtype) * mask).sum() / n)}

@@ -1,9 +1,10 @@
 """Rollouts: G sampled completions per prompt from the batched recurrent decoder, each token's log-prob kept.
 
 The policy is pi(. | context) = softmax(logits / temperature): the decoder samples from it (after a
-top-p cut) and records log pi of the sampled token; ``completion_logps`` computes the same numbers
-teacher-forced, in one parallel forward pass with gradients, so the importance ratio of the first
-PPO epoch is 1 up to float rounding and the trainer optimises the policy that produced the samples.
+top-p cut) and records log pi of the sampled token; the trainer computes the same numbers
+teacher-forced (``rwkv_peft.train.objectives.grpo.completion_logps``), in one parallel forward pass
+with gradients, so the importance ratio of the first PPO epoch is 1 up to float rounding and the
+trainer optimises the policy that produced the samples.
 
 Each prompt is read once; its recurrent state is then copied to its G completions (an RNN state is
 a few tensors per layer, no KV cache), which decode together one token per step until every one has
@@ -54,7 +55,11 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float = 1.0,
         ranked, order = probs.sort(dim=-1, descending=True)
         ranked[ranked.cumsum(-1) - ranked >= top_p] = 0  # the mass before these already reached top_p
         probs = torch.zeros_like(probs).scatter_(-1, order, ranked)
-    tokens = torch.multinomial(probs, 1, generator=rng).squeeze(1)
+    # inverse CDF: the first token whose cumulative mass exceeds u ~ U[0, total); on CPU over a 65536-token
+    # vocab it is about 20x faster than torch.multinomial
+    cdf = probs.cumsum(-1)
+    u = torch.rand(cdf.shape[0], 1, generator=rng, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+    tokens = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(1)
 
 
@@ -99,22 +104,3 @@ def rollout(model: nn.Module, prompts: Sequence[Sequence[int]], group_size: int,
     out.texts = [dec.text(out.completion(b)) if tokenizer is not None else "" for b in range(len(out.prompts))]
     return out
 
-
-def completion_logps(model: nn.Module, prompts: Sequence[Sequence[int]], tokens: torch.Tensor,
-                     temperature: float = 1.0) -> torch.Tensor:
-    """log pi of each completion token (B, L), teacher-forced: one forward over prompt + completion per row.
-
-    Rows are right-padded (a recurrent model never reads ahead, so padding after a row's tokens
-    changes none of its log-probs); only the completion positions go through the head.
-    """
-    B, L = tokens.shape
-    device = tokens.device
-    lens = torch.tensor([len(p) for p in prompts], device=device)
-    idx = torch.full((B, int(lens.max()) + L - 1), END_TOKEN, dtype=torch.long, device=device)
-    for b, p in enumerate(prompts):  # the last completion token predicts nothing: not read
-        idx[b, : len(p)] = torch.as_tensor(p, dtype=torch.long, device=device)
-        idx[b, len(p) : len(p) + L - 1] = tokens[b, : L - 1]
-    hidden = model.forward_hidden(idx, None)[0]
-    pos = lens[:, None] - 1 + torch.arange(L, device=device)[None]
-    logits = model.head(hidden[torch.arange(B, device=device)[:, None], pos]).float() / temperature
-    return torch.log_softmax(logits, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)

@@ -25,6 +25,12 @@ def plot_loss(log_path: Path, png_path: Path, title: str = "") -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     ax.plot(steps, loss, lw=0.6, alpha=0.4, label="loss")
     ax.plot(steps, smooth, lw=1.8, label=f"centred mean of {k}")
+    if "reward" in records[-1]:  # objectives that learn from rewards (grpo): the mean reward on a second axis
+        reward = ax.twinx()
+        k, smooth = moving_average([r["reward"] for r in records])
+        reward.plot(steps, smooth, lw=1.8, color="tab:green", label=f"reward (centred mean of {k})")
+        reward.set_ylabel("mean reward")
+        reward.legend(loc="lower right")
     _save_figure(fig, ax, png_path, title)
 
 

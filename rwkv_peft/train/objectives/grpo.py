@@ -15,16 +15,45 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from torch import nn
 
-from rwkv_peft.data.tokenizer import get_tokenizer
+from rwkv_peft import files
+from rwkv_peft.data.tokenizer import END_TOKEN, get_tokenizer
 from rwkv_peft.generate import Decoder, eval_mode
-from rwkv_peft.rl.loss import VARIANTS, get_variant, group_advantages, policy_loss
+from rwkv_peft.rl.loss import VARIANTS, get_variant, group_advantages, policy_loss, policy_stats
 from rwkv_peft.rl.rewards import DEFAULT_FORMAT_REGEX, load_rewards, score
-from rwkv_peft.rl.rollout import Rollouts, completion_logps, rollout
+from rwkv_peft.rl.rollout import Rollouts, rollout
 from rwkv_peft.scoring import greedy_generate
+from rwkv_peft.train.logps import LogpObjective, logp_loss
 from rwkv_peft.train.objectives import Metrics, Objective, ObjectiveRecord, register_objective
+
+SAMPLES_FILE = "completions.jsonl"
+
+
+def completion_logps(model: nn.Module, prompts: Sequence[Sequence[int]], tokens: torch.Tensor,
+                     temperature: float = 1.0, objective: LogpObjective = torch.sum, head_chunk: int = -1
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``objective`` of the token log-probs, the log-probs (B, L) detached) of each completion token under
+    softmax(logits / temperature), teacher-forced: one forward over prompt + completion per row.
+
+    Rows are right-padded (a recurrent model never reads ahead, so padding after a row's tokens changes
+    none of its log-probs). Only the completion positions go through the head, chunked (``logp_loss``:
+    no (B, L, vocab) logits); logits / T = (hidden / T) @ W^T, so the temperature scales the hidden states.
+    """
+    B, L = tokens.shape
+    device = tokens.device
+    lens = torch.tensor([len(p) for p in prompts], device=device)
+    idx = torch.full((B, int(lens.max()) + L - 1), END_TOKEN, dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):  # the last completion token predicts nothing: not read
+        idx[b, : len(p)] = torch.as_tensor(p, dtype=torch.long, device=device)
+        idx[b, len(p) : len(p) + L - 1] = tokens[b, : L - 1]
+    hidden = model.forward_hidden(idx, None)[0]
+    pos = lens[:, None] - 1 + torch.arange(L, device=device)[None]
+    hidden = hidden[torch.arange(B, device=device)[:, None], pos] / temperature
+    return model.head(hidden, logp_loss(tokens, objective, head_chunk))
 
 
 @dataclass
@@ -53,8 +82,10 @@ class GRPO(Objective):
         # ZeRO-3 gathers each layer's weights in a collective: every process must make the same forward calls
         self.lockstep = ctx.cfg.zero_stage == 3 and ctx.world > 1
         self.cycle: list[_Sampled] = []  # the rollouts of this PPO cycle, one per micro-batch
-        self.calls = 0
-        self.last: _Sampled | None = None
+        self.calls = self.rollouts = 0
+        self.samples_log = Path(ctx.cfg.proj_dir) / SAMPLES_FILE if ctx.rank == 0 and o["log_completions"] else None
+        if self.samples_log is not None and not ctx.cfg.resume:
+            files.write_text(self.samples_log, "")
         if o["kl_beta"] > 0:
             try:
                 with ctx.reference():  # full fine-tuning has no adapter to switch off: say so before training
@@ -69,12 +100,17 @@ class GRPO(Objective):
         self.calls += 1
         if epoch == 0:
             self.cycle = self.cycle[:slot] + [self._sample(batch)]
-        s = self.cycle[slot]
-        logp = completion_logps(self.ctx.model, s.ro.prompts, s.ro.tokens, self.o["temperature"])
-        out = policy_loss(logp, s.ro.logps, s.advantages, s.ro.mask, self.variant, self.o["clip_eps"],
-                          self.o["clip_eps_high"], s.ref_logps, self.o["kl_beta"], self.o["max_new_tokens"])
-        self.last = s
-        return out.loss, {**s.metrics, "kl": out.kl, "clip_frac": out.clip_frac}
+        s, o = self.cycle[slot], self.o
+        clip = (o["clip_eps"], o["clip_eps_high"])
+
+        def objective(lp: torch.Tensor) -> torch.Tensor:
+            return policy_loss(lp, s.ro.logps, s.advantages, s.ro.mask, self.variant, *clip, s.ref_logps,
+                               o["kl_beta"], o["max_new_tokens"])
+
+        loss, lp = completion_logps(self.ctx.model, s.ro.prompts, s.ro.tokens, o["temperature"], objective,
+                                    self.ctx.cfg.head_chunk)
+        stats = policy_stats(lp, s.ro.logps, s.advantages, s.ro.mask, self.variant, *clip, s.ref_logps)
+        return loss, {**s.metrics, **stats}
 
     @torch.no_grad()
     def _sample(self, batch: dict) -> _Sampled:
@@ -87,11 +123,20 @@ class GRPO(Objective):
         ref = None
         if o["kl_beta"] > 0:
             with self.ctx.reference() as ref_model, eval_mode(ref_model):
-                ref = completion_logps(ref_model, ro.prompts, ro.tokens, o["temperature"])
+                ref = completion_logps(ref_model, ro.prompts, ro.tokens, o["temperature"],
+                                       head_chunk=self.ctx.cfg.head_chunk)[1]
         metrics = dict(zip(("reward", "reward_std"), _mean_std(total), strict=True))
         for r in self.rewards:
             metrics[f"reward_{r.key}"], metrics[f"reward_{r.key}_std"] = _mean_std(each[r.name])
         metrics["completion_len"] = float(ro.lengths.mean())
+        self.rollouts += 1
+        if self.samples_log is not None:
+            from rwkv_peft.train.loggers import append_log  # here: loggers imports the config, which imports us
+
+            for b in range(min(o["log_completions"], len(total))):
+                append_log(self.samples_log, {"rollout": self.rollouts, "prompt": self.tokenizer.decode(ro.prompts[b]),
+                                              "completion": ro.texts[b], "reward": total[b],
+                                              **{f"reward_{r.key}": each[r.name][b] for r in self.rewards}})
         return _Sampled(ro, group_advantages(rewards, self.variant.scale_std).flatten(), ref, metrics)
 
     @torch.no_grad()
@@ -114,7 +159,7 @@ class GRPO(Objective):
 def _check(cfg) -> None:
     """The flags and the reward functions (imported now: a typo fails before the model loads)."""
     o = cfg.objective_options
-    for name, low in (("group_size", 2), ("max_new_tokens", 1), ("ppo_epochs", 1)):
+    for name, low in (("group_size", 2), ("max_new_tokens", 1), ("ppo_epochs", 1), ("log_completions", 0)):
         if o[name] < low:
             raise ValueError(f"--{name}: expected >= {low}, got {o[name]}")
     if not o["temperature"] > 0:
@@ -147,6 +192,8 @@ register_objective(ObjectiveRecord(
         "--clip_eps": dict(type=float, default=0.2, help="ratio clip, lower side (default 0.2)"),
         "--clip_eps_high": dict(type=float, default=None, help="ratio clip, upper side (default: 0.2; dapo 0.28)"),
         "--ppo_epochs": dict(type=int, default=1, help="optimizer steps per batch of rollouts (default 1)"),
+        "--log_completions": dict(type=int, default=2, help=f"completions per rollout batch written to "
+                                                              f"OUT/{SAMPLES_FILE} with their rewards (default 2)"),
     },
     check=_check,
 ))
