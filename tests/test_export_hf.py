@@ -127,3 +127,57 @@ def test_unknown_folder_is_one_error(tmp_path):
     (tmp_path / "y").mkdir()
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         read_state_dict(tmp_path / "y")
+
+
+def test_hf_folders_train_merge_and_export_back(tmp_path):
+    """Our export of a base equals the folder written from fla's documented layout; training from that folder,
+    merging into it (a folder of the same layout, files and key set comes out) and exporting the merge back
+    to .pth give exactly what the same steps give from the .pth base."""
+    from helpers import tiny_run_files, train_flags
+
+    from rwkv_peft.export.model import main as export
+    from rwkv_peft.merge.cli import main as merge
+    from rwkv_peft.train import main as train
+
+    files = tiny_run_files(tmp_path, n_tokens=600)
+    base = read_state_dict(files["base"])
+    assert export(["--model", files["base"], "--format", "hf", "--output", str(tmp_path / "ours")]) == 0
+    fla_folder_from_docs(base, tmp_path / "fla")
+    ours, docs = read_state_dict(tmp_path / "ours"), read_state_dict(tmp_path / "fla")
+    assert list(ours) == list(docs) and all(torch.equal(ours[k], docs[k]) for k in ours)
+
+    for name, load in (("pth", files["base"]), ("hf", str(tmp_path / "fla"))):
+        train(train_flags({**files, "base": load}, tmp_path / f"run_{name}", epoch_count=1, epoch_steps=2,
+                          train_parts="ln"))
+    adapters = [read_state_dict(tmp_path / f"run_{n}" / "rwkv-final.pth") for n in ("pth", "hf")]
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+
+    adapter = str(tmp_path / "run_hf" / "rwkv-final.pth")
+    merge(["--base_model", files["base"], "--peft_checkpoint", adapter, "--output", str(tmp_path / "m.pth"), "--quiet"])
+    merge(["--base_model", str(tmp_path / "fla"), "--peft_checkpoint", adapter, "--output", str(tmp_path / "m_hf"),
+           "--quiet"])
+    assert sorted(p.name for p in (tmp_path / "m_hf").iterdir()) == sorted(p.name for p in (tmp_path / "fla").iterdir())
+    assert json.loads((tmp_path / "m_hf" / "config.json").read_text()) == json.loads(
+        (tmp_path / "fla" / "config.json").read_text())
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "m_hf" / "model.safetensors", "pt") as a, safe_open(
+            tmp_path / "fla" / "model.safetensors", "pt") as b:
+        assert set(a.keys()) == set(b.keys())
+    assert export(["--model", str(tmp_path / "m_hf"), "--format", "pth", "--output", str(tmp_path / "back.pth")]) == 0
+    want, got = read_state_dict(tmp_path / "m.pth"), read_state_dict(tmp_path / "back.pth")
+    assert set(want) == set(got) and any(not torch.equal(want[k], base[k]) for k in want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+
+
+def test_sharded_folder_reads_back(tmp_path):
+    """Above --shard_size the weights go to model-0000i-of-0000n.safetensors with an index, as HF writes them."""
+    write_checkpoint(LAYOUTS["x070_released"], tmp_path / "m.pth", torch.float32)
+    write_folder(open_checkpoint(tmp_path / "m.pth"), tmp_path / "hf", shard_bytes=100_000)
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in (tmp_path / "hf").glob("model-*.safetensors"))
+    assert len(shards) > 2 and sorted(set(index["weight_map"].values())) == shards
+    sd, back = read_state_dict(tmp_path / "m.pth"), read_state_dict(tmp_path / "hf")
+    assert list(back) == list(sd) and all(torch.equal(back[k], sd[k]) for k in sd)

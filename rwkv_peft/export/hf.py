@@ -338,6 +338,60 @@ def _shards(plan: list[tuple], limit: int) -> list[list[tuple]]:
     return out
 
 
+def _plan(specs: list, lay: Layout, dtype: torch.dtype | None, name: str) -> tuple[list[tuple], list[str]]:
+    """(BlinkDL key, HF key, form, written dtype, HF shape, stored dtype) per tensor, and the keys left out."""
+    plan, dropped = [], []
+    for k, d, s in specs:
+        hit = lay.to_hf(k)
+        if hit is None:
+            if not (k.startswith("blocks.0.") and k.removeprefix("blocks.0.") in FLA_UNUSED):
+                raise ValueError(f"{name}: {k} has no place in the {lay.name} layout")
+            dropped.append(k)
+            continue
+        out_dtype = dtype if dtype is not None and d.is_floating_point else d
+        plan.append((k, hit[0], hit[1], out_dtype, hf_shape(s, hit[1]), d))
+    return plan, dropped
+
+
+def _write_weights(folder: Path, sd: Mapping[str, torch.Tensor], plan: list[tuple], spans: Mapping[str, Span],
+                   shard_bytes: int) -> None:
+    """model.safetensors (or shards and their index), a tensor at a time; unchanged bytes copied from ``spans``."""
+    from rwkv_peft.model.stream import write_safetensors
+
+    groups = _shards(plan, shard_bytes)
+    names = ["model.safetensors"] if len(groups) == 1 else [
+        f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+
+    def pieces(group: list[tuple]) -> Iterator[torch.Tensor | Span]:
+        for k, _, form, out_dtype, _, stored in group:
+            yield spans[k] if k in spans and form != "t" and out_dtype == stored else to_hf(sd[k], form)
+
+    for group, fname in zip(groups, names, strict=True):
+        with open(folder / fname, "wb") as f:
+            write_safetensors(f, [(p[1], p[3], p[4]) for p in group], pieces(group), metadata={"format": "pt"})
+    if len(groups) > 1:
+        total = sum(p[3].itemsize * torch.Size(p[4]).numel() for p in plan)
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {p[1]: fname for group, fname in zip(groups, names, strict=True) for p in group}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _write_files(folder: Path, config: dict, like: HFCheckpoint | None) -> None:
+    """config.json, and the folder the model came from's other files (tokenizer, generation settings) or,
+    for a new folder, the World vocab."""
+    from rwkv_peft import files
+    from rwkv_peft.data.tokenizer import world_vocab_path
+
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if like is None:
+        files.copy_file(world_vocab_path(), folder / VOCAB_FILE)
+        return
+    for p in like.folder.iterdir():
+        if p.is_file() and not p.name.startswith(".") and p.name != "config.json" and not (
+                p.name in WEIGHT_FILES or re.fullmatch(r"(model|pytorch_model)-\d+-of-\d+\.\w+", p.name)):
+            files.copy_file(p, folder / p.name)
+
+
 def write_folder(
     sd: Mapping[str, torch.Tensor],
     output: str | os.PathLike,
@@ -356,10 +410,8 @@ def write_folder(
     no place in the layout and were left out (x070's unused layer-0 v0/v1/v2 in fla's).
     """
     from rwkv_peft import files
-    from rwkv_peft.data.tokenizer import world_vocab_path
     from rwkv_peft.model import config_from_state_dict, detect_version
     from rwkv_peft.model.checkpoint import meta_state_dict, tensor_specs
-    from rwkv_peft.model.stream import write_safetensors
 
     specs = tensor_specs(sd)
     meta = meta_state_dict(specs)
@@ -367,48 +419,18 @@ def write_folder(
     lay = LAYOUTS[layout or (like.layout.name if like else DEFAULT_LAYOUT[version])]
     if version not in lay.versions:
         raise ValueError(f"{name}: an {version} model has no {lay.name} layout (it holds {'/'.join(lay.versions)})")
-    plan, dropped = [], []
-    for k, d, s in specs:
-        hit = lay.to_hf(k)
-        if hit is None:
-            if not (k.startswith("blocks.0.") and k.removeprefix("blocks.0.") in FLA_UNUSED):
-                raise ValueError(f"{name}: {k} has no place in the {lay.name} layout")
-            dropped.append(k)
-            continue
-        out_dtype = dtype if dtype is not None and d.is_floating_point else d
-        plan.append((k, hit[0], hit[1], out_dtype, hf_shape(s, hit[1]), d))
-    groups = _shards(plan, shard_bytes)
-    names = ["model.safetensors"] if len(groups) == 1 else [
-        f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
-    spans = spans or {}
-
-    def pieces(group: list[tuple]) -> Iterator[torch.Tensor | Span]:
-        for k, _, form, out_dtype, _, stored in group:
-            yield spans[k] if k in spans and form != "t" and out_dtype == stored else to_hf(sd[k], form)
-
+    plan, dropped = _plan(specs, lay, dtype, name)
+    like = like if like is not None and like.layout is lay else None
     dtypes = {p[3] for p in plan if p[3].is_floating_point}
     dtype_name = str(max(dtypes, key=lambda t: t.itemsize) if dtypes else torch.float32).removeprefix("torch.")
+    config = (like.config() if like else {}) or lay.config(config_from_state_dict(meta, name), dtype_name)
+    for field in ("torch_dtype", "dtype"):
+        if field in config:
+            config[field] = dtype_name
     with files.atomic_dir(output) as tmp:
-        for group, fname in zip(groups, names, strict=True):
-            with open(tmp / fname, "wb") as f:
-                write_safetensors(f, [(p[1], p[3], p[4]) for p in group], pieces(group), metadata={"format": "pt"})
-        if len(groups) > 1:
-            total = sum(p[3].itemsize * torch.Size(p[4]).numel() for p in plan)
-            index = {"metadata": {"total_size": total},
-                     "weight_map": {p[1]: fname for group, fname in zip(groups, names, strict=True) for p in group}}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        same = like is not None and like.layout is lay
-        config = like.config() if same else {}
-        config = config or lay.config(config_from_state_dict(meta, name), dtype_name)
-        for field in ("torch_dtype", "dtype"):
-            if field in config:
-                config[field] = dtype_name
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if same:  # tokenizer and generation settings of the folder the model came from
-            for p in like.folder.iterdir():
-                if p.is_file() and not p.name.startswith(".") and p.name != "config.json" and not (
-                        p.name in WEIGHT_FILES or re.fullmatch(r"(model|pytorch_model)-\d+-of-\d+\.\w+", p.name)):
-                    files.copy_file(p, tmp / p.name)
-        if not (tmp / VOCAB_FILE).exists():
-            files.copy_file(world_vocab_path(), tmp / VOCAB_FILE)
+        _write_weights(tmp, sd, plan, spans or {}, shard_bytes)
+        _write_files(tmp, config, like)
+        got = {k: (d, torch.Size(s).numel()) for k, d, s in HFCheckpoint(tmp).specs()}
+        if got != {p[0]: (p[3], torch.Size(p[4]).numel()) for p in plan}:
+            raise ValueError(f"{output}: the folder read back does not hold the tensors written; not written")
     return dropped

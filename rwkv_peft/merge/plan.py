@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -211,6 +211,33 @@ def plan_edits(
                              f"{edit.source}")
         edits[edit.key] = edit
     return edits
+
+
+class MergedView(Mapping):
+    """``base`` with ``edits`` applied as each tensor is read, in the base's dtype (what a merged file holds):
+    a merge streamed into another writer (HF folders, GGUF)."""
+
+    def __init__(self, base: Mapping[str, torch.Tensor], edits: Mapping[str, Edit], unmerge: bool = False):
+        from rwkv_peft.model.checkpoint import tensor_specs
+
+        self.base, self.edits, self.unmerge = base, edits, unmerge
+        self._specs = tensor_specs(base)
+        self._dtype = {k: d for k, d, _ in self._specs}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        t = self.base[key]
+        if key not in self.edits:
+            return t
+        return self.edits[key].apply(t, self.unmerge).to(self._dtype[key]).reshape(t.shape)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def specs(self) -> list:
+        return list(self._specs)
 
 
 def merge_state_dict(

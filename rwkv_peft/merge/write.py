@@ -20,7 +20,7 @@ import torch
 
 from rwkv_peft import files
 from rwkv_peft.integrity import Span, check_crc
-from rwkv_peft.merge.plan import Edit, model_class, plan_edits, read_adapter, target_weights
+from rwkv_peft.merge.plan import Edit, MergedView, model_class, plan_edits, read_adapter, target_weights
 from rwkv_peft.model import detect_version
 from rwkv_peft.model.checkpoint import all_finite, meta_state_dict, open_checkpoint, read_specs, tensor_specs
 from rwkv_peft.model.stream import (
@@ -167,6 +167,35 @@ def prepare_output(output: Path, inputs: dict[Path, str]) -> None:
     files.check_free_space(output.parent, next(iter(inputs)).stat().st_size, f"--output {output}")
 
 
+def _merge_folder(base_path: Path, adapter_path: Path, output: Path, config: dict | None, quant: str | None,
+                  unmerge: bool, log: Callable[[str], None] | None, check: Callable[[Path], None] | None) -> Path:
+    """A Hugging Face base folder: the merge is written as a folder of the same layout, files and key set."""
+    from rwkv_peft.export.hf import HFCheckpoint, write_folder
+
+    what = f"--output {output}"
+    if quant is not None or check is not None:
+        raise ValueError(f"--base_model {base_path}: a Hugging Face folder; --quant and --verify take .pth bases "
+                         f"(export it with python -m rwkv_peft.export --format pth first)")
+    if output.suffix in (".pth", ".safetensors") or output.is_file():
+        raise ValueError(f"{what}: the base is a Hugging Face folder, so the merge is one too: give a folder path")
+    if not adapter_path.exists():
+        raise FileNotFoundError(f"{adapter_path}: --peft_checkpoint file (or peft adapter folder) not found")
+    files.check_writable_dir(output.parent, what, create=False)
+    files.check_not_input({output: what}, {base_path: f"--base_model {base_path}",
+                                           adapter_path: f"--peft_checkpoint {adapter_path}"})
+    files.note_removed(files.remove_stale_temps(output.parent, output.name))
+    files.check_free_space(output.parent, sum(p.stat().st_size for p in base_path.iterdir() if p.is_file()), what)
+    base = HFCheckpoint(base_path)
+    adapter, cfg = read_adapter(adapter_path, config)
+    edits = plan_edits(meta_state_dict(base.specs()), adapter, cfg, str(base_path), str(adapter_path), unmerge=unmerge)
+    for k, e in edits.items():
+        if log:
+            log(f"{'unmerged' if unmerge else 'merged'} {e.source} -> {k}")
+    spans = {k: v for k, v in base.spans().items() if k not in edits}
+    write_folder(MergedView(base, edits, unmerge), output, like=base, spans=spans, name=str(output))
+    return output
+
+
 def merge_adapter(
     base_path: str | os.PathLike,
     adapter_path: str | os.PathLike,
@@ -186,6 +215,8 @@ def merge_adapter(
     if quant is not None and unmerge:
         raise ValueError(f"--quant {quant}: merges onto the quantized base; it does not apply to --unmerge")
     base_path, adapter_path, output = Path(base_path), Path(adapter_path), Path(output_path)
+    if base_path.is_dir():
+        return _merge_folder(base_path, adapter_path, output, config, quant, unmerge, log, check)
     if not base_path.is_file():
         raise FileNotFoundError(f"{base_path}: --base_model file not found")
     if not adapter_path.exists():

@@ -9,6 +9,7 @@ from typing import Any
 
 from rwkv_peft.cli import ArgumentParser
 from rwkv_peft.data import DATA_TYPES, DataOptions, get_data_type
+from rwkv_peft.export.hf import is_hf_folder
 from rwkv_peft.ops import OPS
 from rwkv_peft.peft.registry import METHODS, get_method
 from rwkv_peft.precision import PRECISIONS
@@ -237,8 +238,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--wsd_decay: expected a fraction in [0, 1], got {cfg.wsd_decay}")
     if not cfg.load_model:
         raise ValueError("--load_model: a base RWKV checkpoint is required")
-    if not Path(cfg.load_model).is_file():
-        raise FileNotFoundError(f"--load_model {cfg.load_model}: file not found")
+    if not (Path(cfg.load_model).is_file() or is_hf_folder(cfg.load_model)):
+        raise FileNotFoundError(f"--load_model {cfg.load_model}: file not found (nor a Hugging Face model folder)")
     if not cfg.data_file:
         raise ValueError("--data_file: required")
     kind.files("--data_file", cfg.data_file)

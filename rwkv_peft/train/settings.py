@@ -49,7 +49,9 @@ def snapshot(cfg: TrainConfig, world_size: int) -> dict:
     found["peft_config"] = json.loads(cfg.peft_json or "{}")
     found["objective_options"] = json.loads(json.dumps(cfg.objective_options, default=str))  # plain values
     found["world_size"] = world_size
-    found["load_model"] = identity(cfg.load_model, [cfg.load_model])
+    base = Path(cfg.load_model)  # a file, or a Hugging Face folder: its files
+    found["load_model"] = identity(cfg.load_model, sorted(str(f) for f in base.iterdir() if f.is_file()
+                                                          and not f.name.startswith(".")) if base.is_dir() else [base])
     found["data_file"] = identity(cfg.data_file, get_data_type(cfg.data_type).files("--data_file", cfg.data_file))
     for name in ("tokenizer", "chat_template"):
         value = getattr(cfg, name)
