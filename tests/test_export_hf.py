@@ -166,10 +166,16 @@ def test_hf_folders_train_merge_and_export_back(tmp_path):
             tmp_path / "fla" / "model.safetensors", "pt") as b:
         assert set(a.keys()) == set(b.keys())
     assert export(["--model", str(tmp_path / "m_hf"), "--format", "pth", "--output", str(tmp_path / "back.pth")]) == 0
-    want, got = read_state_dict(tmp_path / "m.pth"), read_state_dict(tmp_path / "back.pth")
-    assert set(want) == set(got) and any(not torch.equal(want[k], base[k]) for k in want)
-    for k in want:
-        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+    # base + adapter, merged on the way by the export, from the .pth and from the folder
+    for src, fmt, out in ((files["base"], "pth", "e.pth"), (str(tmp_path / "fla"), "hf", "e_hf")):
+        assert export(["--model", src, "--adapter", adapter, "--format", fmt, "--output", str(tmp_path / out)]) == 0
+    want = read_state_dict(tmp_path / "m.pth")
+    assert any(not torch.equal(want[k], base[k]) for k in want)
+    for other in ("back.pth", "e.pth", "e_hf"):
+        got = read_state_dict(tmp_path / other)
+        assert set(got) == set(want), other
+        for k in want:
+            assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), (other, k)
 
 
 def test_sharded_folder_reads_back(tmp_path):
@@ -181,3 +187,22 @@ def test_sharded_folder_reads_back(tmp_path):
     assert len(shards) > 2 and sorted(set(index["weight_map"].values())) == shards
     sd, back = read_state_dict(tmp_path / "m.pth"), read_state_dict(tmp_path / "hf")
     assert list(back) == list(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+def test_export_errors_are_one_line(tmp_path):
+    from rwkv_peft.export.model import main as export
+
+    save_model(perturbed_model(n_layer=1, n_embd=64, vocab=300, head_size=32), tmp_path / "m.pth")
+    m = str(tmp_path / "m.pth")
+    cases = [
+        (["--model", m, "--format", "gguf", "--output", str(tmp_path / "x.pth")], "--format gguf writes a .gguf file"),
+        (["--model", m, "--format", "pth", "--output", m], "an output must not replace an input"),
+        (["--model", str(tmp_path / "nope"), "--format", "hf", "--output", str(tmp_path / "o")], "not found"),
+        (["--model", m, "--format", "hf", "--output", str(tmp_path / "o"), "--dtype", "q8_0"], "--dtype q8_0"),
+        (["--model", m, "--format", "hf", "--output", str(tmp_path / "o"), "--layout", "rwkv"], "has no rwkv layout"),
+    ]
+    for argv, says in cases:
+        with pytest.raises(SystemExit) as e:
+            export(argv)
+        assert str(e.value).startswith("error: ") and says in str(e.value) and "\n" not in str(e.value), argv
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pth"]

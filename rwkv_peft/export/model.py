@@ -139,6 +139,11 @@ def export(a) -> None:
         same = {k for (k, d, _), (_, d2, _) in zip(specs, tensor_specs(src), strict=True) if d == d2}
         write_edited(src, {}, out, name=str(out), specs=specs, spans={k: v for k, v in spans.items() if k in same})
     print(f"wrote {out} ({a.format}{f' {a.dtype}' if a.dtype else ''}, {version})")
+    head_size = config_from_state_dict(meta_state_dict(tensor_specs(src))).head_size
+    if a.format == "hf" and version == "x070" and head_size != 64 and (like.layout.name if like else a.layout) in (
+            None, "fla"):
+        print(f"note: fla's layout takes the group-norm eps as head_dim x norm_eps ({head_size}e-5); RWKV's is 64e-5, "
+              f"so HF runtimes' logits differ slightly at head size {head_size}")
     if dropped:
         print(f"note: left out {', '.join(dropped)}: layer 0 never uses them and the "
               f"{a.layout or (like.layout.name if like else 'fla')} layout has no place for them")
