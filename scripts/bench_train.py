@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a clone without installing
 METHODS = ("frozen", "lora", "miss", "full")
 # released RWKV-7 shapes (n_layer, n_embd, vocab) with the bench's batch for a 2-core CPU
 SHAPES = {"0.1b": {"n_layer": 12, "n_embd": 768, "vocab_size": 65536, "ctx_len": 512, "micro_bsz": 1, "steps": 3}}
@@ -112,7 +113,6 @@ def matmul_share(step) -> float:
 def worker(method: str, head_chunk: int, precision: str, a: argparse.Namespace, conn) -> None:
     """One method's process: answers "step" with (wall, CPU) seconds, "profile" with a table, "rss" with MiB,
     "matmul" with step / matmul time."""
-    sys.path.insert(0, str(ROOT))  # run from a clone without installing
     step, trainable = setup(method, head_chunk, precision, a)
     conn.send(trainable)
     answers = {"step": step, "profile": lambda: profile_table(step, a.profile_rows), "rss": rss_mb,
@@ -122,7 +122,9 @@ def worker(method: str, head_chunk: int, precision: str, a: argparse.Namespace, 
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from rwkv_peft.cli import ArgumentParser  # stdlib only: the workers' RSS stays what it was
+
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=sorted(SHAPES), help="a released model shape (sets the defaults below)")
     p.add_argument("--n_layer", type=int, default=4)
     p.add_argument("--n_embd", type=int, default=256)
