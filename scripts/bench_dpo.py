@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a clone without installing
 
 
 def worker(objective: str, a: argparse.Namespace, conn) -> None:
@@ -25,7 +26,6 @@ def worker(objective: str, a: argparse.Namespace, conn) -> None:
 
     import torch
 
-    sys.path.insert(0, str(ROOT))
     from rwkv_peft.model import VERSIONS, init_model
     from rwkv_peft.peft import apply_peft, parse_peft_config
     from rwkv_peft.train.config import TrainConfig
@@ -67,7 +67,9 @@ def worker(objective: str, a: argparse.Namespace, conn) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from rwkv_peft.cli import ArgumentParser  # stdlib only: the workers' peak memory stays what it was
+
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n_layer", type=int, default=4)
     ap.add_argument("--n_embd", type=int, default=256)
     ap.add_argument("--vocab_size", type=int, default=65536)
