@@ -1,19 +1,52 @@
-"""Test helpers shared by several modules: tiny training runs, op parity on a model, and the CUDA
-kernels' device code run on CPU threads."""
+"""Test helpers shared by several modules: tiny models perturbed away from their init, data files, tiny
+training runs, op parity on a model, and the CUDA kernels' device code run on CPU threads."""
 
 from __future__ import annotations
 
 import ctypes
+import json
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import torch
-from conftest import perturbed_model
+from torch import nn
 
 from rwkv_peft.data import BinIdxWriter, largest_magic_prime
-from rwkv_peft.model import save_model
+from rwkv_peft.model import RWKV7, VERSIONS, init_model, save_model
 from rwkv_peft.ops.build import CSRC
+
+
+def perturbed(version: str, n_layer: int = 2, n_embd: int = 128, vocab: int = 300, head_size: int = 64,
+              seed: int = 0, op: str = "torch", **dims: int) -> nn.Module:
+    """An fp32 model of ``version`` with every parameter moved off its init (so zeros don't hide bugs)."""
+    cfg = VERSIONS[version].config(n_layer, n_embd, vocab, head_size, **dims)
+    model = init_model(cfg, seed=seed, op=op)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * (0.1 if p.dim() < 2 else 0.05))
+    return model
+
+
+def perturbed_model(
+    n_layer: int = 2,
+    n_embd: int = 128,
+    vocab: int = 300,
+    head_size: int = 64,
+    seed: int = 0,
+    op: str = "torch",
+) -> RWKV7:
+    """``perturbed`` for x070, the version most tests use."""
+    return perturbed("x070", n_layer, n_embd, vocab, head_size, seed, op)
+
+
+def write_jsonl(path: Path | str, rows: list) -> str:
+    """One line per row: a dict as JSON (non-ASCII kept), a string as it is (for malformed lines)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n")
+    return str(path)
 
 
 def token_stream(prefix: Path | str, vocab: int, n: int) -> list[int]:

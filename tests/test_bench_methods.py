@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import perturbed_model
+from helpers import perturbed_model, write_jsonl
 
 from rwkv_peft.peft import apply_peft, parse_peft_config
 from rwkv_peft.scoring import exact_match, extract_answer, greedy_generate
@@ -108,7 +108,7 @@ def test_method_specs_match_apply_peft_counts():
 def test_split_sft_is_a_seeded_partition(tmp_path):
     bench = load_script()
     src = tmp_path / "sft.jsonl"
-    src.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"a\n#### {i}"}) + "\n" for i in range(30)))
+    write_jsonl(src, [{"question": f"q{i}", "answer": f"a\n#### {i}"} for i in range(30)])
     train, held, held_rows = bench.split_sft(src, 5, 0, 7, tmp_path)
     tr = [json.loads(x)["question"] for x in train.read_text().splitlines()]
     he = [json.loads(x)["question"] for x in held.read_text().splitlines()]

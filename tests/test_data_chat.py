@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import perturbed_model
+from helpers import perturbed_model, write_jsonl
 
 from rwkv_peft.data import ChatTemplate, build_dataset, get_tokenizer, load_chat
 from rwkv_peft.data.chat import encode_chat
@@ -25,13 +25,6 @@ THREE_TURNS = [
     {"role": "user", "content": "Thanks"},
     {"role": "assistant", "content": "Bye."},
 ]
-
-
-def write_jsonl(path, rows: list) -> str:
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n")
-    return str(path)
 
 
 def test_three_turn_conversation_trains_exactly_the_assistant_tokens():

@@ -9,6 +9,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from helpers import write_jsonl
 
 from rwkv_peft.data import DEFAULT_SFT_TEMPLATE, build_dataset, get_tokenizer, render_sft
 from rwkv_peft.data.binidx import BinIdx, BinIdxWriter
@@ -17,13 +18,6 @@ from rwkv_peft.data.demo import generate, write_demo
 from rwkv_peft.data.make_binidx import main as make_binidx_main
 
 V = 65536
-
-
-def write_jsonl(path, rows: list) -> str:
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n")
-    return str(path)
 
 
 def samples(ds, n=None) -> list[list[int]]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import perturbed_model
+from helpers import perturbed_model
 from torch import nn
 
 from rwkv_peft.merge import main as merge_main

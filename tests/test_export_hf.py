@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import perturbed_model
+from helpers import perturbed_model
 from released_layouts import LAYOUTS, write_checkpoint
 from safetensors.torch import save_file
 

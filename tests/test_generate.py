@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import perturbed
-from helpers import cli
+from helpers import cli, perturbed
 
 from rwkv_peft.data import BinIdxWriter, largest_magic_prime
 from rwkv_peft.data.tokenizer import get_tokenizer
@@ -42,12 +41,7 @@ TOL = 1e-4
 PROMPT = "User: Tom has 3 apples and buys 5 more. How many now?\n\nAssistant:"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,12 @@ and loops (DeepSeekMath's GRPO, Dr. GRPO, DAPO), independent of the tensor code 
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 
 import pytest
 import torch
-from conftest import perturbed_model
-from helpers import cli
+from helpers import cli, perturbed_model, write_jsonl
 
 from rwkv_peft.data.chat import ChatTemplate
 from rwkv_peft.data.prompts import load_prompts
@@ -27,13 +25,6 @@ from rwkv_peft.train.loggers import read_log
 from rwkv_peft.train.objectives.grpo import completion_logps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def write_jsonl(path, rows: list) -> str:
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
-    return str(path)
 
 
 # ----------------------------------------------------------------------------- the math, from the papers

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import perturbed_model
+from helpers import perturbed_model
 from torch import nn
 
 from rwkv_peft.ops import wkv7

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import perturbed_model
+from helpers import perturbed_model
 
 from rwkv_peft.model import RWKV5Config, RWKV6Config, init_model
 from rwkv_peft.peft import apply_peft, parse_peft_config

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import perturbed_model
+from helpers import perturbed_model
 
 from rwkv_peft.merge import main, merge_adapter, merge_state_dict, plan_edits, unmerge_adapter, verify_merged
 from rwkv_peft.model import load_model, save_model

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import perturbed_model
+from helpers import perturbed_model
 
 from rwkv_peft.model import load_model, read_state_dict, save_model
 from rwkv_peft.runtime import load_runtime, runtime_logits

@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import perturbed
-from helpers import token_stream, train_flags
+from helpers import perturbed, token_stream, train_flags
 from torch import nn
 
 from rwkv_peft.model import (

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import perturbed
-from helpers import assert_cpu_op_matches_torch, emulated_cuda_kernel, pointers
+from helpers import assert_cpu_op_matches_torch, emulated_cuda_kernel, perturbed, pointers
 
 from rwkv_peft.ops import wkv5, wkv6
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import perturbed_model
+from helpers import perturbed_model
 
 from rwkv_peft.peft import (
     LoraConfig,
@@ -54,7 +54,7 @@ def tokens(seed: int = 0, batch: int = 2, t: int = 12) -> torch.Tensor:
 
 @pytest.mark.parametrize("method,cfg", CONFIGS, ids=IDS)
 def test_step0_equals_base(method, cfg):
-    base, model = perturbed_model(), perturbed_model()  # default conftest shapes: 2 layers, n_embd 128
+    base, model = perturbed_model(), perturbed_model()  # helpers' default shapes: 2 layers, n_embd 128
     idx = tokens(t=8)
     if method == "miss" and cfg.mode.startswith("bat"):
         cfg = MissConfig(r=32, mode=cfg.mode)  # r must divide 128 and 512
@@ -305,12 +305,11 @@ def test_adapter_disabled_gives_the_base_output(method, cfg):
     computes the base's logits, and after it the adapted ones again."""
     base, model = perturbed_model(), perturbed_model()
     apply_peft(model, method, cfg)
-    g = torch.Generator().manual_seed(5)
+    g, idx = torch.Generator().manual_seed(5), tokens(t=8)
+    trained = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-        idx = tokens(t=8)
+        for p, step in zip(trained, [torch.randn(p.shape, generator=g) * 0.05 for p in trained], strict=True):
+            p.add_(step)
         want, adapted = base(idx), model(idx)
         assert (adapted - want).abs().max() > 1e-2
         with adapter_disabled(model):

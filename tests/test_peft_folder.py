@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import perturbed, perturbed_model
+from helpers import perturbed, perturbed_model
 from peft import LoraConfig, MissConfig, PeftConfig, get_peft_model, inject_adapter_in_model, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 

@@ -4,13 +4,12 @@ fed with log-probs from the official `rwkv` runtime."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
 import pytest
 import torch
-from conftest import perturbed_model
+from helpers import perturbed_model, write_jsonl
 
 from rwkv_peft.data import get_tokenizer
 from rwkv_peft.data.preference import PairItems, load_pairs, pair_hash
@@ -20,11 +19,6 @@ from rwkv_peft.train.logps import logp_loss, sequence_logps
 from rwkv_peft.train.preference import Pairs, PreferenceLoss, batch_objective
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def write_jsonl(path, rows: list) -> str:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
-    return str(path)
 
 
 def trained_text(ids: np.ndarray, flags: np.ndarray) -> str:

@@ -7,8 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import perturbed_model
-from helpers import tiny_run_files, train_flags
+from helpers import perturbed_model, tiny_run_files, train_flags
 
 pytest.importorskip("bitsandbytes.functional", reason="--quant needs bitsandbytes (pip install 'bitsandbytes>=0.50')")
 

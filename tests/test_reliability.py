@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import perturbed_model
-from helpers import tiny_run_files, train_flags
+from helpers import perturbed_model, tiny_run_files, train_flags
 
 from rwkv_peft import files
 from rwkv_peft.model import read_state_dict, save_model

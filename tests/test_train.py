@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import perturbed_model
-from helpers import tiny_run_files, train_flags
+from helpers import perturbed_model, tiny_run_files, train_flags
 
 from rwkv_peft.model import load_model
 from rwkv_peft.peft import apply_peft, parse_peft_config

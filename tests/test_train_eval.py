@@ -11,8 +11,7 @@ import random
 from pathlib import Path
 
 import pytest
-from conftest import perturbed_model
-from helpers import cli
+from helpers import cli, perturbed_model, write_jsonl
 
 from rwkv_peft.data import get_tokenizer, load_documents
 from rwkv_peft.generate import Sampling, generate
@@ -54,7 +53,7 @@ def run(tmp_path_factory) -> dict:
     rng = random.Random(0)
     train, held = [conversation(rng) for _ in range(64)], [conversation(rng) for _ in range(6)]
     for name, rows in (("train", train), ("eval", held)):
-        (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_jsonl(d / f"{name}.jsonl", rows)
     texts = ["\n\n".join(f"{m['role'].title()}: {m['content']}" for m in r["messages"]) for r in train]
     files = {"base": str(d / "base.pth"), "tokenizer": tiny_tokenizer(d / "tok.json", texts),
              "train": str(d / "train.jsonl"), "eval": str(d / "eval.jsonl"), "out": d / "out", "tb": d / "tb"}

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from types import MappingProxyType
 
 import torch
+
+from rwkv_peft.records import Records
 
 from .binidx import split_prefix
 from .chat import MASK_SUFFIX, ChatTemplate, load_chat
@@ -78,23 +79,17 @@ class DataType:
         return [prefix + ".bin", prefix + ".idx", *(p for p in companions if os.path.isfile(p))]
 
 
-_TYPES: dict[str, DataType] = {}
-DATA_TYPES: Mapping[str, DataType] = MappingProxyType(_TYPES)
+DATA_TYPES: Records[DataType] = Records("--data_type")
 
 
 def register_data_type(record: DataType) -> DataType:
-    """Add a data type (a test, a plug-in); registering a name twice is an error unless it is the same record."""
-    if _TYPES.get(record.name, record) is not record:
-        raise ValueError(f"--data_type {record.name}: already registered")
-    _TYPES[record.name] = record
-    return record
+    """Add a data type (a test, a plug-in)."""
+    return DATA_TYPES.register(record)
 
 
 def get_data_type(name: str) -> DataType:
     """The record for ``--data_type name``; a ValueError naming the flag and the choices otherwise."""
-    if name not in _TYPES:
-        raise ValueError(f"--data_type {name!r}: expected one of {'|'.join(_TYPES)}")
-    return _TYPES[name]
+    return DATA_TYPES[name]
 
 
 def _chat(path: str, o: DataOptions, padded: bool) -> Documents:

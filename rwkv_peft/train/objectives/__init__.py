@@ -18,13 +18,13 @@ import argparse
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any
 
 import torch
 from torch import nn
 
 from rwkv_peft.peft import adapter_disabled
+from rwkv_peft.records import Records
 
 Metrics = dict[str, float | torch.Tensor]  # named numbers: train_log.jsonl, the progress line, TensorBoard
 
@@ -82,38 +82,33 @@ class ObjectiveRecord:
     check: Callable[[Any], None] | None = None  # cheap checks of the TrainConfig before heavy work
 
 
-_OBJECTIVES: dict[str, ObjectiveRecord] = {}
-OBJECTIVES: Mapping[str, ObjectiveRecord] = MappingProxyType(_OBJECTIVES)
+OBJECTIVES: Records[ObjectiveRecord] = Records("--objective")
 
 
 def register_objective(record: ObjectiveRecord) -> ObjectiveRecord:
-    """Add an objective; registering a name twice is an error unless it is the same record. Two objectives
-    may declare the same flag (e.g. ``--beta``) only with the same argparse keywords."""
-    if _OBJECTIVES.get(record.name, record) is not record:
-        raise ValueError(f"--objective {record.name}: already registered")
+    """Add an objective. Two objectives may declare the same flag (e.g. ``--beta``) only with the same
+    argparse keywords."""
     for flag, kw in record.flags.items():
-        clash = next((o.name for o in _OBJECTIVES.values() if o.flags.get(flag, kw) != kw), None)
+        clash = next((o.name for o in OBJECTIVES.values() if o.name != record.name and o.flags.get(flag, kw) != kw),
+                     None)
         if clash:
             raise ValueError(f"--objective {record.name}: {flag} is declared differently by --objective {clash}")
-    _OBJECTIVES[record.name] = record
-    return record
+    return OBJECTIVES.register(record)
 
 
 def get_objective(name: str) -> ObjectiveRecord:
     """The record for ``--objective name``; a ValueError naming the flag and the choices otherwise."""
-    if name not in _OBJECTIVES:
-        raise ValueError(f"--objective: expected one of {'|'.join(_OBJECTIVES)}, got {name!r}")
-    return _OBJECTIVES[name]
+    return OBJECTIVES[name]
 
 
 def add_objective_flags(parser: argparse.ArgumentParser) -> None:
     """Every registered objective's flags, each once; unset ones stay out of the parsed namespace."""
     seen: set[str] = set()
-    for record in _OBJECTIVES.values():
+    for record in OBJECTIVES.values():
         for flag, kw in record.flags.items():
             if flag not in seen:
                 seen.add(flag)
-                owners = "|".join(o.name for o in _OBJECTIVES.values() if flag in o.flags)
+                owners = "|".join(o.name for o in OBJECTIVES.values() if flag in o.flags)
                 parser.add_argument(flag, **{**kw, "default": argparse.SUPPRESS,
                                              "help": f"(--objective {owners}) {kw.get('help', '')}"})
 
