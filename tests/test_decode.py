@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import perturbed, perturbed_model
+from helpers import perturbed, perturbed_model
 from torch import nn
 
 from rwkv_peft.generate import Decoder

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import perturbed
+from helpers import perturbed
 
 from rwkv_peft.export.model import main
 from rwkv_peft.model import save_model

@@ -9,7 +9,7 @@ import io
 
 import numpy as np
 import pytest
-from conftest import perturbed
+from helpers import perturbed
 
 from rwkv_peft.export.model import main as export
 from rwkv_peft.model import save_model

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import perturbed_model
-from helpers import cli
+from helpers import cli, perturbed_model
 
 from rwkv_peft.data import get_tokenizer
 from rwkv_peft.data.preference import load_pairs
