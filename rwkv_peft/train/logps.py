@@ -5,11 +5,12 @@ log-probabilities of the completion's tokens; policy-gradient objectives (GRPO) 
 Either loss is a small function of the (B, T) token log-probs, so, as in ``loss.LinearCrossEntropy``,
 the head never holds the logits of every token: ``LinearLogpLoss`` walks the tokens in chunks for the
 log-probs, evaluates the loss on them, takes its gradient with respect to each token's log-prob
-(B x T numbers, through autograd on that small function), and walks the chunks a second time to fold
-``coef * (onehot - softmax)`` into the gradients of the hidden states and the head weight before
-freeing each chunk. All of it happens in forward, where DeepSpeed ZeRO-3 has the head weight
-gathered; backward only scales by the upstream gradient. The second walk recomputes a chunk's logits
-unless all tokens fit in one chunk (its softmax is then kept). ``head_chunk=0`` is the plain path
+(B x T numbers, through autograd on that small function). Each token's log-prob gradient with respect
+to its hidden state, ``(onehot - softmax) @ weight``, is computed in the first walk (as the
+cross-entropy's is), so the hidden states' gradient is those rows scaled by the coefficients; only a
+trained head weight needs a second walk, which recomputes a chunk's logits unless all tokens fit in
+one chunk. All of it happens in forward, where DeepSpeed ZeRO-3 has the head weight gathered;
+backward only scales by the upstream gradient. ``head_chunk=0`` is the plain path
 (full logits, ``log_softmax``), which defines the result. No L2Wrap: these losses are the published
 formulas, term for term.
 """
@@ -27,20 +28,25 @@ LogpObjective = Callable[[torch.Tensor], torch.Tensor]  # token log-probs (B, T)
 LogpHead = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def _softmax_chunk(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor,
-                   acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(softmax of a chunk's logits, in ``acc``; the log-prob of each target)."""
+def _logp_chunk(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor,
+                acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(onehot - softmax of a chunk's logits, in ``acc``: d log-prob / d logits; the log-prob of each target)."""
     lf = (h @ weight.t()).to(acc)
     picked = lf.gather(1, y).squeeze(1)
     maxx = lf.max(-1, keepdim=True).values
     p = lf.sub_(maxx).exp_()  # in place: the chunk's one (n, V) buffer
     sumexp = p.sum(-1, keepdim=True)
-    return p.div_(sumexp), picked - (maxx + sumexp.log()).squeeze(1)
+    q = p.div_(sumexp).neg_().scatter_add_(1, y, torch.ones_like(picked[:, None]))
+    return q, picked - (maxx + sumexp.log()).squeeze(1)
 
 
 class LinearLogpLoss(torch.autograd.Function):
     """(objective(lp), lp) with lp[b, t] = log softmax(hidden[b, t] @ weight.T)[targets[b, t]], ``chunk``
-    tokens at a time; the gradients of hidden and weight are computed in forward."""
+    tokens at a time; the gradients of hidden and weight are computed in forward.
+
+    d lp_t / d hidden_t = (onehot_t - softmax_t) @ weight is computed in the first walk, before the
+    loss is known; the loss's gradient then only scales each token's row by its coefficient. Only the
+    head weight's gradient mixes tokens, so only it (a trained head) needs the second walk."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, objective: LogpObjective,
@@ -51,27 +57,28 @@ class LinearLogpLoss(torch.autograd.Function):
         n = h.shape[0]
         acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 sums for bf16/fp16
         token_lp = torch.empty(n, dtype=acc, device=h.device)
+        grad_h = torch.empty_like(h) if want_h else None
         kept = None
         for s in range(0, n, chunk):
-            p, token_lp[s : s + chunk] = _softmax_chunk(h[s : s + chunk], weight, y[s : s + chunk], acc)
-            kept = p if n <= chunk else None  # one chunk: its softmax serves the gradient walk too
+            e = min(s + chunk, n)
+            q, token_lp[s:e] = _logp_chunk(h[s:e], weight, y[s:e], acc)
+            if want_h:
+                torch.mm(q.to(hidden.dtype), weight, out=grad_h[s:e])
+            kept = q if want_w and n <= chunk else None  # one chunk: kept for the weight's gradient
         token_lp = token_lp.view(targets.shape)
         with torch.enable_grad():
             lp = token_lp.detach().requires_grad_(True)
             loss = objective(lp)
-        grad_h = torch.empty_like(h) if want_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
         if want_h or want_w:
             (coef,) = torch.autograd.grad(loss, lp)
             coef = coef.to(acc).reshape(-1, 1)  # d loss / d log-prob of each token
-            for s in range(0, n, chunk):
+            if want_h:
+                grad_h.mul_(coef.to(grad_h.dtype))
+            for s in range(0, n, chunk) if want_w else ():
                 e = min(s + chunk, n)
-                p = kept if kept is not None else _softmax_chunk(h[s:e], weight, y[s:e], acc)[0]
-                g = p.mul_(-coef[s:e]).scatter_add_(1, y[s:e], coef[s:e]).to(hidden.dtype)  # coef * (onehot - p)
-                if want_h:
-                    torch.mm(g, weight, out=grad_h[s:e])
-                if want_w:
-                    grad_w += (g.t() @ h[s:e]).to(acc)
+                q = kept if kept is not None else _logp_chunk(h[s:e], weight, y[s:e], acc)[0]
+                grad_w += (q.mul_(coef[s:e]).to(hidden.dtype).t() @ h[s:e]).to(acc)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.hidden_shape, ctx.weight_dtype = hidden.shape, weight.dtype
         ctx.mark_non_differentiable(token_lp)
