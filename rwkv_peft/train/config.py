@@ -130,12 +130,10 @@ def _flag_users(flag: str) -> str:
     return "|".join(name for name, m in METHODS.items() if m.flag == flag)
 
 
-def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m rwkv_peft.train",
-                                description="Fine-tune an RWKV checkpoint with MiSS (or LoRA/PiSSA/state/full) "
-                                            "on DeepSpeed's engine, CPU or GPU.")
-    defaults = TrainConfig()
-    helps = {
+def _helps() -> dict[str, str]:
+    """Each flag's help; the choices of --peft, --data_type and --objective come from their registries (read
+    when the parser is built, so plug-ins registered before it are listed)."""
+    return {
         "load_model": "base RWKV checkpoint (.pth/.safetensors); architecture is read from it",
         "proj_dir": "output dir: rwkv-<epoch>.pth, adapter_config.json, train_log.jsonl, loss.png",
         "data_type": " | ".join(f"{n}: {t.help}" for n, t in DATA_TYPES.items()),
@@ -182,7 +180,14 @@ def build_parser() -> ArgumentParser:
         "peft_folder": "blinkdl | hf: also write each saved adapter as a Hugging Face peft folder rwkv-<epoch>-peft/ "
                        "with these module names ('': off)",
     }
-    for name, value in defaults.to_dict().items():
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m rwkv_peft.train",
+                       description="Fine-tune an RWKV checkpoint with MiSS (or LoRA/PiSSA/state/full) "
+                                   "on DeepSpeed's engine, CPU or GPU.")
+    helps = _helps()
+    for name, value in TrainConfig().to_dict().items():
         kw = {"help": helps.get(name)}
         if name == "objective_options":
             add_objective_flags(p)
@@ -217,10 +222,11 @@ def check_config(cfg: TrainConfig) -> None:
     """Cheap checks of every flag and input path, so bad input fails in a second, not after model loading."""
     get_method(cfg.peft)
     kind, objective = get_data_type(cfg.data_type), get_objective(cfg.objective)
-    if cfg.data_type not in objective.data_types if objective.data_types else not kind.tokens:
+    accepts = cfg.data_type in objective.data_types if objective.data_types else kind.tokens
+    if not accepts:
         accepted = "|".join(objective.data_types) or "a token data type"
         raise ValueError(f"--data_type {cfg.data_type}: --objective {cfg.objective} trains on {accepted}")
-    for flag, choices in CHOICES.items():  # data_type before the path checks, which read the path by the type
+    for flag, choices in CHOICES.items():
         if getattr(cfg, flag) not in choices:
             raise ValueError(f"--{flag}: expected one of {'|'.join(c or repr(c) for c in choices)}, "
                              f"got {getattr(cfg, flag)!r}")

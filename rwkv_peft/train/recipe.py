@@ -20,12 +20,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from rwkv_peft import files
 from rwkv_peft.cli import fail
 from rwkv_peft.data import build_dataset, get_data_type
-from rwkv_peft.model import config_from_state_dict, load_model, read_state_dict
+from rwkv_peft.model import RWKVConfig, config_from_state_dict, load_model, read_state_dict
 from rwkv_peft.model.checkpoint import first_nonfinite
 from rwkv_peft.peft import adapter_config, apply_peft, load_adapter, parse_peft_config
 from rwkv_peft.quant import quantize_base
@@ -51,8 +52,8 @@ class Run:
     rank: int = 0
     world: int = 1
     device: str = "cpu"
-    arch: Any = None  # the base's ModelConfig
-    dataset: Any = None  # indexable by sample, with set_epoch
+    arch: RWKVConfig | None = None
+    dataset: Dataset | None = None  # indexable by sample, with set_epoch
     heldout: HeldOut | None = None
     model: nn.Module | None = None
     engine: Any = None  # DeepSpeed's engine (imported only once the accelerator is known)
@@ -119,9 +120,7 @@ def train(cfg: TrainConfig, dataset=None) -> dict:
         deepspeed = engine.import_deepspeed(on_gpu)
         with engine.process_group(cfg, on_gpu, deepspeed) as (rank, world, local_rank):
             run = Run(cfg, proj, on_gpu, t_start, rank, world, f"cuda:{local_rank}" if on_gpu else "cpu", arch)
-            run.resume, run.settings = checkpoints.find_resume(cfg, proj), settings.snapshot(cfg, world)
-            run.resume_changes = settings.check_resume(run.resume, run.settings, cfg.resume_changes,
-                                                       proj / checkpoints.STATE_FILE)
+            setup_resume(run)
             setup_data(run, dataset)
             report = setup_model(run, base_sd, peft_cfg)
             del base_sd
@@ -146,6 +145,15 @@ def check_architecture(cfg: TrainConfig):
         raise ValueError(f"--load_model {cfg.load_model}: base tensor {bad} holds NaN/inf; nothing can be "
                          "trained on it (re-download or re-export the base)")
     return sd, arch
+
+
+def setup_resume(run: Run) -> None:
+    """What decides this run's result, and with --resume 1 the interrupted run's trainer state, refused when
+    its settings differ (unless --resume_changes allow, which records what differs)."""
+    cfg = run.cfg
+    run.resume, run.settings = checkpoints.find_resume(cfg, run.proj), settings.snapshot(cfg, run.world)
+    run.resume_changes = settings.check_resume(run.resume, run.settings, cfg.resume_changes,
+                                               run.proj / checkpoints.STATE_FILE)
 
 
 def setup_data(run: Run, dataset) -> None:
