@@ -400,8 +400,10 @@ def summarize(run: Run, failure: str | None, train_parts: tuple[str, ...]) -> di
             if run.heldout is not None:
                 plots.plot_eval(proj / "train_log.jsonl", proj / "eval.png", run.title)
         checkpoints.write_peft_folder(run.cfg.peft_folder, checkpoints.write_final(run.last_saved, proj))
-    summary = {"trainable_params": sum(p.numel() for p in run.params),
-               "total_params": sum(p.numel() for p in run.model.parameters()), "tokens": run.tokens_seen,
+    # ZeRO-3 leaves each rank a slice of every parameter (possibly empty); ds_numel is the whole one's size
+    summary = {"trainable_params": sum(getattr(p, "ds_numel", p.numel()) for p in run.params),
+               "total_params": sum(getattr(p, "ds_numel", p.numel()) for p in run.model.parameters()),
+               "tokens": run.tokens_seen,
                "steps": run.step, "skipped_steps": run.bad_total, "wall_s": round(time.time() - run.t_start, 1),
                "train_tok_s": round(run.tokens_seen / max(time.time() - run.t_loop, 1e-9), 1),
                "peak_mem_mb": round(peak_memory_mb(run.device), 1),
