@@ -71,7 +71,7 @@ def rollout(model: nn.Module, prompts: Sequence[Sequence[int]], group_size: int,
 
     ``stop_early=False`` decodes all ``max_new_tokens`` steps even when every completion has ended:
     processes that gather sharded weights per forward call (ZeRO-3) must make the same calls.
-    ``rng`` must live on the model's device.
+    ``rng`` (on the model's device; None: torch's default generator) draws the samples.
     """
     if temperature <= 0:
         raise ValueError(f"--temperature must be > 0 for sampled rollouts, got {temperature}")

@@ -78,7 +78,6 @@ class GRPO(Objective):
         self.rewards = load_rewards(o["reward"], o["reward_weights"], o["format_regex"])
         self.variant = get_variant(o["grpo_loss"])
         self.tokenizer = get_tokenizer(ctx.cfg.tokenizer)
-        self.rng = torch.Generator(device=ctx.device).manual_seed(ctx.cfg.random_seed * 1009 + ctx.rank)
         # ZeRO-3 gathers each layer's weights in a collective: every process must make the same forward calls
         self.lockstep = ctx.cfg.zero_stage == 3 and ctx.world > 1
         self.cycle: list[_Sampled] = []  # the rollouts of this PPO cycle, one per micro-batch
@@ -115,7 +114,9 @@ class GRPO(Objective):
     @torch.no_grad()
     def _sample(self, batch: dict) -> _Sampled:
         o, G = self.o, self.o["group_size"]
-        ro = rollout(self.ctx.model, batch["ids"], G, o["max_new_tokens"], o["temperature"], o["top_p"], self.rng,
+        # sampled from torch's default generator: seeded per rank by the trainer, its state saved with every
+        # checkpoint, so a resumed run draws what the uninterrupted one drew (on CPU)
+        ro = rollout(self.ctx.model, batch["ids"], G, o["max_new_tokens"], o["temperature"], o["top_p"],
                      stop_early=not self.lockstep, tokenizer=self.tokenizer)
         total, each = score(self.rewards, [p for p in batch["prompt"] for _ in range(G)], ro.texts,
                             [r for r in batch["record"] for _ in range(G)])
