@@ -17,6 +17,7 @@
 #include <immintrin.h>
 #endif
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -83,7 +84,9 @@ inline float dot(const Wt* w, const float* x, int64_t n) {
 // from memory for all B sequences.
 template <typename Wt>
 void matvec(const Wt* W, const float* X, float* Y, int64_t B, int64_t in, int64_t out, bool add) {
-  at::parallel_for(0, out, 32, [&](int64_t begin, int64_t end) {
+  // threads only for work worth waking them: ~256 KiB of weights (or rows x sequences) per chunk
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / (in * int64_t(sizeof(Wt)) * B));
+  at::parallel_for(0, out, grain, [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; ++o) {
       for (int64_t b = 0; b < B; ++b) {
         const float y = dot(W + o * in, X + b * in, in);
@@ -215,8 +218,8 @@ void rwkv7_decode_block(const int64_t* d, const void* const* t, float* x, float*
       for (int64_t j = 0; j < N; ++j) q[j] *= inv;
     }
   }
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) {
+  at::parallel_for(0, B * H, std::max<int64_t>(1, 65536 / (N * N)), [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {  // threads from 16 heads of 64 up
       const int64_t off = (bh / H) * C + (bh % H) * N;
       wkv_head(wkv_in + bh * N * N, wkv_out + bh * N * N, r + off, w + off, k + off, v + off, kk + off,
                a + off, y + off, N);
