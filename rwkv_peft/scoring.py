@@ -14,7 +14,7 @@ from itertools import islice
 import torch
 from torch import nn
 
-from rwkv_peft.generate import Decoder, eval_mode
+from rwkv_peft.decoder import Decoder, eval_mode
 
 _ANSWER = re.compile(r"####\s*([-+]?[\d,]*\.?\d+)")
 
@@ -27,7 +27,7 @@ def greedy_generate(
 
     Each prompt is read on its own (no padding enters the state), then all continue in one batch
     one token at a time from their stacked recurrent states (``Decoder.steps``, the loop
-    ``rwkv_peft.generate`` samples with).
+    ``rwkv_peft.decoder.generate`` samples with).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("greedy_generate: every prompt needs at least one token")

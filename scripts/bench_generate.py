@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from rwkv_peft.cli import ArgumentParser  # noqa: E402
 from rwkv_peft.data.tokenizer import get_tokenizer  # noqa: E402
-from rwkv_peft.generate import Decoder  # noqa: E402
+from rwkv_peft.decoder import Decoder  # noqa: E402
 from rwkv_peft.model import load_model  # noqa: E402
 from rwkv_peft.runtime import _runtime_env, load_runtime  # noqa: E402
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from rwkv_peft.cli import ArgumentParser  # noqa: E402
 from rwkv_peft.data.tokenizer import get_tokenizer  # noqa: E402
-from rwkv_peft.generate import load_for_generation  # noqa: E402
+from rwkv_peft.decoder import load_for_generation  # noqa: E402
 from rwkv_peft.rl.rollout import rollout  # noqa: E402
 from rwkv_peft.runtime import _runtime_env, load_runtime  # noqa: E402
 

@@ -8,7 +8,7 @@ import torch
 from helpers import perturbed, perturbed_model
 from torch import nn
 
-from rwkv_peft.generate import Decoder
+from rwkv_peft.decoder import Decoder
 from rwkv_peft.model.decode import stepper
 from rwkv_peft.peft import MissConfig, adapter_disabled, apply_peft
 from rwkv_peft.runtime import load_runtime, runtime_generate

@@ -20,7 +20,7 @@ from helpers import cli, token_stream
 from released_layouts import LAYOUTS, key_shapes, write_checkpoint
 
 from rwkv_peft.data import largest_magic_prime
-from rwkv_peft.generate import Decoder
+from rwkv_peft.decoder import Decoder
 from rwkv_peft.merge import merge_adapter
 from rwkv_peft.model import load_model
 from rwkv_peft.peft import adapter_config, apply_peft, load_adapter, parse_peft_config, trainable_state_dict

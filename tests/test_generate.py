@@ -18,22 +18,15 @@ from helpers import cli, perturbed
 
 from rwkv_peft.data import BinIdxWriter, largest_magic_prime
 from rwkv_peft.data.tokenizer import get_tokenizer
-from rwkv_peft.generate import (
-    ChatSession,
-    Decoder,
-    Generation,
-    Sampling,
-    generate,
-    load_for_generation,
-    main,
-    sample,
-)
+from rwkv_peft.decoder import Decoder, Generation, generate, load_for_generation
+from rwkv_peft.generate import ChatSession, main
 from rwkv_peft.merge import main as merge_main
 from rwkv_peft.merge import merge_adapter
 from rwkv_peft.model import load_model, save_model
 from rwkv_peft.peft import MissConfig, adapter_config, apply_peft, load_adapter, trainable_state_dict
 from rwkv_peft.peft.state import merge_state, read_state_file
 from rwkv_peft.runtime import load_runtime, runtime_generate, runtime_initial_state, runtime_logits
+from rwkv_peft.sampling import Sampling, sample
 from rwkv_peft.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]

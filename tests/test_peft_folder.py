@@ -19,9 +19,9 @@ from helpers import perturbed, perturbed_model
 from peft import LoraConfig, MissConfig, PeftConfig, get_peft_model, inject_adapter_in_model, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+from rwkv_peft.decoder import load_for_generation
 from rwkv_peft.export.adapter import export_adapter
 from rwkv_peft.export.adapter import main as export_main
-from rwkv_peft.generate import load_for_generation
 from rwkv_peft.merge import main as merge_main
 from rwkv_peft.merge import merge_adapter
 from rwkv_peft.model import load_model, read_state_dict, save_model

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from released_layouts import X070B_LAYOUTS, key_shapes, write_checkpoint
 
-from rwkv_peft.generate import Decoder
+from rwkv_peft.decoder import Decoder
 from rwkv_peft.merge import merge_adapter
 from rwkv_peft.merge.verify import verify_tolerance
 from rwkv_peft.model import load_model

@@ -14,9 +14,10 @@ import pytest
 from helpers import cli, perturbed_model, write_jsonl
 
 from rwkv_peft.data import get_tokenizer, load_documents
-from rwkv_peft.generate import Sampling, generate
+from rwkv_peft.decoder import generate
 from rwkv_peft.model import load_model, save_model
 from rwkv_peft.peft import apply_peft, load_adapter, parse_peft_config
+from rwkv_peft.sampling import Sampling
 from rwkv_peft.train import main
 from rwkv_peft.train.heldout import prompt_of
 from rwkv_peft.train.loggers import read_log

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from rwkv_peft.data.tokenizer import END_TOKEN
-from rwkv_peft.generate import Decoder, eval_mode
+from rwkv_peft.decoder import Decoder, eval_mode
 
 
 @dataclass

@@ -5,7 +5,7 @@ padded), masked exactly as the training data of the same --data_type, and the ob
 batches (``Objective.evaluate``: for the language model the training loss of unseen data). The first
 ``--eval_samples`` documents of token data also give a prompt (what precedes their last trained span:
 a chat's last ``Assistant:``, an sft question; plain text: its first half) whose continuation is
-sampled with ``rwkv_peft.generate`` and logged beside the reference.
+sampled with ``rwkv_peft.decoder`` and logged beside the reference.
 Every rank runs the same evaluation (ZeRO-3 needs every rank in every forward) with the sampler's own
 seeded generator, so training's random stream and exact resume are untouched.
 """
@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from rwkv_peft.data import ChatTemplate, Documents, get_data_type, get_tokenizer, read_data
-from rwkv_peft.generate import Sampling, eval_mode, generate
+from rwkv_peft.decoder import eval_mode, generate
+from rwkv_peft.sampling import Sampling
 from rwkv_peft.train.config import TrainConfig
 from rwkv_peft.train.objectives import Objective
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from rwkv_peft.generate import eval_mode
+from rwkv_peft.decoder import eval_mode
 
 HeadLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (hidden after ln_out, head weight) -> loss
 

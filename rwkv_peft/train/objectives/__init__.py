@@ -4,7 +4,7 @@ The recipe (``rwkv_peft/train``) knows only this module: ``--objective NAME`` pi
 ``ObjectiveRecord``, whose ``build(ctx)`` returns an ``Objective``; each micro-batch goes to its
 ``loss(batch)``, and held-out batches to its ``evaluate(batches)``. What an objective needs from the
 run comes through the ``Context``: the forward callable (DeepSpeed's engine), the un-wrapped model (for
-``forward_hidden``, ``head`` or ``rwkv_peft.generate.Decoder`` rollouts), the config and the objective's
+``forward_hidden``, ``head`` or ``rwkv_peft.decoder.Decoder`` rollouts), the config and the objective's
 own flags, the device and this process's place, and ``reference()``: the base model's output with
 the adapter switched off (``rwkv_peft.peft.adapter_disabled``), the free reference of DPO and GRPO.
 

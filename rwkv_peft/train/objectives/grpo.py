@@ -22,7 +22,7 @@ from torch import nn
 
 from rwkv_peft import files
 from rwkv_peft.data.tokenizer import END_TOKEN, get_tokenizer
-from rwkv_peft.generate import Decoder, eval_mode
+from rwkv_peft.decoder import Decoder, eval_mode
 from rwkv_peft.rl.loss import VARIANTS, get_variant, group_advantages, policy_loss, policy_stats
 from rwkv_peft.rl.rewards import DEFAULT_FORMAT_REGEX, load_rewards, score
 from rwkv_peft.rl.rollout import Rollouts, rollout
