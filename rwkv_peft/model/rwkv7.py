@@ -240,69 +240,68 @@ class RWKV7(base.RWKV):
         return super().train_part(name)
 
 
+def _ortho(w: torch.Tensor, scale: float) -> None:
+    rows, cols = w.shape
+    gain = math.sqrt(rows / cols) if rows > cols else 1.0
+    nn.init.orthogonal_(w, gain=gain * scale)
+
+
 @torch.no_grad()
 def init_rwkv7_(model: RWKV7) -> RWKV7:
     """RWKV-LM's initialisation for real training: per-layer ramps and orthogonal/zero inits."""
-    cfg = model.cfg
-    C, N, L = cfg.n_embd, cfg.head_size, cfg.n_layer
-
-    def ortho(w: torch.Tensor, scale: float) -> None:
-        rows, cols = w.shape
-        gain = math.sqrt(rows / cols) if rows > cols else 1.0
-        nn.init.orthogonal_(w, gain=gain * scale)
-
+    C, N = model.cfg.n_embd, model.cfg.head_size
     n = torch.arange(C, dtype=torch.float32)
-    ddd = (n / C).view(1, 1, C)
-    linear = n / (C - 1) - 0.5
     zigzag = ((n % N) - (N - 1) / 2) / ((N - 1) / 2)
-    zigzag = zigzag * zigzag.abs()
+    ramps = (n, zigzag * zigzag.abs())
     for i, block in enumerate(model.blocks):
-        r01 = i / (L - 1) if L > 1 else 0.0
-        r10 = 1.0 - i / L
-        att, ffn = block.att, block.ffn
-        for name, p in (
-            ("x_r", 0.2),
-            ("x_w", 0.9),
-            ("x_k", 0.7),
-            ("x_v", 0.7),
-            ("x_a", 0.9),
-            ("x_g", 0.2),
-        ):
-            getattr(att, name).copy_(1.0 - ddd.pow(p * r10))
-        decay = -6 + 6 * (n / (C - 1)) ** (1 + r01**0.3)
-        att.w0.copy_((decay + 0.5 + zigzag * 2.5).view(1, 1, C))
-        att.a0.copy_((-0.19 + zigzag * 0.3 + linear * 0.4).view(1, 1, C))
-        att.k_k.copy_((0.71 - linear * 0.1).view(1, 1, C))
-        att.k_a.fill_(1.02)
-        att.r_k.fill_(-0.04)
-        pairs = [(att.w1, att.w2), (att.a1, att.a2), (att.g1, att.g2)]
-        if hasattr(att, "v0"):
-            att.v0.copy_((0.73 - linear * 0.4).view(1, 1, C))
-            pairs.append((att.v1, att.v2))
-        for lo, hi in pairs:
-            lo.zero_()
-            ortho(hi, 0.1)
-        att.receptance.weight.uniform_(-0.5 / C**0.5, 0.5 / C**0.5)
-        att.key.weight.uniform_(-0.05 / C**0.5, 0.05 / C**0.5)
-        att.value.weight.uniform_(-0.5 / C**0.5, 0.5 / C**0.5)
-        att.output.weight.zero_()
-        att.ln_x.weight.copy_(((1 + i) / L) ** 0.7 * torch.ones(C))
-        att.ln_x.bias.zero_()
-        ffn.x_k.copy_(1.0 - ddd.pow(r10**4))
-        ffn.key.weight.uniform_(-0.5 / C**0.5, 0.5 / C**0.5)
-        ffn.value.weight.zero_()
-        if cfg.deepembed:  # our choice (RWKV-LM's 7a trainer is unpublished): the gate starts at 1, E random
-            D = cfg.deepembed
-            ffn.s0.fill_(1.0)
-            ffn.s1.uniform_(-0.5 / C**0.5, 0.5 / C**0.5)
-            ffn.s2.zero_()
-            ffn.s_emb.weight.uniform_(-1 / D**0.5, 1 / D**0.5)
-            ffn.s_emb_x.weight.zero_()
-        if cfg.dea_q:
-            rwkv7b.init_dea_(block.qkv, C)
-        for ln in (block.ln1, block.ln2) + ((block.ln0,) if i == 0 else ()):
-            ln.reset_parameters()
+        _init_block_(block, i, model.cfg, ramps)
     model.ln_out.reset_parameters()
     model.emb.weight.uniform_(-1e-4, 1e-4)
-    ortho(model.head.weight, 0.5)
+    _ortho(model.head.weight, 0.5)
     return model
+
+
+def _init_block_(block: nn.Module, i: int, cfg: RWKV7Config, ramps: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Block ``i`` of ``init_rwkv7_``; ``ramps``: the channel index and the per-head zigzag."""
+    C, L = cfg.n_embd, cfg.n_layer
+    n, zigzag = ramps
+    ddd = (n / C).view(1, 1, C)
+    linear = n / (C - 1) - 0.5
+    r01 = i / (L - 1) if L > 1 else 0.0
+    r10 = 1.0 - i / L
+    att, ffn = block.att, block.ffn
+    for name, p in (("x_r", 0.2), ("x_w", 0.9), ("x_k", 0.7), ("x_v", 0.7), ("x_a", 0.9), ("x_g", 0.2)):
+        getattr(att, name).copy_(1.0 - ddd.pow(p * r10))
+    decay = -6 + 6 * (n / (C - 1)) ** (1 + r01**0.3)
+    att.w0.copy_((decay + 0.5 + zigzag * 2.5).view(1, 1, C))
+    att.a0.copy_((-0.19 + zigzag * 0.3 + linear * 0.4).view(1, 1, C))
+    att.k_k.copy_((0.71 - linear * 0.1).view(1, 1, C))
+    att.k_a.fill_(1.02)
+    att.r_k.fill_(-0.04)
+    pairs = [(att.w1, att.w2), (att.a1, att.a2), (att.g1, att.g2)]
+    if hasattr(att, "v0"):
+        att.v0.copy_((0.73 - linear * 0.4).view(1, 1, C))
+        pairs.append((att.v1, att.v2))
+    for lo, hi in pairs:
+        lo.zero_()
+        _ortho(hi, 0.1)
+    att.receptance.weight.uniform_(-0.5 / C**0.5, 0.5 / C**0.5)
+    att.key.weight.uniform_(-0.05 / C**0.5, 0.05 / C**0.5)
+    att.value.weight.uniform_(-0.5 / C**0.5, 0.5 / C**0.5)
+    att.output.weight.zero_()
+    att.ln_x.weight.copy_(((1 + i) / L) ** 0.7 * torch.ones(C))
+    att.ln_x.bias.zero_()
+    ffn.x_k.copy_(1.0 - ddd.pow(r10**4))
+    ffn.key.weight.uniform_(-0.5 / C**0.5, 0.5 / C**0.5)
+    ffn.value.weight.zero_()
+    if cfg.deepembed:  # our choice (RWKV-LM's 7a trainer is unpublished): the gate starts at 1, E random
+        D = cfg.deepembed
+        ffn.s0.fill_(1.0)
+        ffn.s1.uniform_(-0.5 / C**0.5, 0.5 / C**0.5)
+        ffn.s2.zero_()
+        ffn.s_emb.weight.uniform_(-1 / D**0.5, 1 / D**0.5)
+        ffn.s_emb_x.weight.zero_()
+    if cfg.dea_q:
+        rwkv7b.init_dea_(block.qkv, C)
+    for ln in (block.ln1, block.ln2) + ((block.ln0,) if i == 0 else ()):
+        ln.reset_parameters()
