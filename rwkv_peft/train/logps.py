@@ -28,15 +28,16 @@ LogpObjective = Callable[[torch.Tensor], torch.Tensor]  # token log-probs (B, T)
 LogpHead = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def _logp_chunk(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor,
-                acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(onehot - softmax of a chunk's logits, in ``acc``: d log-prob / d logits; the log-prob of each target)."""
+def _logp_chunk(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, acc: torch.dtype,
+                grad: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(onehot - softmax of a chunk's logits, in ``acc``: d log-prob / d logits, when ``grad``; the log-prob
+    of each target)."""
     lf = (h @ weight.t()).to(acc)
     picked = lf.gather(1, y).squeeze(1)
     maxx = lf.max(-1, keepdim=True).values
     p = lf.sub_(maxx).exp_()  # in place: the chunk's one (n, V) buffer
     sumexp = p.sum(-1, keepdim=True)
-    q = p.div_(sumexp).neg_().scatter_add_(1, y, torch.ones_like(picked[:, None]))
+    q = p.div_(sumexp).neg_().scatter_add_(1, y, torch.ones_like(picked[:, None])) if grad else None
     return q, picked - (maxx + sumexp.log()).squeeze(1)
 
 
@@ -61,7 +62,7 @@ class LinearLogpLoss(torch.autograd.Function):
         kept = None
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
-            q, token_lp[s:e] = _logp_chunk(h[s:e], weight, y[s:e], acc)
+            q, token_lp[s:e] = _logp_chunk(h[s:e], weight, y[s:e], acc, want_h or want_w)
             if want_h:
                 torch.mm(q.to(hidden.dtype), weight, out=grad_h[s:e])
             kept = q if want_w and n <= chunk else None  # one chunk: kept for the weight's gradient
