@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rwkv_peft.peft.inject import target_slots
-from rwkv_peft.peft.registry import get_method
+from rwkv_peft.peft.registry import METHODS, get_method
 
 FORMATS = ("int8", "nf4")
 NF4_BLOCKSIZE = 64
@@ -222,8 +222,9 @@ def quantize_base(model: nn.Module, fmt: str) -> str:
         if why:
             raise ValueError(f"--quant {fmt}: {path} is {why}")
         if w.requires_grad:
+            frozen = "|".join(m.name for m in METHODS.values() if not m.replaces_base)
             raise ValueError(f"--quant {fmt}: {path}.weight is trainable; quantize only a frozen base "
-                             "(--peft miss|lora|pissa|state, applied before quantizing)")
+                             f"(--peft {frozen}, applied before quantizing)")
         q = QuantWeight(w, fmt)
         before, after, count = before + w.nbytes, after + q.nbytes, count + 1
         del module._parameters["weight"]

@@ -2,7 +2,7 @@
 
     python -m rwkv_peft.export adapter --adapter OUT/rwkv-N.pth --format peft [--names blinkdl|hf] --output DIR
 
-DIR gets adapter_config.json (MISS for MiSS balance / mini / bat_row, LORA for LoRA and DoRA) and
+DIR gets adapter_config.json (the peft_type and fields the method record's ``peft`` form writes) and
 adapter_model.safetensors with ``base_model.model.<module>.<peft suffix>`` keys: modules named as in
 this project's and RWKV-PEFT's model (``--names blinkdl``) or in the version's Hugging Face layout
 (``--names hf``: RWKV-7's ``model.layers.N.attn.r_proj``). Tensors go from the adapter file to the
@@ -23,53 +23,23 @@ from rwkv_peft import files
 from rwkv_peft.cli import ArgumentParser, fail
 from rwkv_peft.merge.plan import read_adapter
 from rwkv_peft.model.stream import tensor_layout, write_safetensors
-from rwkv_peft.peft.folder import CONFIG, MISS_INIT, NAMES, PREFIX, SUFFIXES, WEIGHTS, module_name
-from rwkv_peft.peft.lora import PISSA_BUFFERS
-from rwkv_peft.peft.miss import miss_mode
-from rwkv_peft.peft.registry import adapter_keys, key_aliases, merge_flags, method_for_keys
-
-EXPORTABLE = ("miss", "lora", "dora")  # methods whose adapters peft has (PiSSA's is relative to its residual base)
+from rwkv_peft.peft.folder import CONFIG, NAMES, PREFIX, WEIGHTS, module_name
+from rwkv_peft.peft.registry import METHODS, adapter_keys, key_aliases, merge_flags, method_for_keys
 
 
 def check_exportable(method: str, mode: str | None, train_parts: list[str], where: str) -> None:
-    """What a peft folder can hold: MiSS (not bat_col), LoRA and DoRA adapters on linears, nothing else."""
-    if method not in EXPORTABLE:
-        raise ValueError(f"{where}: a {method} adapter has no peft adapter folder form (MiSS, LoRA and DoRA have); "
+    """What a peft folder can hold: adapters on linears of a method with a peft form (its record's ``peft``)
+    in a mode that form has, nothing else."""
+    form = METHODS[method].peft if method in METHODS else None
+    if form is None:
+        have = [m.name for m in METHODS.values() if m.peft]
+        raise ValueError(f"{where}: a {method} adapter has no peft adapter folder form ({', '.join(have)} have); "
                          "merge it instead")
-    if mode == "bat_col":
-        raise ValueError(f"{where}: MiSS mode bat_col (RWKV-PEFT's \"bat\") has no peft equivalent: peft's "
-                         "init_weights \"bat\" is bat_row")
+    if form.refuse(mode):
+        raise ValueError(f"{where}: {form.refuse(mode)}")
     if train_parts:
         raise ValueError(f"{where}: {train_parts[0]} (train_parts) replaces a base tensor; a peft adapter folder holds "
                          "only adapters on linears: merge it instead")
-
-
-def _miss_config(groups: dict[str, dict[str, torch.Tensor]], cfg: dict, where: str) -> dict:
-    """peft's MissConfig fields for MiSS tensors of one mode and one r (peft has one of each per adapter)."""
-    found = set()
-    for linear, tensors in groups.items():
-        ((suffix, t),) = tensors.items()
-        mode = miss_mode(cfg, suffix, t, f"{where}: {linear}", cfg.get("_source", "adapter_config.json"))
-        found.add((mode, t.shape[-1] if mode.startswith("bat") else t.shape[0], t.shape[1] if mode == "mini" else 1))
-    if len(found) > 1:
-        raise ValueError(f"{where}: a peft MissConfig has one mode and one r, the adapter has {sorted(found)}")
-    ((mode, r, mini_r),) = found
-    check_exportable("miss", mode, [], where)
-    init = next(k for k, v in MISS_INIT.items() if v == mode)
-    return {"peft_type": "MISS", "r": r, "mini_r": mini_r, "init_weights": init, "miss_dropout": 0.0}
-
-
-def _lora_config(groups: dict[str, dict[str, torch.Tensor]], cfg: dict, dora: bool, where: str) -> dict:
-    """peft's LoraConfig fields (scale lora_alpha / r, as ours) for LoRA or DoRA tensors of one r."""
-    ranks = {t["lora_A"].shape[0] for t in groups.values() if "lora_A" in t}
-    if len(ranks) != 1:
-        raise ValueError(f"{where}: a peft LoraConfig has one r, the adapter has {sorted(ranks)}")
-    if cfg.get("alpha") is None:
-        raise ValueError(f"{where}: LoRA needs alpha: no adapter_config.json with \"alpha\" and no --lora_alpha flag")
-    alpha = float(cfg["alpha"])
-    return {"peft_type": "LORA", "r": ranks.pop(), "lora_alpha": int(alpha) if alpha.is_integer() else alpha,
-            "use_dora": dora, "use_rslora": False, "lora_dropout": 0.0, "init_lora_weights": True,
-            "fan_in_fan_out": False}
 
 
 def peft_folder(tensors: dict[str, torch.Tensor], cfg: dict, names: str, where: str) -> tuple[dict, dict[str, str]]:
@@ -80,15 +50,16 @@ def peft_folder(tensors: dict[str, torch.Tensor], cfg: dict, names: str, where: 
         linear, _, suffix = k.rpartition(".")
         groups.setdefault(linear, {})[suffix] = t
     plain = [k for k in tensors if k.rpartition(".")[2] not in suffixes]
-    methods = {"pissa" if set(PISSA_BUFFERS) & set(t) else getattr(method_for_keys(set(t)), "name", None)
-               for t in groups.values()} - {None}
+    methods = {getattr(method_for_keys(set(t)), "name", None) for t in groups.values()} - {None}
     if len(methods) != 1:
         raise ValueError(f"{where}: expected the adapter tensors of one method, found {sorted(methods) or 'none'}")
     method = methods.pop()
     check_exportable(method, None, plain, where)
     version = (cfg.get("base") or {}).get("version", "x070")  # a foreign adapter without one: RWKV-7's names
-    body = _miss_config(groups, cfg, where) if method == "miss" else _lora_config(groups, cfg, method == "dora", where)
-    theirs = {ours: peft for peft, ours in SUFFIXES[body["peft_type"]].items()}
+    form = METHODS[method].peft
+    peft_type, their_suffixes = next(iter(form.suffixes.items()))
+    body = {"peft_type": peft_type} | form.write(groups, cfg, where)
+    theirs = {ours: peft for peft, ours in their_suffixes.items()}
     keys, targets = {}, set()
     for linear, group in groups.items():
         try:

@@ -1,9 +1,9 @@
-"""What every method shares: strict parsing of its flag's JSON, the train_parts check, and ``Fold``."""
+"""What every method shares: strict parsing of its flag's JSON, the train_parts check, ``Fold`` and ``PeftForm``."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +58,22 @@ class Fold:
     merge: Callable[[Tensor], Tensor]
     unmerge: Callable[[Tensor], Tensor] | None = None
     no_unmerge: str = ""
+
+
+@dataclass(frozen=True)
+class PeftForm:
+    """How a method's adapter is written as a Hugging Face peft folder and read back from one.
+
+    ``write`` gets one adapter's tensors grouped per linear (``{linear: {our suffix: tensor}}``) and its
+    adapter_config.json fields, and gives peft's config fields; ``read`` gets peft's config (its ``r``
+    checked) and gives adapter_config.json's fields, or None when the folder is another method's of the
+    same peft_type (LoRA and DoRA share LORA). ``refuse`` says why a mode has no peft form ('' = it has).
+    """
+
+    suffixes: Mapping[str, Mapping[str, str]]  # peft_type -> {peft key suffix: ours}; the first type is written
+    write: Callable[[dict[str, dict[str, Tensor]], dict, str], dict]
+    read: Callable[[dict, int, str], dict | None]
+    refuse: Callable[[str | None], str] = lambda mode: ""
 
 
 class Switchable:

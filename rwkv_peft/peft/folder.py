@@ -23,16 +23,11 @@ import torch
 
 from rwkv_peft.export.hf import DEFAULT_LAYOUT, blinkdl_module_name, hf_module_name
 from rwkv_peft.export.hf import LAYOUTS as HF_LAYOUTS
+from rwkv_peft.peft.registry import from_peft_config, peft_suffixes
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts before every module path
-SUFFIXES = {  # peft_type -> {peft key suffix: ours}
-    "MISS": {"miss_block": "miss"},
-    "BONE": {"bone_block": "miss"},  # peft's name for MiSS before the rename (old folders)
-    "LORA": {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B", "lora_magnitude_vector": "lora_magnitude_vector"},
-}
-MISS_INIT = {True: "balance", False: "balance", "bat": "bat_row", "mini": "mini"}  # init_weights -> our mode
 NAMES = ("blinkdl", "hf")  # module names: ours (RWKV-PEFT's), or the version's Hugging Face layout (export.hf)
 # Config fields whose non-default values change what the tensors mean in ways no method here computes.
 _REFUSED = {
@@ -46,7 +41,6 @@ _REFUSED = {
     "trainable_token_indices": "trained token embeddings",
     "lora_bias": "a trained bias on lora_B",
 }
-_PLAIN_INIT = (True, False, None, "gaussian")  # other init_lora_weights (pissa, olora, ...) change the base
 
 
 def linear_names(version_targets: Iterable[dict[str, tuple[str, ...]]]) -> set[str]:
@@ -101,35 +95,22 @@ def _read_config(folder: Path) -> dict:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a JSON object")
-    if raw.get("peft_type") not in SUFFIXES:
+    if raw.get("peft_type") not in peft_suffixes():
         raise ValueError(f"{path}: peft_type {raw.get('peft_type')!r} is not supported (expected one of "
-                         f"{', '.join(SUFFIXES)})")
+                         f"{', '.join(peft_suffixes())})")
     for field, what in _REFUSED.items():
         if raw.get(field) not in (None, False, "none", [], {}):
             raise ValueError(f"{path}: {field}={raw[field]!r} ({what}) is not supported")
-    if raw.get("init_lora_weights", True) not in _PLAIN_INIT:
-        raise ValueError(f"{path}: init_lora_weights={raw['init_lora_weights']!r} trains against a changed base "
-                         "model; save it with peft's path_initial_model_for_weight_conversion (a plain LoRA)")
     return raw
 
 
 def _our_config(raw: dict, where: str) -> dict:
-    """adapter_config.json's fields (method, mode, r, mini_r, alpha) from peft's config."""
-    kind, r = raw["peft_type"], raw.get("r")
+    """adapter_config.json's fields (method, mode, r, mini_r, alpha) from peft's config (the method
+    record's peft form reads them)."""
+    r = raw.get("r")
     if not isinstance(r, int) or r < 1:
         raise ValueError(f"{where}: r must be a positive integer, got {r!r}")
-    if kind in ("MISS", "BONE"):
-        init = raw.get("init_weights", True)
-        known = {k: v for k, v in MISS_INIT.items() if kind == "MISS" or k != "mini"}
-        mode = known.get(init) if isinstance(init, (bool, str)) else None
-        if mode is None:
-            raise ValueError(f"{where}: init_weights {init!r} is not a {kind} variant (one of "
-                             f"{', '.join(json.dumps(k) for k in known)})")
-        return {"method": "miss", "mode": mode, "r": r, "mini_r": raw.get("mini_r", 1) if mode == "mini" else None}
-    alpha = raw.get("lora_alpha", 8)
-    if raw.get("use_rslora"):  # peft scales by alpha / sqrt(r); ours is alpha / r
-        alpha = alpha * math.sqrt(r)
-    return {"method": "dora" if raw.get("use_dora") else "lora", "r": r, "alpha": alpha}
+    return from_peft_config(raw, r, where)
 
 
 def _check_targets(targets: str | list | None, modules: list[str], where: str) -> None:
@@ -166,7 +147,7 @@ def read_peft_folder(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     raw = _read_config(folder)
     where = str(folder / CONFIG)
     cfg = _our_config(raw, where)
-    suffixes = SUFFIXES[raw["peft_type"]]
+    suffixes = peft_suffixes()[raw["peft_type"]]
     tensors = _weights(folder)
     if not tensors:
         raise ValueError(f"{folder}: the adapter holds no tensors")

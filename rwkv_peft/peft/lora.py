@@ -17,6 +17,9 @@ from torch import nn
 from rwkv_peft.peft.config import Fold, Switchable, as_tuple, check_train_parts, json_fields
 
 PISSA_BUFFERS = ("pissa_A0", "pissa_B0")  # PiSSA's initial factors, saved with the adapter
+PEFT_SUFFIXES = {"LORA": {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B",
+                          "lora_magnitude_vector": "lora_magnitude_vector"}}  # DoRA's magnitude included
+_PEFT_PLAIN_INIT = (True, False, None, "gaussian")  # other init_lora_weights (pissa, olora, ...) change the base
 
 # RWKV-PEFT's lora_config / pissa_config key names
 _LEGACY_KEYS = {
@@ -117,6 +120,32 @@ def lora_fold(weight: torch.Tensor, tensors: dict[str, torch.Tensor], config: di
 
     spec = {"r": a.shape[0], "alpha": config["alpha"]}
     return Fold("pissa" if pissa else "lora", spec, lambda w: w.add_(delta()), lambda w: w.sub_(delta()))
+
+
+def lora_to_peft(groups: dict[str, dict[str, torch.Tensor]], cfg: dict, where: str, dora: bool = False) -> dict:
+    """peft's LoraConfig fields (scale lora_alpha / r, as ours) for LoRA or DoRA tensors of one r."""
+    ranks = {t["lora_A"].shape[0] for t in groups.values() if "lora_A" in t}
+    if len(ranks) != 1:
+        raise ValueError(f"{where}: a peft LoraConfig has one r, the adapter has {sorted(ranks)}")
+    if cfg.get("alpha") is None:
+        raise ValueError(f"{where}: LoRA needs alpha: no adapter_config.json with \"alpha\" and no --lora_alpha flag")
+    alpha = float(cfg["alpha"])
+    return {"r": ranks.pop(), "lora_alpha": int(alpha) if alpha.is_integer() else alpha, "use_dora": dora,
+            "use_rslora": False, "lora_dropout": 0.0, "init_lora_weights": True, "fan_in_fan_out": False}
+
+
+def lora_from_peft(raw: dict, r: int, where: str, method: str, dora: bool) -> dict | None:
+    """adapter_config.json's fields (ours: the scale is alpha / r) from peft's LoraConfig; None when its
+    use_dora is not ``dora`` (the other method's folder)."""
+    if bool(raw.get("use_dora")) != dora:
+        return None
+    if raw.get("init_lora_weights", True) not in _PEFT_PLAIN_INIT:
+        raise ValueError(f"{where}: init_lora_weights={raw['init_lora_weights']!r} trains against a changed base "
+                         "model; save it with peft's path_initial_model_for_weight_conversion (a plain LoRA)")
+    alpha = raw.get("lora_alpha", 8)
+    if raw.get("use_rslora"):  # peft scales by alpha / sqrt(r); ours is alpha / r
+        alpha = alpha * math.sqrt(r)
+    return {"method": method, "r": r, "alpha": alpha}
 
 
 def pissa_factors(weight: torch.Tensor, r: int, scale: float, niter: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,7 @@ forward, merging and unmerging all go through the functions below. W is an nn.Li
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 
 import torch
@@ -22,6 +23,8 @@ from rwkv_peft.peft.config import Fold, Switchable, as_tuple, check_train_parts,
 
 MODES = ("balance", "mini", "bat_row", "bat_col")
 MODE_ALIASES = {"bone": "balance", "bat": "bat_col"}  # RWKV-PEFT mode names
+PEFT_SUFFIXES = {"MISS": {"miss_block": "miss"}, "BONE": {"bone_block": "miss"}}  # BONE: peft's name before MiSS
+PEFT_INIT = {True: "balance", False: "balance", "bat": "bat_row", "mini": "mini"}  # peft init_weights -> our mode
 _LEGACY_KEYS = {"bone_r": "r", "bone_load": "load", "bone_mode": "mode"}  # RWKV-PEFT's old bone_config
 
 
@@ -181,6 +184,38 @@ def miss_mode(config: dict, suffix: str, adapter: torch.Tensor, where: str, cfg_
     if mode not in MODES:
         raise ValueError(f"{where}: MiSS mode must be one of {'|'.join(MODES)}, got {mode!r}")
     return mode
+
+
+def miss_peft_refusal(mode: str | None) -> str:
+    return ('MiSS mode bat_col (RWKV-PEFT\'s "bat") has no peft equivalent: peft\'s init_weights "bat" is bat_row'
+            if mode == "bat_col" else "")
+
+
+def miss_to_peft(groups: dict[str, dict[str, torch.Tensor]], cfg: dict, where: str) -> dict:
+    """peft's MissConfig fields for MiSS tensors of one mode and one r (peft has one of each per adapter)."""
+    found = set()
+    for linear, tensors in groups.items():
+        ((suffix, t),) = tensors.items()
+        mode = miss_mode(cfg, suffix, t, f"{where}: {linear}", cfg.get("_source", "adapter_config.json"))
+        found.add((mode, t.shape[-1] if mode.startswith("bat") else t.shape[0], t.shape[1] if mode == "mini" else 1))
+    if len(found) > 1:
+        raise ValueError(f"{where}: a peft MissConfig has one mode and one r, the adapter has {sorted(found)}")
+    ((mode, r, mini_r),) = found
+    if miss_peft_refusal(mode):
+        raise ValueError(f"{where}: {miss_peft_refusal(mode)}")
+    init = next(k for k, v in PEFT_INIT.items() if v == mode)
+    return {"r": r, "mini_r": mini_r, "init_weights": init, "miss_dropout": 0.0}
+
+
+def miss_from_peft(raw: dict, r: int, where: str) -> dict:
+    """adapter_config.json's fields from peft's MissConfig (or its older BoneConfig, which had no mini)."""
+    kind, init = raw["peft_type"], raw.get("init_weights", True)
+    known = {k: v for k, v in PEFT_INIT.items() if kind == "MISS" or k != "mini"}
+    mode = known.get(init) if isinstance(init, (bool, str)) else None
+    if mode is None:
+        raise ValueError(f"{where}: init_weights {init!r} is not a {kind} variant (one of "
+                         f"{', '.join(json.dumps(k) for k in known)})")
+    return {"method": "miss", "mode": mode, "r": r, "mini_r": raw.get("mini_r", 1) if mode == "mini" else None}
 
 
 def miss_fold(weight: torch.Tensor, tensors: dict[str, torch.Tensor], config: dict, where: str,

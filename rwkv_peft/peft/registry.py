@@ -20,19 +20,31 @@ from typing import Any
 
 from torch import nn
 
-from rwkv_peft.peft.config import Fold, switch_layers
+from rwkv_peft.peft.config import Fold, PeftForm, switch_layers
 from rwkv_peft.peft.dora import DoraConfig, DoraLinear, dora_fold
 from rwkv_peft.peft.full import FullConfig, train_everything
-from rwkv_peft.peft.lora import PISSA_BUFFERS, LoraConfig, LoraLinear, lora_fold
+from rwkv_peft.peft.lora import PEFT_SUFFIXES as LORA_PEFT
+from rwkv_peft.peft.lora import (
+    PISSA_BUFFERS,
+    LoraConfig,
+    LoraLinear,
+    lora_fold,
+    lora_from_peft,
+    lora_to_peft,
+)
 from rwkv_peft.peft.miss import (
     MODE_ALIASES,
     MODES,
+    PEFT_SUFFIXES,
     MissConfig,
     MissLinear,
     miss_check,
     miss_fold,
+    miss_from_peft,
+    miss_peft_refusal,
     miss_quant,
     miss_shape,
+    miss_to_peft,
 )
 from rwkv_peft.peft.state import StateConfig, add_time_state, merge_state, switch_state
 
@@ -75,6 +87,7 @@ class Method:
     replaces_base: bool = False  # its adapter is plain base tensors that replace the base's (no adapter keys)
     no_quant: Callable[[nn.Module], str] = lambda layer: ""  # why an adapted layer cannot keep a quantized base
     merge_whole: Callable[[Any, Any, Any], Any] | None = None  # (base, adapter, output): a merge not per linear
+    peft: PeftForm | None = None  # how its adapter is a Hugging Face peft folder (None: it has no such form)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -108,15 +121,18 @@ _RECORDS = (
         merge_flags=(MergeFlag("--mode", "mode", {"choices": [*MODES, *MODE_ALIASES],
                                                   "help": "MiSS mode (overrides adapter_config.json)"}),),
         params=lambda cfg, shapes: sum(_numel(miss_shape(o, i, cfg)) for o, i in shapes),
+        peft=PeftForm(PEFT_SUFFIXES, miss_to_peft, miss_from_peft, refuse=miss_peft_refusal),
     ),
     Method(
         "lora", parse=LoraConfig.from_json, layer=lambda lin, cfg, name: LoraLinear(lin, cfg, name, pissa=cfg.pissa),
         describe=lambda cfg: {"method": "pissa" if cfg.pissa else "lora", "r": cfg.r, "alpha": cfg.alpha}, **_LORA,
+        peft=PeftForm(LORA_PEFT, lora_to_peft,
+                      lambda raw, r, where: lora_from_peft(raw, r, where, "lora", dora=False)),
     ),
     Method(
         "pissa", parse=lambda text: LoraConfig.from_json(text, pissa=True),
         layer=lambda lin, cfg, name: LoraLinear(lin, cfg, name, pissa=True),
-        describe=lambda cfg: {"method": "pissa", "r": cfg.r, "alpha": cfg.alpha}, **_LORA,
+        describe=lambda cfg: {"method": "pissa", "r": cfg.r, "alpha": cfg.alpha}, required=PISSA_BUFFERS, **_LORA,
     ),
     Method(
         "dora", "--lora_config", DoraConfig.from_json, layer=DoraLinear,
@@ -125,6 +141,8 @@ _RECORDS = (
         merge_script="merge_lora", merge_flags=(_ALPHA_FLAG,),
         params=lambda cfg, shapes: sum(cfg.r * (o + i) + o for o, i in shapes),
         matched=lambda shapes, budget: _matched_lora(shapes, budget, sum(o for o, _ in shapes)),
+        peft=PeftForm(LORA_PEFT, lambda groups, cfg, where: lora_to_peft(groups, cfg, where, dora=True),
+                      lambda raw, r, where: lora_from_peft(raw, r, where, "dora", dora=True)),
     ),
     Method(
         "state", "--peft_config", StateConfig.from_json, attach=add_time_state, keys=("time_state",),
@@ -164,11 +182,14 @@ def adapter_keys() -> set[str]:
 
 
 def method_for_keys(found: set[str]) -> Method | None:
-    """The method whose adapter one linear's key suffixes ``found`` are; the first that could own
-    them (to report what is missing) when none has all it requires; None when none could."""
+    """The method whose adapter one linear's key suffixes ``found`` are (of those with all they require, the
+    one that requires most: PiSSA's buffers tell it from LoRA); the first that could own them (to report
+    what is missing) when none has all it requires; None when none could."""
     owners = [m for m in _RECORDS if m.keys and found <= set(m.keys)]
     complete = [m for m in owners if set(m.required) <= found]
-    return (complete or owners or [None])[0]
+    if complete:
+        return max(complete, key=lambda m: len(m.required))
+    return (owners or [None])[0]
 
 
 def merge_flags() -> tuple[MergeFlag, ...]:
@@ -188,3 +209,16 @@ def whole_merge_method(config_method: str | None, keys: set[str]) -> Method | No
         return METHODS[config_method] if METHODS[config_method].merge_whole else None
     suffixes = {k.rpartition(".")[2] for k in keys}
     return next((m for m in _RECORDS if m.merge_whole and suffixes & set(m.keys)), None)
+
+
+def peft_suffixes() -> dict[str, Mapping[str, str]]:
+    """peft_type -> {peft key suffix: ours} of every method with a peft folder form."""
+    return {t: sx for m in _RECORDS if m.peft for t, sx in m.peft.suffixes.items()}
+
+
+def from_peft_config(raw: dict, r: int, where: str) -> dict:
+    """adapter_config.json's fields (method, mode, r, mini_r, alpha) from a peft folder's config."""
+    for m in _RECORDS:
+        if m.peft and raw["peft_type"] in m.peft.suffixes and (ours := m.peft.read(raw, r, where)) is not None:
+            return ours
+    raise ValueError(f"{where}: peft_type {raw['peft_type']!r} is not supported")
