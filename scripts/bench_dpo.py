@@ -20,6 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a clone without installing
 
+from bench_common import add_size_flags  # noqa: E402
+
 
 def worker(objective: str, a: argparse.Namespace, conn) -> None:
     import time
@@ -70,8 +72,7 @@ def main() -> None:
     from rwkv_peft.cli import ArgumentParser  # stdlib only: the workers' peak memory stays what it was
 
     ap = ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n_layer", type=int, default=4)
-    ap.add_argument("--n_embd", type=int, default=256)
+    add_size_flags(ap, 4, 256)
     ap.add_argument("--vocab_size", type=int, default=65536)
     ap.add_argument("--ctx_len", type=int, default=256)
     ap.add_argument("--pairs", type=int, default=2, help="DPO pairs per step; SFT gets twice as many sequences")

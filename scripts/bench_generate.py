@@ -18,7 +18,6 @@ bandwidth, and checks that ours and the runtime produce the same greedy tokens.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench_common import add_size_flags, add_threads_flag, random_base, set_threads  # noqa: E402
 
 from rwkv_peft.cli import ArgumentParser  # noqa: E402
 from rwkv_peft.data.tokenizer import get_tokenizer  # noqa: E402
@@ -88,24 +89,16 @@ def step_bytes(model) -> int:
 
 def main() -> None:
     p = ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n_layer", type=int, default=12)
-    p.add_argument("--n_embd", type=int, default=768)
+    add_size_flags(p, 12, 768)
     p.add_argument("--prompt", type=int, default=512, help="prompt tokens")
     p.add_argument("--new", type=int, default=64, help="generated tokens")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batches", default="1,4,16", help="sequences decoded at once, comma separated")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    add_threads_flag(p)
     p.add_argument("--dir", default="/tmp/bench_generate")
     a = p.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    d = Path(a.dir)
-    d.mkdir(parents=True, exist_ok=True)
-    base = d / f"base_L{a.n_layer}_D{a.n_embd}.pth"
-    if not base.is_file():
-        subprocess.run([sys.executable, "-m", "rwkv_peft.tools.init_model", "--n_layer", str(a.n_layer), "--n_embd",
-                        str(a.n_embd), "--vocab_size", "65536", "--dtype", "fp32", "--output_std", "0.02",
-                        "--out", str(base)], cwd=ROOT, check=True)
+    set_threads(a.threads)
+    base = random_base(a.dir, a.n_layer, a.n_embd, "--output_std", "0.02")
     tok = get_tokenizer("world")
     prompt = (tok.encode((ROOT / "README.md").read_text()) * (a.prompt // 1000 + 1))[: a.prompt]
     fp32, bf16 = load_model(str(base)).eval(), load_model(str(base), dtype=torch.bfloat16).eval()

@@ -15,6 +15,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from bench_common import add_threads_flag, set_threads
 from torch import nn
 
 from rwkv_peft.cli import ArgumentParser
@@ -121,10 +122,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--r", type=int, default=64)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    add_threads_flag(ap)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU, tokens={args.tokens}, r={args.r}")
     for title, (out_features, in_features) in SHAPES.items():

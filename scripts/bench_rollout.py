@@ -12,7 +12,6 @@ prints completions/s for both and the ratio (> 1: ours is faster).
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench_common import add_size_flags, add_threads_flag, random_base, set_threads  # noqa: E402
 
 from rwkv_peft.cli import ArgumentParser  # noqa: E402
 from rwkv_peft.data.tokenizer import get_tokenizer  # noqa: E402
@@ -47,26 +48,18 @@ def runtime_logps(runtime, r, temperature: float) -> torch.Tensor:
 
 def main() -> None:
     p = ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n_layer", type=int, default=12)
-    p.add_argument("--n_embd", type=int, default=768)
+    add_size_flags(p, 12, 768)
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--prompt", type=int, default=64, help="prompt tokens")
     p.add_argument("--new", type=int, default=64, help="max new tokens per completion")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    add_threads_flag(p)
     p.add_argument("--dir", default="/tmp/bench_generate")
     a = p.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    d = Path(a.dir)
-    d.mkdir(parents=True, exist_ok=True)
-    base = d / f"base_L{a.n_layer}_D{a.n_embd}.pth"
-    if not base.is_file():
-        subprocess.run([sys.executable, "-m", "rwkv_peft.tools.init_model", "--n_layer", str(a.n_layer), "--n_embd",
-                        str(a.n_embd), "--vocab_size", "65536", "--dtype", "fp32", "--out", str(base)],
-                       cwd=ROOT, check=True)
+    set_threads(a.threads)
+    base = random_base(a.dir, a.n_layer, a.n_embd)
     ids = get_tokenizer("world").encode((ROOT / "README.md").read_text())
     prompts = [ids[i * 997 : i * 997 + a.prompt] for i in range(a.prompts)]
     model = load_for_generation(str(base))
