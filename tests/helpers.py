@@ -6,10 +6,13 @@ from __future__ import annotations
 import ctypes
 import json
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rwkv_peft.data import BinIdxWriter, largest_magic_prime
@@ -156,3 +159,64 @@ def emulated_cuda_kernel(family: str, entry_points: str, head_size: int, tmp_pat
 
 def pointers(*ts: torch.Tensor) -> list[ctypes.c_void_p]:
     return [ctypes.c_void_p(t.data_ptr()) for t in ts]
+
+
+def load_pth(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True, mmap=True)
+
+
+def stored(path: Path) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """(key, shape, dtype) of every tensor a checkpoint file holds, in its order."""
+    return [(k, tuple(v.shape), v.dtype) for k, v in load_pth(path).items()]
+
+
+def tokens(vocab: int, n: int = 24, seed: int = 3) -> list[int]:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@torch.no_grad()
+def logits(model: nn.Module, toks: list[int]) -> torch.Tensor:
+    return model(torch.tensor([toks]))[0]
+
+
+def lm_steps(model: nn.Module, steps: int, lr: float = 2e-2, shape: tuple[int, int] = (2, 17), seed: int = 0,
+             optim: type[torch.optim.Optimizer] = torch.optim.AdamW) -> list[float]:
+    """Optimizer steps on the LM loss of one fixed random batch (the trainer's step without DeepSpeed)."""
+    opt = optim([p for p in model.parameters() if p.requires_grad], lr=lr)
+    idx = torch.randint(0, model.cfg.vocab_size, shape, generator=torch.Generator().manual_seed(seed))
+    losses = []
+    for _ in range(steps):
+        loss = F.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def interrupted_after_first_save(monkeypatch: pytest.MonkeyPatch, run: Callable[[], object]) -> None:
+    """``run`` killed (KeyboardInterrupt) right after its first checkpoint is saved, as a killed run is."""
+    from rwkv_peft.train import plots
+
+    real_plot = plots.plot_loss
+
+    def killed_after_first_save(*a, **k):
+        real_plot(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plots, "plot_loss", killed_after_first_save)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(plots, "plot_loss", real_plot)
+
+
+def assert_load_errors(cases: dict[str, tuple[dict, str]], folder: Path) -> None:
+    """Each bad state dict, saved under its file name, makes load_model raise one ValueError line matching
+    its pattern."""
+    from rwkv_peft.model import load_model
+
+    for fname, (bad, match) in cases.items():
+        torch.save(bad, folder / fname)
+        with pytest.raises(ValueError, match=match) as e:
+            load_model(folder / fname)
+        assert "\n" not in str(e.value)

@@ -38,9 +38,10 @@ from pathlib import Path
 import torch
 
 # (key inside blocks.<i>., shape) in file order; LAYER0_ONLY / LAYER1_UP say which blocks have it
+BLOCK_LNS = [("ln1.weight", "C"), ("ln1.bias", "C"), ("ln2.weight", "C"), ("ln2.bias", "C"),
+             ("ln0.weight", "C"), ("ln0.bias", "C")]  # every version's blocks start with these
 X070_BLOCK = [
-    ("ln1.weight", "C"), ("ln1.bias", "C"), ("ln2.weight", "C"), ("ln2.bias", "C"),
-    ("ln0.weight", "C"), ("ln0.bias", "C"),
+    *BLOCK_LNS,
     ("att.x_r", "1 1 C"), ("att.x_w", "1 1 C"), ("att.x_k", "1 1 C"),
     ("att.x_v", "1 1 C"), ("att.x_a", "1 1 C"), ("att.x_g", "1 1 C"),
     ("att.w1", "C W"), ("att.w2", "W C"), ("att.w0", "1 1 C"),
@@ -67,8 +68,7 @@ X070B_BLOCK = X070A_BLOCK + [
     ("qkv.lnv.weight", "C"), ("qkv.lnv.bias", "C"),
 ]
 X060_BLOCK = [
-    ("ln1.weight", "C"), ("ln1.bias", "C"), ("ln2.weight", "C"), ("ln2.bias", "C"),
-    ("ln0.weight", "C"), ("ln0.bias", "C"),
+    *BLOCK_LNS,
     ("att.time_maa_x", "1 1 C"), ("att.time_maa_w", "1 1 C"), ("att.time_maa_k", "1 1 C"),
     ("att.time_maa_v", "1 1 C"), ("att.time_maa_r", "1 1 C"), ("att.time_maa_g", "1 1 C"),
     ("att.time_maa_w1", "C 5X"), ("att.time_maa_w2", "5 X C"),
@@ -81,8 +81,7 @@ X060_BLOCK = [
     ("ffn.key.weight", "F C"), ("ffn.receptance.weight", "C C"), ("ffn.value.weight", "C F"),
 ]
 X052_BLOCK = [
-    ("ln1.weight", "C"), ("ln1.bias", "C"), ("ln2.weight", "C"), ("ln2.bias", "C"),
-    ("ln0.weight", "C"), ("ln0.bias", "C"),
+    *BLOCK_LNS,
     ("att.time_mix_k", "1 1 C"), ("att.time_mix_v", "1 1 C"), ("att.time_mix_r", "1 1 C"),
     ("att.time_mix_g", "1 1 C"), ("att.time_decay", "H N"), ("att.time_faaaa", "H N"),
     ("att.receptance.weight", "C C"), ("att.key.weight", "C C"), ("att.value.weight", "C C"),

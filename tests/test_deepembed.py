@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-from helpers import cli, token_stream
+from helpers import assert_load_errors, cli, lm_steps, load_pth, logits, stored, token_stream, tokens
 from released_layouts import LAYOUTS, key_shapes, write_checkpoint
 
 from rwkv_peft.data import largest_magic_prime
@@ -49,23 +48,6 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Pat
     return out
 
 
-def load(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, weights_only=True, mmap=True)
-
-
-def stored(path: Path) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
-    return [(k, tuple(v.shape), v.dtype) for k, v in load(path).items()]
-
-
-def tokens(vocab: int, n: int = 24, seed: int = 3) -> list[int]:
-    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-@torch.no_grad()
-def logits(model: torch.nn.Module, toks: list[int]) -> torch.Tensor:
-    return model(torch.tensor([toks]))[0]
-
-
 @torch.no_grad()
 def greedy(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
     """The generate module's decoding loop (prompt read at once, then one token per step), argmax."""
@@ -90,7 +72,7 @@ def test_runtime_parity_chunks_and_greedy(name: str, dt: str, files: dict) -> No
     torch.testing.assert_close(ours, seq, atol=TOL, rtol=0)
     torch.testing.assert_close(ours, rnn, atol=TOL, rtol=0)
 
-    plain = load_model({k: v for k, v in load(path).items() if not k.endswith(DE_LEAVES)}, op="torch")
+    plain = load_model({k: v for k, v in load_pth(path).items() if not k.endswith(DE_LEAVES)}, op="torch")
     assert (logits(plain, toks) - ours).abs().max() > 0.5  # DeepEmbed is live in this file, not a no-op
 
     with torch.no_grad():  # infctx / a prompt read in pieces: the state carries over, ids stay aligned
@@ -105,18 +87,9 @@ def test_runtime_parity_chunks_and_greedy(name: str, dt: str, files: dict) -> No
 
 def train(model: torch.nn.Module, steps: int = 3, grad_cp: bool = False) -> list[float]:
     """A few AdamW steps on the LM loss (what the trainer does, without DeepSpeed)."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
-    idx = torch.randint(0, model.cfg.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
     model.grad_cp = grad_cp
     model.train()
-    losses = []
-    for _ in range(steps):
-        loss = F.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+    return lm_steps(model, steps)
 
 
 @pytest.mark.parametrize(
@@ -138,7 +111,7 @@ def test_adapters_train_merge_and_run_in_the_runtime(
     torch.manual_seed(0)  # LoRA's A: the same start whatever ran before
     apply_peft(model, method, cfg)
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
-    de_keys = {k for k in load(base) if k.endswith(DE_LEAVES)}
+    de_keys = {k for k in load_pth(base) if k.endswith(DE_LEAVES)}
     asked = "deepembed" in config.get("train_parts", ())
     assert de_keys & trained == (de_keys if asked else set())  # frozen unless asked for
     before = {k: v.detach().clone() for k, v in model.state_dict().items() if k in de_keys}
@@ -153,10 +126,10 @@ def test_adapters_train_merge_and_run_in_the_runtime(
     (out / "adapter_config.json").write_text(json.dumps(adapter_config(model, method, cfg)))
     merged = merge_adapter(base, out / "rwkv-final.pth", tmp_path / "merged.pth")
     assert stored(merged) == stored(base)  # keys, order, shapes, dtypes
-    m, adapter = load(merged), load(out / "rwkv-final.pth")
+    m, adapter = load_pth(merged), load_pth(out / "rwkv-final.pth")
     for k in de_keys & set(adapter):  # trained DeepEmbed tensors land in the merged file
         assert torch.equal(m[k], adapter[k].to(m[k].dtype)), k
-    assert all(torch.equal(m[k], load(base)[k]) for k in de_keys - set(adapter))  # frozen: byte for byte
+    assert all(torch.equal(m[k], load_pth(base)[k]) for k in de_keys - set(adapter))  # frozen: byte for byte
 
     toks = tokens(LAYOUTS[name][2]["V"])
     want = logits(model.eval(), toks)
@@ -197,13 +170,13 @@ def test_trainer_state_tuning_and_train_parts(peft: str, config: dict, files: di
         torch.testing.assert_close(theirs, ours, atol=TOL, rtol=0)
         assert (runtime_logits(runtime, toks, "seq") - ours).abs().max() > 100 * TOL  # the state matters
         return
-    saved, layout = load(adapter), {k: s for k, s, _ in stored(base)}
+    saved, layout = load_pth(adapter), {k: s for k, s, _ in stored(base)}
     de = {k for k in saved if k.endswith(DE_LEAVES)}
     assert de == {k for k in layout if k.endswith(DE_LEAVES)}
     assert all(tuple(saved[k].shape) == layout[k] for k in de)  # s0 stored (F): saved (F)
     merged = merge_adapter(base, adapter, tmp_path / "merged.pth")
     assert stored(merged) == stored(base)
-    assert any(not torch.equal(load(merged)[k], load(base)[k]) for k in de)
+    assert any(not torch.equal(load_pth(merged)[k], load_pth(base)[k]) for k in de)
 
 
 def test_init_model_deepembed_runs_in_the_runtime(tmp_path: Path) -> None:
@@ -223,7 +196,7 @@ def test_init_model_deepembed_runs_in_the_runtime(tmp_path: Path) -> None:
 
 
 def test_bad_deepembed_files_are_one_error(files: dict, tmp_path: Path) -> None:
-    sd = dict(load(files["x070a_deepembed", "fp32"]))
+    sd = dict(load_pth(files["x070a_deepembed", "fp32"]))
     cases = {
         "no_s1.pth": ({k: v for k, v in sd.items() if k != "blocks.1.ffn.s1"},
                       r"no_s1\.pth.*missing: blocks\.1\.ffn\.s1"),
@@ -235,8 +208,4 @@ def test_bad_deepembed_files_are_one_error(files: dict, tmp_path: Path) -> None:
         "only_s2.pth": ({k: v for k, v in sd.items() if not k.endswith(("ffn.s1", "s_emb.weight"))},
                         r"only_s2\.pth: blocks\.0\.ffn\.s2 without blocks\.N\.ffn\.s1"),
     }
-    for fname, (bad, match) in cases.items():
-        torch.save(bad, tmp_path / fname)
-        with pytest.raises(ValueError, match=match) as e:
-            load_model(tmp_path / fname)
-        assert "\n" not in str(e.value)
+    assert_load_errors(cases, tmp_path)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import cli, perturbed_model, write_jsonl
+from helpers import cli, interrupted_after_first_save, perturbed_model, write_jsonl
 
 from rwkv_peft.data.chat import ChatTemplate
 from rwkv_peft.data.prompts import load_prompts
@@ -23,7 +23,7 @@ from rwkv_peft.peft import apply_peft, parse_peft_config
 from rwkv_peft.rl.loss import VARIANTS, group_advantages, kl_k3, policy_loss, policy_stats
 from rwkv_peft.rl.rewards import RewardError, load_rewards, score
 from rwkv_peft.rl.rollout import rollout, sample_tokens
-from rwkv_peft.train import main, plots
+from rwkv_peft.train import main
 from rwkv_peft.train.loggers import read_log
 from rwkv_peft.train.objectives.grpo import completion_logps
 
@@ -323,16 +323,7 @@ def test_resume_follows_the_uninterrupted_run(toy, tmp_path, monkeypatch):
     full, cut = tmp_path / "full", tmp_path / "cut"
     kw = dict(epoch_steps=2, epoch_count=2, max_new_tokens=3)
     main(grpo_flags(toy, full, **kw))
-    real_plot = plots.plot_loss
-
-    def killed_after_first_save(*a, **k):
-        real_plot(*a, **k)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(plots, "plot_loss", killed_after_first_save)
-    with pytest.raises(KeyboardInterrupt):
-        main(grpo_flags(toy, cut, **kw))
-    monkeypatch.setattr(plots, "plot_loss", real_plot)
+    interrupted_after_first_save(monkeypatch, lambda: main(grpo_flags(toy, cut, **kw)))
     main(grpo_flags(toy, cut, resume=1, **kw))
     logged = [[(r["step"], r["reward"], r["loss"]) for r in read_log(d / "train_log.jsonl")] for d in (full, cut)]
     assert logged[0] == logged[1] and len(logged[0]) == 4

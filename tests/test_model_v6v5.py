@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-from helpers import perturbed, token_stream, train_flags
+from helpers import lm_steps, perturbed, token_stream, train_flags
 from torch import nn
 
 from rwkv_peft.model import (
@@ -210,15 +209,7 @@ def test_miss_run_lowers_loss_and_merged_file_matches_in_runtime(tmp_path: Path,
     adapted = {n.rsplit(".", 1)[0] for n, p in model.named_parameters() if p.requires_grad}
     assert {"blocks.1.att.gate", "blocks.0.ffn.receptance"} <= adapted and len(adapted) == 2 * 8
 
-    idx = torch.randint(0, 300, (2, 25), generator=torch.Generator().manual_seed(7))
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    losses = []
-    for _ in range(12):
-        loss = F.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = lm_steps(model, 12, lr=3e-3, shape=(2, 25), seed=7, optim=torch.optim.Adam)
     print(f"{version} MiSS loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     assert losses[-1] < losses[0] - 0.1
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers import assert_load_errors, lm_steps
 from released_layouts import LAYOUTS, X070_0B1, key_shapes, write_checkpoint
 
 from rwkv_peft.merge import adapted_model, merge_adapter, unmerge_adapter
@@ -106,15 +106,7 @@ def train_miss(path: Path, out: Path, mode: str, steps: int = 3, **extra) -> tup
     model = load_model(path, op="torch")
     cfg = parse_peft_config("miss", json.dumps({"r": 32, "mode": mode, **extra}))
     apply_peft(model, "miss", cfg)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
-    idx = torch.randint(0, model.cfg.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
-    losses = []
-    for _ in range(steps):
-        loss = F.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = lm_steps(model, steps)
     assert all(p.abs().sum() > 0 for n, p in model.named_parameters() if n.endswith(".miss"))
     assert steps == 1 or losses[-1] < losses[0], losses
     out.mkdir(parents=True)
@@ -201,11 +193,7 @@ def test_unknown_layout_is_one_error_naming_the_file_and_problem(files: dict, tm
         "extra.pth": ({**sd, "blocks.0.ffn.receptance.weight": torch.zeros(128, 128)},
                       r"extra\.pth.*unexpected: blocks\.0\.ffn\.receptance\.weight"),
     }
-    for fname, (bad, match) in cases.items():
-        torch.save(bad, tmp_path / fname)
-        with pytest.raises(ValueError, match=match) as e:
-            load_model(tmp_path / fname)
-        assert "\n" not in str(e.value)
+    assert_load_errors(cases, tmp_path)
 
 
 def test_init_model_writes_the_released_x070_layout(tmp_path: Path) -> None:

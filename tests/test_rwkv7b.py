@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import lm_steps, load_pth, logits, stored, tokens
 from released_layouts import X070B_LAYOUTS, key_shapes, write_checkpoint
 
 from rwkv_peft.decoder import Decoder
@@ -157,23 +158,6 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Pat
     return out
 
 
-def load(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, weights_only=True, mmap=True)
-
-
-def stored(path: Path) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
-    return [(k, tuple(v.shape), v.dtype) for k, v in load(path).items()]
-
-
-def tokens(vocab: int, n: int = 24, seed: int = 3) -> list[int]:
-    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-@torch.no_grad()
-def logits(model: torch.nn.Module, toks: list[int]) -> torch.Tensor:
-    return model(torch.tensor([toks]))[0]
-
-
 @pytest.mark.parametrize("dt", DTYPES)
 @pytest.mark.parametrize("name", X070B_LAYOUTS)
 def test_reference_parity_rnn_chunks_and_greedy(name: str, dt: str, files: dict) -> None:
@@ -193,7 +177,7 @@ def test_reference_parity_rnn_chunks_and_greedy(name: str, dt: str, files: dict)
     torch.testing.assert_close(ours, seq, atol=TOL, rtol=0)
     torch.testing.assert_close(ours, rnn, atol=TOL, rtol=0)
 
-    plain = load_model({k: v for k, v in load(path).items() if ".qkv." not in k}, op="torch")
+    plain = load_model({k: v for k, v in load_pth(path).items() if ".qkv." not in k}, op="torch")
     assert (logits(plain, toks) - ours).abs().max() > 0.5  # the attention is live in this file
 
     with torch.no_grad():  # a prompt read in pieces (infctx, generate): the caches carry the context
@@ -224,19 +208,11 @@ def test_adapters_train_and_merge(name: str, dt: str, method: str, config: dict,
     cfg = parse_peft_config(method, json.dumps(config))
     torch.manual_seed(0)  # LoRA's A: the same start whatever ran before
     apply_peft(model, method, cfg)
-    de = {k for k in load(base) if ".qkv." in k or ".ffn.s" in k}
+    de = {k for k in load_pth(base) if ".qkv." in k or ".ffn.s" in k}
     asked = "deepembed" in config.get("train_parts", ())
     assert de & {n for n, p in model.named_parameters() if p.requires_grad} == (de if asked else set())
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
-    idx = torch.randint(0, model.cfg.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
     model.grad_cp = True
-    losses = []
-    for _ in range(3):
-        loss = F.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = lm_steps(model, 3)
     assert losses[-1] < losses[0], losses
 
     out = tmp_path / "run"
@@ -245,7 +221,7 @@ def test_adapters_train_and_merge(name: str, dt: str, method: str, config: dict,
     (out / "adapter_config.json").write_text(json.dumps(adapter_config(model, method, cfg)))
     merged = merge_adapter(base, out / "rwkv-final.pth", tmp_path / "merged.pth")
     assert stored(merged) == stored(base)
-    m, adapter = load(merged), load(out / "rwkv-final.pth")
+    m, adapter = load_pth(merged), load_pth(out / "rwkv-final.pth")
     assert (de <= set(adapter)) == asked
     assert all(torch.equal(m[k], adapter[k].to(m[k].dtype)) for k in de & set(adapter))
 
@@ -283,7 +259,7 @@ def test_rwkv7b_errors(files: dict, tmp_path: Path) -> None:
     path = files["x070b_dea", "fp32"]
     with pytest.raises(ValueError, match=r"x070b_dea_fp32\.pth: an RWKV-7b file .*the rwkv runtime does not run"):
         load_runtime(path)
-    sd = {k: v for k, v in load(path).items() if k != "blocks.1.qkv.v2"}
+    sd = {k: v for k, v in load_pth(path).items() if k != "blocks.1.qkv.v2"}
     torch.save(sd, tmp_path / "no_v2.pth")
     with pytest.raises(ValueError, match=r"no_v2\.pth.*missing: blocks\.1\.qkv\.v2$"):
         load_model(tmp_path / "no_v2.pth")

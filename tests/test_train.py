@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import perturbed_model, tiny_run_files, train_flags
+from helpers import interrupted_after_first_save, perturbed_model, tiny_run_files, train_flags
 
 from rwkv_peft.model import load_model
 from rwkv_peft.peft import apply_peft, parse_peft_config
@@ -96,16 +96,7 @@ def test_zero3_trains_the_head_through_the_chunked_loss(files, tmp_path):
 def test_resume_follows_the_uninterrupted_run(files, tmp_path, monkeypatch):
     full, cut = tmp_path / "full", tmp_path / "cut"
     main(train_flags(files, full, epoch_count=3))
-    real_plot = plots.plot_loss
-
-    def killed_after_first_save(*a, **k):
-        real_plot(*a, **k)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(plots, "plot_loss", killed_after_first_save)
-    with pytest.raises(KeyboardInterrupt):
-        main(train_flags(files, cut, epoch_count=3))
-    monkeypatch.setattr(plots, "plot_loss", real_plot)
+    interrupted_after_first_save(monkeypatch, lambda: main(train_flags(files, cut, epoch_count=3)))
     assert len(losses(cut)) == 4
     main(train_flags(files, cut, epoch_count=3, resume=1))
     assert losses(cut) == losses(full)  # exactly: same samples, optimizer state and schedule
