@@ -15,6 +15,7 @@ import ctypes
 import errno
 import fcntl
 import fnmatch
+import json
 import os
 import re
 import secrets
@@ -242,6 +243,17 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
+
+
+def read_json_object(path: Path) -> dict:
+    """The JSON object in the file at ``path``; one ValueError naming the file otherwise."""
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return raw
 
 
 def _alive(pid: int) -> bool:

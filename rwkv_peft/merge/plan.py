@@ -8,7 +8,6 @@ which replace the base tensor. The formulas live in rwkv_peft.peft.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from rwkv_peft import files
 from rwkv_peft.model import config_from_state_dict, detect_version, read_state_dict
 from rwkv_peft.peft.config import Fold
 from rwkv_peft.peft.registry import METHODS, adapter_keys, base_replacing, method_for_keys
@@ -51,13 +51,7 @@ def read_adapter_config(adapter_path: str | os.PathLike) -> dict:
     path = adapter_config_path(adapter_path)
     if not path.is_file():
         return {}
-    try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
-    return cfg
+    return files.read_json_object(path)
 
 
 def resolve_config(adapter_path: str | os.PathLike, config: dict | None) -> dict:

@@ -12,7 +12,6 @@ file (nothing copied, dtype kept). ``rwkv_peft.export.adapter`` writes such fold
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import re
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from rwkv_peft import files
 from rwkv_peft.export.hf import DEFAULT_LAYOUT, blinkdl_module_name, hf_module_name
 from rwkv_peft.export.hf import LAYOUTS as HF_LAYOUTS
 from rwkv_peft.peft.registry import from_peft_config, peft_suffixes
@@ -89,12 +89,7 @@ def _read_config(folder: Path) -> dict:
     path = folder / CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: not a peft adapter folder (no {CONFIG} in it)")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+    raw = files.read_json_object(path)
     if raw.get("peft_type") not in peft_suffixes():
         raise ValueError(f"{path}: peft_type {raw.get('peft_type')!r} is not supported (expected one of "
                          f"{', '.join(peft_suffixes())})")
