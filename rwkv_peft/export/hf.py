@@ -113,17 +113,18 @@ def _native_from(key: str) -> tuple[str, str] | None:
     return (key.removeprefix("rwkv7."), "") if key.startswith("rwkv7.") else None
 
 
+def _renamed(leaf: str, renames: tuple[tuple[str, str], ...]) -> str:
+    for old, new in renames:
+        leaf = new + leaf.removeprefix(old) if leaf.startswith(old) else leaf
+    return leaf
+
+
 def _rwkv_to(key: str) -> tuple[str, str]:
     if key == "head.weight":
         return key, ""
-    if key == "emb.weight":
-        return "rwkv.embeddings.weight", ""
     if m := _BLOCK.fullmatch(key):
-        leaf = m[2]
-        for old, new in _RWKV_RENAMES:
-            leaf = new + leaf.removeprefix(old) if leaf.startswith(old) else leaf
-        return f"rwkv.blocks.{m[1]}.{leaf}", ""
-    return f"rwkv.{key}", ""
+        return f"rwkv.blocks.{m[1]}.{_renamed(m[2], _RWKV_RENAMES)}", ""
+    return "rwkv." + ("embeddings.weight" if key == "emb.weight" else key), ""
 
 
 def _rwkv_from(key: str) -> tuple[str, str] | None:
@@ -132,14 +133,9 @@ def _rwkv_from(key: str) -> tuple[str, str] | None:
     if not key.startswith("rwkv."):
         return None
     key = key.removeprefix("rwkv.")
-    if key == "embeddings.weight":
-        return "emb.weight", ""
     if m := _BLOCK.fullmatch(key):
-        leaf = m[2]
-        for old, new in _RWKV_RENAMES:
-            leaf = old + leaf.removeprefix(new) if leaf.startswith(new) else leaf
-        return f"blocks.{m[1]}.{leaf}", ""
-    return key, ""
+        return f"blocks.{m[1]}.{_renamed(m[2], tuple((new, old) for old, new in _RWKV_RENAMES))}", ""
+    return ("emb.weight" if key == "embeddings.weight" else key), ""
 
 
 def _fla_config(cfg, dtype: str) -> dict:

@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
+from torch import Tensor
 
 from rwkv_peft.ops.build import load_kernel
 
@@ -54,16 +55,8 @@ def _resolve_op(op: str, x: torch.Tensor, family: str = "wkv7") -> str:
     return "torch"
 
 
-def wkv7(
-    r: torch.Tensor,
-    w: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    state: torch.Tensor | None = None,
-    op: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
+def wkv7(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor | None = None,
+         op: str = "auto") -> tuple[Tensor, Tensor]:
     """WKV-7 of (B, T, H, N) inputs; returns (y, final fp32 state). See ``wkv7_torch``.
 
     ``op``: ``cuda`` (GPU kernel, bf16/fp32), ``cpu`` (compiled CPU kernel, fp32 compute),
@@ -80,15 +73,8 @@ def wkv7(
     return _backend("wkv7", op)((r, w, k, v, a, b), state)
 
 
-def wkv6(
-    r: torch.Tensor,
-    w: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    u: torch.Tensor,
-    state: torch.Tensor | None = None,
-    op: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
+def wkv6(r: Tensor, w: Tensor, k: Tensor, v: Tensor, u: Tensor, state: Tensor | None = None,
+         op: str = "auto") -> tuple[Tensor, Tensor]:
     """WKV-6 of (B, T, H, N) inputs and bonus u (H, N); returns (y, final fp32 state). See ``wkv6_torch``.
 
     ``op`` as for ``wkv7`` (cuda | cpu kernels from csrc/wkv6_*, torch reference, auto); no fla.
@@ -99,15 +85,8 @@ def wkv6(
     return _backend("wkv6", op)((r, w, k, v), u, state)
 
 
-def wkv5(
-    r: torch.Tensor,
-    w: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    u: torch.Tensor,
-    state: torch.Tensor | None = None,
-    op: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
+def wkv5(r: Tensor, w: Tensor, k: Tensor, v: Tensor, u: Tensor, state: Tensor | None = None,
+         op: str = "auto") -> tuple[Tensor, Tensor]:
     """WKV-5 (RWKV-5.2 "Eagle"): WKV-6 with a decay that does not depend on the data.
 
     ``w`` (H, N) is the checkpoint's ``time_decay`` (decay ``exp(-exp(w))``, the same at every step),
