@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rwkv_peft.model import base, rwkv6
-from rwkv_peft.model.rwkv6 import RWKV6, RWKV56Config, add_projections, gated_output, init_linears_, ramps, read_common
+from rwkv_peft.model.rwkv6 import RWKV6, RWKV56Config, add_projections, init_linears_, ramps, read_common
 from rwkv_peft.ops import wkv5
 
 
@@ -33,7 +33,7 @@ def shift_mix(x: torch.Tensor, prev: torch.Tensor, ratio: torch.Tensor) -> torch
     return x * ratio + prev * (1 - ratio)
 
 
-class TimeMix(base.TimeMix):
+class TimeMix(rwkv6.GatedTimeMix):
     def __init__(self, cfg: RWKV5Config, layer_id: int, op: str = "auto"):
         super().__init__(cfg, layer_id, op)
         C = cfg.n_embd
@@ -43,20 +43,18 @@ class TimeMix(base.TimeMix):
         self.time_faaaa = nn.Parameter(torch.zeros(cfg.n_head, cfg.head_size))
         add_projections(self, cfg)
 
-    def mix(
-        self, x: torch.Tensor, prev: torch.Tensor, v_first: torch.Tensor | None, wkv_state: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        B, T, C = x.shape
-        H, N = self.n_head, self.head_size
+    def inputs(self, x: torch.Tensor, prev: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(r, None, k, v, g) from static token-shift mixes: the decay is the same at every token."""
         r = self.receptance(shift_mix(x, prev, self.time_mix_r))
         k = self.key(shift_mix(x, prev, self.time_mix_k))
         v = self.value(shift_mix(x, prev, self.time_mix_v))
         g = F.silu(self.gate(shift_mix(x, prev, self.time_mix_g)))
+        return r, None, k, v, g
 
-        heads = [t.reshape(B, T, H, N) for t in (r, k, v)]
-        y, wkv_state = wkv5(heads[0], self.time_decay, *heads[1:], self.time_faaaa, state=wkv_state, op=self.op)
-
-        return gated_output(self, y, g), v_first, wkv_state
+    def wkv(self, r: torch.Tensor, w: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor,
+            state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        r, k, v = self.heads(r, k, v)
+        return wkv5(r, self.time_decay, k, v, self.time_faaaa, state=state, op=self.op)
 
 
 class ChannelMix(rwkv6.ChannelMix):

@@ -104,10 +104,28 @@ def add_projections(mix: nn.Module, cfg: RWKV56Config) -> None:
     mix.ln_x = nn.GroupNorm(cfg.n_head, A, eps=LN_X_EPS)
 
 
-def gated_output(mix: nn.Module, y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """The v5/v6 time mix's last step: the WKV output normalised per head (ln_x), gated by g (B, T, A), projected."""
-    B, T, A = g.shape
-    return mix.output(mix.ln_x(y.reshape(B * T, A)).view(B, T, A) * g)
+class GatedTimeMix(base.TimeMix):
+    """The v5/v6 time mix: receptance, decay, key, value and gate from the token-shifted input (``inputs``),
+    WKV over the heads (``wkv``), then the output normalised per head (ln_x), gated and projected."""
+
+    def mix(
+        self, x: torch.Tensor, prev: torch.Tensor, v_first: torch.Tensor | None, wkv_state: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        r, w, k, v, g = self.inputs(x, prev)
+        y, wkv_state = self.wkv(r, w, k, v, wkv_state)
+        B, T, A = g.shape
+        return self.output(self.ln_x(y.reshape(B * T, A)).view(B, T, A) * g), v_first, wkv_state
+
+    def heads(self, *ts: torch.Tensor) -> list[torch.Tensor]:
+        """(B, T, A) tensors as (B, T, H, N)."""
+        return [t.reshape(*t.shape[:2], self.n_head, self.head_size) for t in ts]
+
+    def inputs(self, x: torch.Tensor, prev: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def wkv(self, r: torch.Tensor, w: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor,
+            state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
 
 
 def add_ffn_projections(mix: nn.Module, cfg: RWKV56Config) -> None:
@@ -118,7 +136,7 @@ def add_ffn_projections(mix: nn.Module, cfg: RWKV56Config) -> None:
     mix.value = nn.Linear(cfg.dim_ffn, C, bias=False)
 
 
-class TimeMix(base.TimeMix):
+class TimeMix(GatedTimeMix):
     def __init__(self, cfg: RWKV6Config, layer_id: int, op: str = "auto"):
         super().__init__(cfg, layer_id, op)
         C, A = cfg.n_embd, cfg.dim_att
@@ -132,11 +150,9 @@ class TimeMix(base.TimeMix):
         self.time_faaaa = nn.Parameter(torch.zeros(cfg.n_head, cfg.head_size))
         add_projections(self, cfg)
 
-    def mix(
-        self, x: torch.Tensor, prev: torch.Tensor, v_first: torch.Tensor | None, wkv_state: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    def inputs(self, x: torch.Tensor, prev: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(r, w, k, v, g) from data-dependent token-shift mixes; w is the log-log decay of every token."""
         B, T, C = x.shape
-        H, N = self.n_head, self.head_size
         xx = prev - x
         m = torch.tanh((x + xx * self.time_maa_x) @ self.time_maa_w1).view(B * T, 5, -1).transpose(0, 1)
         mw, mk, mv, mr, mg = torch.bmm(m, self.time_maa_w2).view(5, B, T, C).unbind(0)
@@ -151,11 +167,11 @@ class TimeMix(base.TimeMix):
         v = self.value(xv)
         g = F.silu(self.gate(xg))
         w = self.time_decay + torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2  # log-log decay
+        return r, w, k, v, g
 
-        heads = [t.reshape(B, T, H, N) for t in (r, w, k, v)]
-        y, wkv_state = wkv6(*heads, self.time_faaaa, state=wkv_state, op=self.op)
-
-        return gated_output(self, y, g), v_first, wkv_state
+    def wkv(self, r: torch.Tensor, w: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor,
+            state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return wkv6(*self.heads(r, w, k, v), self.time_faaaa, state=state, op=self.op)
 
 
 class ChannelMix(base.ChannelMix):
