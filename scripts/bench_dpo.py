@@ -37,6 +37,7 @@ def worker(objective: str, a: argparse.Namespace, conn) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = init_model(VERSIONS["x070"].config(a.n_layer, a.n_embd, a.vocab_size, 64), seed=0, op=a.op).to(device)
     apply_peft(model, "miss", parse_peft_config("miss", '{"r":32}'))
+    model.grad_cp = bool(a.grad_cp)  # per-block recompute in backward: a reference forward weighs less
     with torch.no_grad():  # a trained adapter: the reference pass differs from the policy's
         for p in model.parameters():
             if p.requires_grad:
@@ -78,6 +79,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=2, help="DPO pairs per step; SFT gets twice as many sequences")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--head_chunk", type=int, default=-1)
+    ap.add_argument("--grad_cp", type=int, default=0)
     ap.add_argument("--op", default="auto")
     a = ap.parse_args()
     ctx = mp.get_context("spawn")
